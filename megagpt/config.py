@@ -1,0 +1,231 @@
+"""The typed config tree.
+
+Each component owns a dataclass schema; Hydra composes the YAML presets under
+`conf/` over these schemas (registered in the ConfigStore by `register()`), so an
+unknown key or a value of the wrong type is rejected by Hydra itself.  Checks
+that need more than types (divisibility, positivity, required paths) live in
+`validate()`, which runs once at start on every rank, before any heavy work,
+and raises `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line and names the key."""
+
+
+@dataclass
+class RunConfig:
+    # Output directory. None: derived from an id every rank shares (see run_dir.py).
+    dir: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    # None: taken from the data's tokenizer (rounded up to `vocab_multiple`).
+    vocab_size: Optional[int] = None
+    vocab_multiple: int = 64
+    # None: equal to data.seq_len.
+    max_seq_len: Optional[int] = None
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    # auto | flash_attn | sdpa | eager
+    attention: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    # embedded | webdataset
+    source: str = "embedded"
+    # webdataset: shard URLs (brace pattern, glob, list) or a prepared dataset dir.
+    urls: Any = None
+    # Manifest path/URL; None: `manifest.json` beside the shards.
+    manifest: Optional[str] = None
+    seq_len: int = 256
+    # Independent sub-streams the shards are dealt into; the number of ranks
+    # must divide it.  None: 16 if the world size divides 16, else the world size.
+    num_streams: Optional[int] = None
+    shuffle_shards: bool = True
+    prefetch: int = 4
+    # embedded corpus
+    cache_dir: Optional[str] = None
+    embedded_vocab_size: int = 4096
+    embedded_max_bytes: int = 6_000_000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"
+    # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    backend: str = "auto"
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 10_000
+    timeout_minutes: int = 30
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | none
+    kind: str = "wandb"
+    # offline | online
+    mode: str = "offline"
+    project: str = "megagpt"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 1234
+    # auto (newest checkpoint in run.dir) | never | a checkpoint path
+    resume: str = "auto"
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    # None: micro_batch_size * grad_accum * world size.  Set, it fixes the
+    # batch across world sizes and grad_accum is derived from it.
+    global_batch_size: Optional[int] = None
+    # Peak FLOP/s per device for MFU; None: a table for GPUs, measured on CPU.
+    peak_flops: Optional[float] = None
+    # CPU threads per process; None: cores divided among local ranks.
+    cpu_threads: Optional[int] = None
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    deepspeed: DeepSpeedConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+def register() -> None:
+    """Register the schemas so `conf/` presets can extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
+
+
+ATTENTION = ("auto", "flash_attn", "sdpa", "eager")
+FAMILIES = ("gpt2",)
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Checks that need more than types. Raises ConfigError naming the key."""
+    m, d, t, o, ds, lg = cfg.model, cfg.data, cfg.trainer, cfg.optim, cfg.deepspeed, cfg.logger
+    for key in ("n_layer", "n_head", "n_embd", "mlp_ratio", "vocab_multiple"):
+        _require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
+    _require(m.n_embd % m.n_head == 0, "model.n_embd",
+             f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    _require(m.family in FAMILIES, "model.family", f"unknown family {m.family!r}; choose one of {FAMILIES}")
+    _require(m.attention in ATTENTION, "model.attention",
+             f"unknown backend {m.attention!r}; choose one of {ATTENTION}")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.vocab_size is None or m.vocab_size > 1, "model.vocab_size", f"must be > 1, got {m.vocab_size}")
+    _require(m.max_seq_len is None or m.max_seq_len >= d.seq_len, "model.max_seq_len",
+             f"{m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
+
+    _require(d.source in ("embedded", "webdataset"), "data.source",
+             f"unknown source {d.source!r}; choose embedded or webdataset")
+    if d.source == "webdataset":
+        _require(d.urls not in (None, "", []), "data.urls",
+                 "missing: data=webdataset needs data.urls (shard pattern or prepared dataset dir)")
+    _require(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
+    _require(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
+    if d.num_streams is not None:
+        _require(d.num_streams > 0, "data.num_streams", f"must be positive, got {d.num_streams}")
+        _require(d.num_streams % world_size == 0, "data.num_streams",
+                 f"{d.num_streams} is not divisible by the number of ranks ({world_size})")
+
+    for key in ("max_steps", "save_every", "log_every", "micro_batch_size", "grad_accum"):
+        _require(getattr(t, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(t, key)}")
+    _require(t.resume != "", "trainer.resume", "must be auto, never or a checkpoint path")
+    if t.global_batch_size is not None:
+        per_step = t.micro_batch_size * world_size
+        _require(t.global_batch_size > 0, "trainer.global_batch_size",
+                 f"must be positive, got {t.global_batch_size}")
+        _require(t.global_batch_size % per_step == 0, "trainer.micro_batch_size",
+                 f"{t.micro_batch_size} x {world_size} ranks does not fit "
+                 f"trainer.global_batch_size={t.global_batch_size}")
+        derived = t.global_batch_size // per_step
+        _require(t.grad_accum in (1, derived), "trainer.grad_accum",
+                 f"{t.grad_accum} conflicts with trainer.global_batch_size={t.global_batch_size} "
+                 f"(which implies {derived})")
+    _require(t.peak_flops is None or t.peak_flops > 0, "trainer.peak_flops", "must be positive")
+    _require(t.cpu_threads is None or t.cpu_threads > 0, "trainer.cpu_threads", "must be positive")
+
+    _require(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+
+    _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {ds.zero_stage}")
+    _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
+             f"unknown precision {ds.precision!r}; choose auto, fp32, bf16 or fp16")
+    _require(ds.backend in ("auto", "nccl", "gloo"), "deepspeed.backend",
+             f"unknown backend {ds.backend!r}; choose auto, nccl or gloo")
+    _require(ds.timeout_minutes > 0, "deepspeed.timeout_minutes", "must be positive")
+
+    _require(lg.kind in ("wandb", "none"), "logger.kind", f"unknown logger {lg.kind!r}; choose wandb or none")
+    _require(lg.mode in ("offline", "online"), "logger.mode", f"unknown mode {lg.mode!r}; choose offline or online")
+
+
+def grad_accum(t: TrainerConfig, world_size: int) -> int:
+    if t.global_batch_size is None:
+        return t.grad_accum
+    return t.global_batch_size // (t.micro_batch_size * world_size)
+
+
+def global_batch(t: TrainerConfig, world_size: int) -> int:
+    return t.micro_batch_size * grad_accum(t, world_size) * world_size

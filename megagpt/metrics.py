@@ -1,0 +1,88 @@
+"""Where metrics go: <run.dir>/metrics.jsonl, Weights & Biases, the console.
+
+Only rank 0 constructs a `MetricsSink`; the training loop hands it plain dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+
+log = logging.getLogger("megagpt")
+
+
+def new_wandb_id() -> str:
+    # W&B run ids: lowercase letters and digits.
+    return secrets.token_hex(4)
+
+
+def wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+class MetricsSink:
+    def __init__(self, run_dir: str, logger_cfg, config: dict, run_id: str | None, resumed_step: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        _truncate_after(self.path, resumed_step)  # a resumed run never repeats a step
+        self.file = open(self.path, "a", buffering=1)
+        self.wandb = None
+        if logger_cfg.kind == "wandb":
+            import wandb
+
+            mode = logger_cfg.mode
+            if mode == "online" and not wandb_credentials():
+                log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY, `wandb login`); "
+                            "logging offline instead")
+                mode = "offline"
+            os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
+            self.wandb = wandb.init(
+                project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.name,
+                group=logger_cfg.group, tags=list(logger_cfg.tags), config=config,
+                dir=run_dir, mode=mode, id=run_id, resume="allow",
+                settings=wandb.Settings(quiet=True, console="off", x_disable_stats=False))
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _truncate_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def progress_line(r: dict, max_steps: int) -> str:
+    eta = r.get("eta_sec", 0.0)
+    h, rem = divmod(int(eta), 3600)
+    m, s = divmod(rem, 60)
+    return (f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+            f"grad {r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}% | "
+            f"eta {h:d}:{m:02d}:{s:02d}")
+
+
+def console(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,198 @@
+"""`torchrun -m megagpt.train [key=value ...]`: pretrain a GPT.
+
+config -> data -> model -> engine -> resume -> loop -> checkpoint, logging at the edges.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from megagpt.config import Config, ConfigError, register, validate
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+log = logging.getLogger("megagpt")
+
+
+class UserError(Exception):
+    """Bad config, data or checkpoint: reported as one line, exit code 2."""
+
+
+def pretrain(cfg: Config) -> None:
+    import torch.distributed as dist
+
+    from megagpt import checkpoint, runtime
+    from megagpt.data.source import open_training_data
+    from megagpt.engine import build_engine, build_model_config, deepspeed_config
+    from megagpt.flops import peak_flops
+    from megagpt.metrics import MetricsSink, console, new_wandb_id
+    from megagpt.model.attention import resolve_backend
+    from megagpt.trainer import TrainState, Trainer
+
+    env = runtime.read_env()
+    _setup_logging(env.is_main)
+    validate(cfg, env.world_size)  # before any heavy work, on every rank
+    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env))
+    device = runtime.device_for(env)
+    attention = resolve_backend(cfg.model.attention, device.type)
+    runtime.set_cpu_threads(env, cfg.trainer.cpu_threads)
+    runtime.init_distributed(env, cfg.deepspeed.backend, device, cfg.deepspeed.timeout_minutes)
+    runtime.agree(run_dir, "run.dir")
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
+        console(f"run.dir: {run_dir}")
+        console(f"attention: {attention} (model.attention={cfg.model.attention})")
+
+    streams = open_training_data(cfg, env, barrier=dist.barrier)
+    gcfg = build_model_config(cfg, streams.ds.vocab_size, attention)
+    ds_config = deepspeed_config(cfg, env.world_size, device.type)
+    engine, model = build_engine(cfg, gcfg, ds_config, env.rank)
+    n_params = _count_params(model)
+    if env.is_main:
+        console(f"model: {n_params / 1e6:.2f}M parameters (without position embeddings), "
+                f"{gcfg.n_layer} layers, {gcfg.n_head} heads, width {gcfg.n_embd}, vocab {gcfg.vocab_size}; "
+                f"ZeRO stage {cfg.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}")
+
+    state, consumed = TrainState(), 0
+    resume_from = checkpoint.resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints"))
+    if resume_from:
+        saved = checkpoint.load(engine, resume_from, env.rank, device, cfg.trainer.seed)
+        from megagpt.data.stream import check_resumable
+
+        consumed = check_resumable(saved["data"], streams)
+        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_id=saved.get("wandb_id"))
+        if env.is_main:
+            console(f"resumed from {resume_from} at step {state.step}")
+    state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
+
+    from megagpt.data.stream import Batches
+
+    batches = Batches(streams, env.rank, env.world_size, cfg.trainer.micro_batch_size,
+                      consumed=consumed, prefetch=cfg.data.prefetch)
+    sink = None
+    if env.is_main:
+        sink = MetricsSink(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                           state.wandb_id, state.step)
+    peak = peak_flops(device, cfg.trainer.peak_flops)
+    try:
+        Trainer(cfg, env, device, engine, batches, state, sink, run_dir, n_params, peak, gcfg).run()
+    finally:
+        batches.close()
+        if sink is not None:
+            sink.close()
+    if env.is_main:
+        console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {run_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _count_params(model) -> int:
+    # ZeRO-3 partitions parameters; ds_numel keeps the full size.
+    seen, n = set(), 0
+    for name, p in model.named_parameters():
+        if id(p) in seen or name.startswith("wpe."):
+            continue
+        seen.add(id(p))
+        n += getattr(p, "ds_numel", p.numel())
+    return n
+
+
+def _wandb_id(run_dir: str, from_ckpt: str | None, cfg: Config, env) -> str | None:
+    """The W&B run id is kept with the run (run.json), so a restart continues it."""
+    if cfg.logger.kind != "wandb":
+        return from_ckpt
+    from megagpt.runtime import agree
+
+    path = os.path.join(run_dir, "run.json")
+    run_id = from_ckpt
+    if env.is_main:
+        if run_id is None and os.path.exists(path):
+            with open(path) as f:
+                run_id = json.load(f).get("wandb_id")
+        if run_id is None:
+            from megagpt.metrics import new_wandb_id
+
+            run_id = new_wandb_id()
+        with open(path + ".tmp", "w") as f:
+            json.dump({"wandb_id": run_id}, f)
+        os.replace(path + ".tmp", path)
+    return run_id
+
+
+def _setup_logging(main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DeepSpeed reports its own set-up at INFO/WARNING; megagpt prints what matters.
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _fail(msg: str) -> None:
+    rank = os.environ.get("RANK", "0")
+    print(f"megagpt: error (rank {rank}): {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
+    from megagpt.checkpoint import CheckpointError
+    from megagpt.data.stream import DataError
+
+    try:
+        cfg = OmegaConf.to_object(dcfg)
+        pretrain(cfg)
+    except (ConfigError, DataError, CheckpointError, UserError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except ValueError as e:
+        if "Traceback" in str(e):
+            raise
+        _fail(str(e).splitlines()[0])
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the config once through Hydra's compose API so that an unknown
+    key or a bad value becomes one line naming the key, not Hydra's
+    multi-line report. Multirun and Hydra's own flags go straight to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="config", overrides=argv)
+            OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        _fail(_one_line(e))
+
+
+def _one_line(e: BaseException) -> str:
+    parts = [str(e).splitlines()[0].strip()]
+    cause = e.__cause__ or e.__context__
+    if cause is not None and str(cause):
+        parts.append(str(cause).splitlines()[0].strip())
+        key = getattr(cause, "full_key", None)
+        if key and key not in " ".join(parts):
+            parts.append(f"(key {key})")
+    return " ".join(p for p in parts if p)
+
+
+def main() -> None:
+    # DeepSpeed calls torch.distributed functions torch has renamed; the
+    # FutureWarning repeats every step and says nothing to a megagpt user.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
+    register()
+    precheck(sys.argv[1:])
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
