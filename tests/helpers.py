@@ -1,0 +1,58 @@
+"""Small real datasets and process launchers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega the of and a to in is that for it as with").split()
+
+
+def make_texts(n_docs: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    return [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+            for i in range(n_docs)]
+
+
+def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: int = 0,
+                 vocab_size: int = 300) -> Path:
+    """Write text files, prepare them into shards under root/data, return that dir."""
+    from megagpt.data.prepare import prepare
+
+    src = root / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for i, text in enumerate(make_texts(n_docs, seed)):
+        (src / f"{i:05d}.txt").write_text(text)
+    out = root / "data"
+    prepare([str(src)], str(out), vocab_size=vocab_size, docs_per_shard=docs_per_shard, log=None)
+    return out
+
+
+def stream_tokens_of_shard(path: Path, dtype: str, eod: int) -> np.ndarray:
+    """All tokens a shard adds to a stream (documents + EOD each), read directly from the tar."""
+    import tarfile
+
+    out = []
+    with tarfile.open(path) as tar:
+        for m in sorted(tar.getmembers(), key=lambda m: m.name):
+            if m.name.endswith(".tokens"):
+                out.append(np.frombuffer(tar.extractfile(m).read(), dtype=dtype).astype(np.int64))
+                out.append(np.array([eod]))
+    return np.concatenate(out)
+
+
+def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "megagpt.train", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
