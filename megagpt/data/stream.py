@@ -90,6 +90,10 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
     elif not expanded:
         raise DataError(f"data.urls: no shards in {urls!r}")
     else:
+        missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        if missing:
+            raise DataError(f"data.urls: {missing[0]} does not exist"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         base = expanded[0].rsplit("/", 1)[0] if "/" in expanded[0] else "."
         manifest = manifest or f"{base}/manifest.json"
     try:
