@@ -208,7 +208,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {o.grad_clip}")
-    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1", "betas must be in [0, 1)")
+    _require(0 <= o.beta1 < 1, "optim.beta1", f"must be in [0, 1), got {o.beta1}")
+    _require(0 <= o.beta2 < 1, "optim.beta2", f"must be in [0, 1), got {o.beta2}")
 
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {ds.zero_stage}")
     _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",

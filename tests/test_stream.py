@@ -37,8 +37,16 @@ def test_open_dataset_resolves_dir_and_patterns(data_dir):
     assert len(ds.shards) == 10 and ds.eod_id >= 0 and ds.dtype == "uint16"
     pattern = f"{data_dir}/shard-{{000000..000003}}.tar"
     assert [s.url for s in open_dataset(pattern).shards] == [s.url for s in ds.shards[:4]]
-    with pytest.raises(DataError, match="not listed"):
+    with pytest.raises(DataError, match="shard-000099.tar does not exist"):
         open_dataset([f"{data_dir}/shard-000099.tar"])
+
+
+def test_shard_missing_from_manifest_is_an_error(data_dir, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    shutil.copy(copy / "shard-000000.tar", copy / "shard-000050.tar")
+    with pytest.raises(DataError, match="not listed"):
+        open_dataset([f"{copy}/shard-000050.tar"])
 
 
 def test_each_stream_is_its_shards_tokens_cut_into_windows(data_dir):

@@ -1,0 +1,145 @@
+"""Config composition (Hydra presets over the dataclass schemas), validation,
+the CLI's one-line errors, and the DeepSpeed config built from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import megagpt.config
+import megagpt.train
+from megagpt.config import Config, ConfigError, validate
+from megagpt.engine import deepspeed_config
+
+
+def make_cfg(*overrides: str) -> Config:
+    megagpt.config.register()
+    with initialize_config_dir(config_dir=megagpt.train.CONF_DIR, version_base=None):
+        dcfg = compose("config", overrides=list(overrides))
+    return OmegaConf.to_object(dcfg)
+
+
+# --- composition -------------------------------------------------------------
+
+def test_defaults():
+    cfg = make_cfg()
+    assert isinstance(cfg, Config)
+    assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (4, 4, 128)
+    assert cfg.data.source == "embedded"
+    assert cfg.deepspeed.zero_stage == 3
+    assert (cfg.logger.kind, cfg.logger.mode) == ("wandb", "offline")
+    t = cfg.trainer
+    assert (t.max_steps, t.save_every, t.log_every, t.seed, t.resume, t.micro_batch_size, t.grad_accum) == \
+        (200, 100, 10, 1234, "auto", 8, 1)
+    validate(cfg, 1)  # the defaults are valid
+
+
+def test_overrides():
+    cfg = make_cfg("model.n_layer=2", "deepspeed=zero0", "logger=none", "data=webdataset", "data.urls=/x",
+                   "trainer.max_steps=7")
+    assert cfg.model.n_layer == 2
+    assert cfg.deepspeed.zero_stage == 0
+    assert cfg.logger.kind == "none"
+    assert (cfg.data.source, cfg.data.urls) == ("webdataset", "/x")
+    assert cfg.trainer.max_steps == 7
+    validate(cfg, 1)
+
+
+# --- validation --------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, world_size, key", [
+    (["model.n_embd=130"], 1, "model.n_embd"),
+    (["trainer.max_steps=0"], 1, "trainer.max_steps"),
+    (["trainer.max_steps=-3"], 1, "trainer.max_steps"),
+    (["trainer.save_every=0"], 1, "trainer.save_every"),
+    (["data=webdataset"], 1, "data.urls"),
+    (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], 1, "trainer.micro_batch_size"),
+    (["model.attention=flash"], 1, "model.attention"),
+    (["deepspeed.zero_stage=5"], 1, "deepspeed.zero_stage"),
+    (["data.num_streams=3"], 2, "data.num_streams"),
+    (["optim.beta2=1.0"], 1, "optim.beta2"),
+])
+def test_validate_errors(overrides, world_size, key):
+    cfg = make_cfg(*overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world_size)
+    msg = str(e.value)
+    assert msg.startswith(key + ":"), msg
+    assert "\n" not in msg
+
+
+# --- the CLI -----------------------------------------------------------------
+
+def _run_cli(tmp_path, args, launcher=("-m", "megagpt.train")):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["MEGAGPT_CACHE"] = str(tmp_path / "cache")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, *launcher, *args], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    return p, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("args, key", [
+    (["trainer.foo=1"], "trainer.foo"),
+    (["trainer.max_steps=abc"], "trainer.max_steps"),
+    (["model.n_embd=130"], "model.n_embd"),
+    (["trainer.max_steps=0"], "trainer.max_steps"),
+    (["data=webdataset"], "data.urls"),
+])
+def test_cli_one_line_error(tmp_path, args, key):
+    p, elapsed = _run_cli(tmp_path, args)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("megagpt: error") and key in lines[0], lines[0]
+    assert elapsed < 30
+    assert not (tmp_path / "outputs").exists()  # failed before any heavy work
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_error_two_ranks(tmp_path):
+    p, _ = _run_cli(tmp_path, ["model.n_embd=130"],
+                    launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "megagpt.train"))
+    assert p.returncode != 0
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("megagpt: error")]
+    for rank in (0, 1):
+        assert any(f"(rank {rank})" in ln and "model.n_embd" in ln for ln in errors), p.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+# --- deepspeed_config --------------------------------------------------------
+
+def test_deepspeed_config():
+    cfg = make_cfg("trainer.micro_batch_size=4", "trainer.grad_accum=2", "optim.lr=3e-4",
+                   "optim.beta2=0.99", "optim.weight_decay=0.05", "trainer.max_steps=77")
+    ds = deepspeed_config(cfg, 2, "cuda")
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["train_batch_size"] == 16
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage == 3
+    opt = ds["optimizer"]
+    assert opt["type"] == "AdamW"
+    assert opt["params"]["lr"] == 3e-4
+    assert opt["params"]["betas"] == [0.9, 0.99]
+    assert opt["params"]["weight_decay"] == 0.05
+    assert ds["scheduler"]["type"] == "WarmupCosineLR"
+    assert ds["scheduler"]["params"]["total_num_steps"] == 77
+    assert ds["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg, 2, "cpu")["bf16"]["enabled"] is False
+    assert deepspeed_config(make_cfg("deepspeed=zero0"), 1, "cpu")["zero_optimization"]["stage"] == 0
+
+
+def test_deepspeed_config_global_batch():
+    cfg = make_cfg("trainer.global_batch_size=32", "trainer.micro_batch_size=4")
+    validate(cfg, 2)
+    ds = deepspeed_config(cfg, 2, "cpu")
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 32
