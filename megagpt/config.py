@@ -48,8 +48,17 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture: its shards and its share of the sequences."""
+    name: str = MISSING
+    urls: Any = MISSING
+    weight: float = 1.0
+    manifest: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
-    # embedded | webdataset
+    # embedded | webdataset | mixture
     source: str = "embedded"
     # webdataset: shard URLs (brace pattern, glob, list) or a prepared dataset dir.
     urls: Any = None
@@ -60,6 +69,13 @@ class DataConfig:
     # must divide it.  None: 16 if the world size divides 16, else the world size.
     num_streams: Optional[int] = None
     shuffle_shards: bool = True
+    # Windows are shuffled within blocks of this many (1: no shuffle); exact on resume.
+    shuffle_buffer: int = 64
+    # raise: stop every rank at a bad shard; skip: drop it whole, log and count it.
+    on_error: str = "raise"
+    # data=mixture: the sources and their weights; windows per mixing block.
+    sources: List[SourceConfig] = field(default_factory=list)
+    mix_period: int = 100
     prefetch: int = 4
     # embedded corpus
     cache_dir: Optional[str] = None
@@ -121,6 +137,9 @@ class TrainerConfig:
     global_batch_size: Optional[int] = None
     # Peak FLOP/s per device for MFU; None: a table for GPUs, measured on CPU.
     peak_flops: Optional[float] = None
+    # Validation every this many steps (0: never) on eval_batches micro-batches per rank.
+    eval_every: int = 0
+    eval_batches: int = 4
     # CPU threads per process; None: cores divided among local ranks.
     cpu_threads: Optional[int] = None
 
@@ -174,11 +193,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(m.max_seq_len is None or m.max_seq_len >= d.seq_len, "model.max_seq_len",
              f"{m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
 
-    _require(d.source in ("embedded", "webdataset"), "data.source",
-             f"unknown source {d.source!r}; choose embedded or webdataset")
+    _require(d.source in ("embedded", "webdataset", "mixture"), "data.source",
+             f"unknown source {d.source!r}; choose embedded, webdataset or mixture")
     if d.source == "webdataset":
         _require(d.urls not in (None, "", []), "data.urls",
                  "missing: data=webdataset needs data.urls (shard pattern or prepared dataset dir)")
+    if d.source == "mixture":
+        _require(len(d.sources) > 0, "data.sources", "missing: data=mixture needs a list of sources")
+        names = [s.name for s in d.sources]
+        _require(len(set(names)) == len(names), "data.sources", f"source names repeat: {names}")
+        for i, s in enumerate(d.sources):
+            _require(s.weight > 0, f"data.sources[{i}].weight", f"must be positive, got {s.weight}")
+            _require(s.urls not in (None, "", []), f"data.sources[{i}].urls", "missing")
+    _require(d.on_error in ("raise", "skip"), "data.on_error", f"unknown policy {d.on_error!r}; choose raise or skip")
+    _require(d.shuffle_buffer > 0, "data.shuffle_buffer", f"must be positive, got {d.shuffle_buffer}")
+    _require(d.mix_period > 0, "data.mix_period", f"must be positive, got {d.mix_period}")
     _require(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
     _require(d.prefetch > 0, "data.prefetch", f"must be positive, got {d.prefetch}")
     if d.num_streams is not None:
@@ -189,6 +218,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key in ("max_steps", "save_every", "log_every", "micro_batch_size", "grad_accum"):
         _require(getattr(t, key) > 0, f"trainer.{key}", f"must be positive, got {getattr(t, key)}")
     _require(t.resume != "", "trainer.resume", "must be auto, never or a checkpoint path")
+    _require(t.eval_every >= 0, "trainer.eval_every", f"must be >= 0, got {t.eval_every}")
+    _require(t.eval_batches > 0, "trainer.eval_batches", f"must be positive, got {t.eval_batches}")
     if t.global_batch_size is not None:
         per_step = t.micro_batch_size * world_size
         _require(t.global_batch_size > 0, "trainer.global_batch_size",

@@ -76,12 +76,15 @@ def _truncate_after(path: str, step: int) -> None:
 
 
 def progress_line(r: dict, max_steps: int) -> str:
-    eta = r.get("eta_sec", 0.0)
-    h, rem = divmod(int(eta), 3600)
-    m, s = divmod(rem, 60)
-    return (f"step {r['step']:>6}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"grad {r['grad_norm']:.3f} | {r['tokens_per_sec']:,.0f} tok/s | mfu {100 * r['mfu']:.2f}% | "
-            f"eta {h:d}:{m:02d}:{s:02d}")
+    parts = [f"step {r['step']:>6}/{max_steps}"]
+    if "loss" in r:
+        h, rem = divmod(int(r.get("eta_sec", 0.0)), 3600)
+        m, sec = divmod(rem, 60)
+        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}",
+                  f"{r['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * r['mfu']:.2f}%", f"eta {h:d}:{m:02d}:{sec:02d}"]
+    if "val_loss" in r:
+        parts.append(f"val_loss {r['val_loss']:.4f}")
+    return " | ".join(parts)
 
 
 def console(msg: str) -> None:

@@ -97,3 +97,30 @@ def agree(value, what: str):
     if any(v != values[0] for v in values):
         raise ValueError(f"{what}: ranks disagree ({sorted(set(map(str, values)))}); set it explicitly")
     return value
+
+
+def first_error(local: str | None, device: torch.device) -> str | None:
+    """Collective: the first rank's error message if any rank has one, else
+    None. Lets every rank stop together, with the same one-line reason,
+    instead of one rank dying while the others wait in a collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() == 0:
+        return None
+    messages: list = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, local)
+    return next(m for m in messages if m)
+
+
+def union_across_ranks(items: list[str]) -> list[str]:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return sorted(set(items))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return sorted(set().union(*gathered))

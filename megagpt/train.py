@@ -50,8 +50,8 @@ def pretrain(cfg: Config) -> None:
         console(f"run.dir: {run_dir}")
         console(f"attention: {attention} (model.attention={cfg.model.attention})")
 
-    streams = open_training_data(cfg, env, barrier=dist.barrier)
-    gcfg = build_model_config(cfg, streams.ds.vocab_size, attention)
+    data = open_training_data(cfg, env, barrier=dist.barrier)
+    gcfg = build_model_config(cfg, data.vocab_size, attention)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
     engine, model = build_engine(cfg, gcfg, ds_config, env.rank)
     n_params = _count_params(model)
@@ -66,7 +66,9 @@ def pretrain(cfg: Config) -> None:
         saved = checkpoint.load(engine, resume_from, env.rank, device, cfg.trainer.seed)
         from megagpt.data.stream import check_resumable
 
-        consumed = check_resumable(saved["data"], streams)
+        consumed = check_resumable(saved["data"], data.mix)
+        for source in data.mix.sources:  # shards found bad before the restart add no tokens
+            source.bad.update(saved["data"].get("bad_shards", []))
         state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_id=saved.get("wandb_id"))
         if env.is_main:
             console(f"resumed from {resume_from} at step {state.step}")
@@ -74,7 +76,7 @@ def pretrain(cfg: Config) -> None:
 
     from megagpt.data.stream import Batches
 
-    batches = Batches(streams, env.rank, env.world_size, cfg.trainer.micro_batch_size,
+    batches = Batches(data.mix, env.rank, env.world_size, cfg.trainer.micro_batch_size,
                       consumed=consumed, prefetch=cfg.data.prefetch)
     sink = None
     if env.is_main:
@@ -82,7 +84,7 @@ def pretrain(cfg: Config) -> None:
                            state.wandb_id, state.step)
     peak = peak_flops(device, cfg.trainer.peak_flops)
     try:
-        Trainer(cfg, env, device, engine, batches, state, sink, run_dir, n_params, peak, gcfg).run()
+        Trainer(cfg, env, device, engine, data, batches, state, sink, run_dir, n_params, peak, gcfg).run()
     finally:
         batches.close()
         if sink is not None:
@@ -143,7 +145,7 @@ def _fail(msg: str) -> None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     from megagpt.checkpoint import CheckpointError
-    from megagpt.data.stream import DataError
+    from megagpt.data.shards import DataError
 
     try:
         cfg = OmegaConf.to_object(dcfg)

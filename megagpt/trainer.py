@@ -1,4 +1,4 @@
-"""The training loop: data -> engine step -> metrics -> checkpoint."""
+"""The training loop: data -> engine step -> metrics -> validation -> checkpoint."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from megagpt import checkpoint
 from megagpt.config import Config, global_batch, grad_accum
-from megagpt.data.stream import Batches
+from megagpt.data.shards import DataError
+from megagpt.data.source import TrainingData
+from megagpt.data.stream import Batches, val_sequences
 from megagpt.flops import flops_per_token
 from megagpt.metrics import MetricsSink, console, progress_line
+from megagpt.runtime import first_error, union_across_ranks
 
 log = logging.getLogger("megagpt")
 
@@ -26,13 +30,12 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     wandb_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
-def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _sum_across_ranks(values, device: torch.device) -> np.ndarray:
+    t = torch.tensor(np.asarray(values, dtype=np.float64), device=device)
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return t.cpu().numpy()
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -41,20 +44,12 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
-def _grad_norm(engine) -> float:
-    """After the optimizer step. ZeRO computes it; stage 0 in fp32 does not."""
-    gn = engine.get_global_grad_norm()
-    if gn is None:
-        return float("nan")
-    return float(gn)
-
-
 class Trainer:
-    def __init__(self, cfg: Config, env, device: torch.device, engine, batches: Batches,
+    def __init__(self, cfg: Config, env, device: torch.device, engine, data: TrainingData, batches: Batches,
                  state: TrainState, sink: MetricsSink | None, run_dir: str, n_params: int,
                  peak_flops: float, gcfg):
         self.cfg, self.env, self.device, self.engine = cfg, env, device, engine
-        self.batches, self.state, self.sink, self.run_dir = batches, state, sink, run_dir
+        self.data, self.batches, self.state, self.sink = data, batches, state, sink
         self.accum = grad_accum(cfg.trainer, env.world_size)
         self.global_batch = global_batch(cfg.trainer, env.world_size)
         self.tokens_per_step = self.global_batch * cfg.data.seq_len
@@ -62,74 +57,131 @@ class Trainer:
                                                cfg.data.seq_len)
         self.peak_flops = peak_flops
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self._val: dict[str, list[np.ndarray]] | None = None
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum micro-batches. Returns (loss, data_wait)."""
+    # -- one step -------------------------------------------------------------------------
+
+    def fetch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This step's micro-batches. A data error on any rank stops every rank
+        with the same message (agreed before any compute of the step)."""
+        micro, error = [], None
+        try:
+            for _ in range(self.accum):
+                micro.append(self.batches.next())
+        except DataError as e:
+            error = f"rank {self.env.rank}: {e}"
+        except Exception as e:  # noqa: BLE001 - a loader crash must not leave the other ranks waiting
+            error = f"rank {self.env.rank}: data loader failed: {type(e).__name__}: {e}"
+        error = first_error(error, self.device)
+        if error:
+            raise DataError(error)
+        return micro
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss."""
         engine, total = self.engine, 0.0
-        wait0 = self.batches.wait_time
-        for _ in range(self.accum):
-            x, y = self.batches.next()  # (B, T) each
+        for x, y in self.fetch():  # (B, T) each
             loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
             total += loss.detach().float().item()
-        return total / self.accum, self.batches.wait_time - wait0
+        return total / self.accum
+
+    # -- validation -----------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Mean loss on a fixed set of held-out sequences per source: the same
+        eval_batches micro-batches on every rank at every evaluation."""
+        t, mb = self.cfg.trainer, self.cfg.trainer.micro_batch_size
+        if self._val is None:
+            self._val = {name: val_sequences(ds, self.cfg.data.seq_len, self.env.rank, self.env.world_size,
+                                             t.eval_batches * mb)
+                         for name, ds in self.data.val}
+        out = {}
+        self.engine.eval()
+        with torch.no_grad():
+            for name, seqs in self._val.items():
+                losses = []
+                for i in range(t.eval_batches):
+                    batch = torch.from_numpy(np.stack(seqs[i * mb : (i + 1) * mb])).to(self.device)
+                    losses.append(self.engine(batch[:, :-1], batch[:, 1:]).float().item())
+                out[name] = float(_sum_across_ranks([np.mean(losses)], self.device)[0] / self.env.world_size)
+        self.engine.train()
+        record = {"val_loss": float(np.mean(list(out.values())))} if out else {}
+        if len(out) > 1:
+            record.update({f"val_loss/{k}": v for k, v in out.items()})
+        return record
+
+    # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainState:
         cfg, t, st = self.cfg, self.cfg.trainer, self.state
-        window_t0, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        loss_acc, started = 0.0, time.perf_counter()
-        first_step = st.step
+        window_t0, window_steps, loss_acc = time.perf_counter(), 0, 0.0
+        wait0, started, first_step = self.batches.wait_time, time.perf_counter(), st.step
+        if t.eval_every and not self.data.val and self.env.is_main:
+            log.warning("trainer.eval_every=%d but the data has no validation shards; no val_loss",
+                        t.eval_every)
         if self.env.is_main:
             console(f"training steps {st.step + 1}..{t.max_steps}: global batch {self.global_batch} x "
                     f"{cfg.data.seq_len} tokens, {self.accum} accumulation step(s), {self.env.world_size} rank(s)")
         while st.step < t.max_steps:
-            loss, wait = self.train_step()
+            loss_acc += self.train_step()
             st.step += 1
             st.tokens_seen += self.tokens_per_step
             window_steps += 1
-            window_wait += wait
-            loss_acc += loss
+            record = {}
             if st.step % t.log_every == 0 or st.step == t.max_steps:
                 now = time.perf_counter()
-                elapsed = now - window_t0
-                mean_loss, mean_wait = _mean_across_ranks([loss_acc / window_steps, window_wait], self.device)
-                tps = window_steps * self.tokens_per_step / elapsed
-                step_time = elapsed / window_steps
-                record = {
-                    "step": st.step,
-                    "loss": mean_loss,
-                    "lr": float(self.engine.get_lr()[0]),
-                    "grad_norm": _grad_norm(self.engine),
-                    "tokens_per_sec": tps,
-                    "tokens_seen": st.tokens_seen,
-                    "mfu": self.flops_per_token * tps / (self.peak_flops * self.env.world_size),
-                    "step_time": step_time,
-                    "data_wait": mean_wait / window_steps,
-                    "memory_gb": _memory_gb(self.device),
-                    "eta_sec": (t.max_steps - st.step) * (now - started) / (st.step - first_step),
-                }
-                if self.sink is not None:
-                    self.sink.log(record)
-                    console(progress_line(record, t.max_steps))
-                window_t0, window_steps, window_wait, loss_acc = time.perf_counter(), 0, 0.0, 0.0
+                record = self._record(loss_acc, window_steps, now - window_t0, self.batches.wait_time - wait0,
+                                      (t.max_steps - st.step) * (now - started) / (st.step - first_step))
+                window_t0, window_steps, loss_acc, wait0 = time.perf_counter(), 0, 0.0, self.batches.wait_time
+            if t.eval_every and self.data.val and (st.step % t.eval_every == 0 or st.step == t.max_steps):
+                record = {"step": st.step, **record, **self.evaluate()}
+            if record and self.sink is not None:
+                self.sink.log(record)
+                console(progress_line(record, t.max_steps))
             if st.step % t.save_every == 0 or st.step == t.max_steps:
                 self.save()
         return st
 
+    def _record(self, loss_acc: float, steps: int, elapsed: float, wait: float, eta: float) -> dict:
+        mix = self.batches.mix
+        sums = _sum_across_ranks([loss_acc / steps, wait, mix.skipped, *self.batches.source_counts], self.device)
+        W = self.env.world_size
+        tps = steps * self.tokens_per_step / elapsed
+        record = {
+            "step": self.state.step,
+            "loss": float(sums[0] / W),
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float(self.engine.get_global_grad_norm() or float("nan")),
+            "tokens_per_sec": tps,
+            "tokens_seen": self.state.tokens_seen,
+            "mfu": self.flops_per_token * tps / (self.peak_flops * W),
+            "step_time": elapsed / steps,
+            "data_wait": float(sums[1] / W / steps),
+            "data_skipped_shards": int(sums[2]),
+            "memory_gb": _memory_gb(self.device),
+            "eta_sec": eta,
+        }
+        if len(mix.sources) > 1:  # realized proportions since this process started
+            counts = sums[3:]
+            record.update({f"mix/{n}": float(c / max(1, counts.sum())) for n, c in zip(mix.names, counts)})
+        return record
+
     def save(self) -> str:
-        st = self.state
         from omegaconf import OmegaConf
 
+        st = self.state
+        data_state = self.batches.state_dict()
+        data_state["bad_shards"] = union_across_ranks(data_state["bad_shards"])
         payload = {
             "version": 1,
             "step": st.step,
             "tokens_seen": st.tokens_seen,
-            "data": self.batches.state_dict(),
+            "data": data_state,
             "wandb_id": st.wandb_id,
             "world_size": self.env.world_size,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
-            **st.extra,
         }
         path = checkpoint.save(self.engine, self.ckpt_root, st.step, payload, self.env.rank, self.device)
         if self.env.is_main:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from helpers import make_dataset, stream_tokens_of_shard
-from megagpt.data.stream import (Batches, DataError, ShardStreams, check_resumable, default_num_streams,
-                                 open_dataset, rank_sequences)
+from megagpt.data.shards import DataError, open_dataset
+from megagpt.data.stream import (Batches, Mixture, ShardStreams, check_resumable, default_num_streams,
+                                 rank_sequences)
 
 L = 16
 
@@ -24,8 +25,16 @@ def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("stream"), n_docs=60, docs_per_shard=6)
 
 
-def streams(data_dir, S=4, seed=7, shuffle=True, seq_len=L):
-    return ShardStreams(open_dataset(str(data_dir)), S, seq_len, seed=seed, shuffle=shuffle)
+def streams(data_dir, S=4, seed=7, shuffle=True, seq_len=L, **kw):
+    return ShardStreams(open_dataset(str(data_dir)), S, seq_len, seed=seed, shuffle=shuffle, **kw)
+
+
+def mixture(*sources, weights=None, **kw):
+    return Mixture(list(sources), weights or [1.0] * len(sources), **kw)
+
+
+def seqs(it, n):
+    return [w.copy() for w, _ in islice(it, n)]
 
 
 def take(it, n):
@@ -87,7 +96,7 @@ def test_streams_continue_seamlessly_into_next_epoch(data_dir):
 
 
 def global_order(s, n):
-    return take(rank_sequences(s, 0, 1, 0), n)
+    return seqs(rank_sequences(mixture(s), 0, 1, 0), n)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -97,7 +106,7 @@ def test_ranks_are_disjoint_cover_everything_and_never_run_dry(data_dir, world):
     n = 3 * total_tokens // L  # about three epochs: ranks must keep the same pace past epoch ends
     n -= n % world
     g = global_order(s, n)
-    per_rank = [take(rank_sequences(s, r, world, 0), n // world) for r in range(world)]
+    per_rank = [seqs(rank_sequences(mixture(s), r, world, 0), n // world) for r in range(world)]
     assert all(len(p) == n // world for p in per_rank)  # same number of steps on every rank
     for r in range(world):
         for k, w in enumerate(per_rank[r]):
@@ -121,7 +130,8 @@ def test_resume_continues_the_same_global_sequence(data_dir, world_before, world
     s = streams(data_dir)
     consumed = 44  # a step boundary for every world size here
     g = global_order(s, consumed + 40)
-    after = [take(rank_sequences(s, r, world_after, consumed), 40 // world_after) for r in range(world_after)]
+    after = [seqs(rank_sequences(mixture(s), r, world_after, consumed), 40 // world_after)
+             for r in range(world_after)]
     for r in range(world_after):
         for k, w in enumerate(after[r]):
             np.testing.assert_array_equal(w, g[consumed + r + k * world_after])
@@ -137,14 +147,14 @@ def test_resume_skips_shards_without_reading_them(data_dir, tmp_path):
     skip = s.ds.shards[first].stream_tokens // L + 2  # stream-0 windows past that shard
     consumed = 2 * skip
     (copy / f"shard-{first:06d}.tar").unlink()
-    it = rank_sequences(s, 0, 1, consumed)
-    np.testing.assert_array_equal(next(it), g[consumed])
+    it = rank_sequences(mixture(s), 0, 1, consumed)
+    np.testing.assert_array_equal(next(it)[0], g[consumed])
 
 
 def test_batches_state_counts_what_was_taken_not_prefetched(data_dir):
     s = streams(data_dir)
     g = global_order(s, 64)
-    b = Batches(s, rank=1, world=2, micro_batch=4, consumed=0, prefetch=4)
+    b = Batches(mixture(s), rank=1, world=2, micro_batch=4, consumed=0, prefetch=4)
     try:
         x, y = b.next()
         assert x.shape == (4, L) and y.shape == (4, L)
@@ -155,9 +165,9 @@ def test_batches_state_counts_what_was_taken_not_prefetched(data_dir):
     finally:
         b.close()
     assert state["consumed"] == 16  # 2 micro-batches x 4 sequences x 2 ranks
-    assert check_resumable(state, s) == 16
+    assert check_resumable(state, mixture(s)) == 16
     with pytest.raises(DataError, match="num_streams"):
-        check_resumable({**state, "num_streams": 2}, s)
+        check_resumable({**state, "num_streams": 2}, mixture(s))
 
 
 def test_default_num_streams():

@@ -1,41 +1,76 @@
-"""From `cfg.data` to the streams a run reads."""
+"""From `cfg.data` to the mixture of streams a run reads, and its validation sets."""
 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
-from megagpt.data.stream import DataError, ShardStreams, default_num_streams, open_dataset
+from megagpt.data.shards import Dataset, DataError, open_dataset
+from megagpt.data.stream import Mixture, ShardStreams, default_num_streams
+
+
+@dataclass
+class TrainingData:
+    mix: Mixture
+    val: list[tuple[str, Dataset]]  # (source name, dataset with val_shards)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.mix.sources[0].ds.vocab_size
 
 
 def default_cache_dir() -> str:
     return os.environ.get("MEGAGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megagpt"))
 
 
-def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> ShardStreams:
-    """Resolve cfg.data into ShardStreams. For the embedded corpus, the first
-    rank of each node prepares the cache (a file lock keeps nodes sharing a
-    filesystem from doing it twice) while the other ranks wait."""
+def _datasets(cfg, env, barrier) -> list[tuple[str, float, Dataset]]:
     d = cfg.data
     if d.source == "embedded":
         from megagpt.data.embedded import ensure_embedded
 
         cache = d.cache_dir or default_cache_dir()
         kwargs = dict(vocab_size=d.embedded_vocab_size, max_bytes=d.embedded_max_bytes)
+        # The first rank of each node prepares the corpus while the others wait; a file
+        # lock keeps nodes that share a filesystem from preparing it twice.
         if env.local_rank == 0:
-            ensure_embedded(cache, log=print if env.rank == 0 else (lambda *_: None), **kwargs)
+            ensure_embedded(cache, log=print if env.rank == 0 else None, **kwargs)
         if barrier is not None:
             barrier()
-        urls, manifest = str(ensure_embedded(cache, log=lambda *_: None, **kwargs)), None
-    else:
-        urls, manifest = d.urls, d.manifest
-        if not isinstance(urls, str):
-            urls = list(urls)
-    ds = open_dataset(urls, manifest)
-    n = d.num_streams or default_num_streams(len(ds.shards), env.world_size)
+        path = str(ensure_embedded(cache, log=None, **kwargs))
+        return [("embedded", 1.0, open_dataset(path))]
+    if d.source == "webdataset":
+        urls = d.urls if isinstance(d.urls, str) else list(d.urls)
+        return [("data", 1.0, open_dataset(urls, d.manifest))]
+    out = []
+    for s in d.sources:
+        urls = s.urls if isinstance(s.urls, str) else list(s.urls)
+        out.append((s.name, float(s.weight), open_dataset(urls, s.manifest)))
+    return out
+
+
+def _check_compatible(sets: Sequence[tuple[str, float, Dataset]]) -> None:
+    first = sets[0][2]
+    for name, _, ds in sets[1:]:
+        if (ds.vocab_size, ds.eod_id) != (first.vocab_size, first.eod_id):
+            raise DataError(f"data.sources: {name} was tokenized differently from {sets[0][0]} "
+                            f"(vocab {ds.vocab_size} vs {first.vocab_size}); use one tokenizer for all")
+
+
+def open_training_data(cfg, env, barrier: Callable[[], None] | None = None,
+                       bad: Sequence[str] = ()) -> TrainingData:
+    d = cfg.data
+    sets = _datasets(cfg, env, barrier)
+    _check_compatible(sets)
+    fewest = min(len(ds.shards) for _, _, ds in sets)
+    if fewest < env.world_size:
+        raise DataError(f"data.urls: {fewest} shard(s) cannot feed {env.world_size} ranks; "
+                        "prepare more, smaller shards (--docs-per-shard)")
+    n = d.num_streams or default_num_streams(fewest, env.world_size)
     if n % env.world_size:
         raise DataError(f"data.num_streams={n} is not divisible by the number of ranks ({env.world_size})")
-    if len(ds.shards) < env.world_size:
-        raise DataError(f"data.urls: {len(ds.shards)} shard(s) cannot feed {env.world_size} ranks; "
-                        "prepare more, smaller shards (--docs-per-shard)")
-    return ShardStreams(ds, n, d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards)
+    streams = [ShardStreams(ds, n, d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
+                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, bad=bad, name=name)
+               for name, _, ds in sets]
+    mix = Mixture(streams, [w for _, w, _ in sets], period=d.mix_period, names=[n for n, _, _ in sets])
+    return TrainingData(mix, [(name, ds) for name, _, ds in sets if ds.val_shards])

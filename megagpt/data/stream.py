@@ -2,121 +2,48 @@
 
 The layout that makes resume exact and elastic:
 
-* The shards are dealt into S independent *streams*.  In epoch e the shard
-  order is a permutation drawn from (seed, e); stream s takes every S-th shard
-  of it, starting at s.  Each stream is an endless token sequence (documents
-  followed by an end-of-document token, epoch after epoch) cut into windows of
-  seq_len + 1 tokens with stride seq_len, so every token is a target once.
-* The global sequence g is window g // S of stream g % S.  Global batch t is
-  sequences [t * B, (t + 1) * B); rank r of W takes the g with g % W == r.
-  Rank r therefore reads only the streams s with s % W == r (W must divide S),
-  and every rank takes the same number of sequences per step, for ever.
-* The whole position is the number of global sequences consumed.  From it
-  each stream's window count follows, and from the manifest's token counts the
-  shard and offset to start reading at: resuming decodes at most one shard per
-  stream, never the data before it, and works for any W that divides S.
+* Each source's shards are dealt into S independent *streams*.  In epoch e the
+  shard order is a permutation drawn from (seed, e); stream s takes every S-th
+  shard of it, starting at s.  A stream is an endless token sequence
+  (documents each followed by an end-of-document token, epoch after epoch)
+  cut into windows of seq_len + 1 tokens with stride seq_len, so every token
+  is a target exactly once.  Windows are shuffled within blocks of
+  `shuffle_buffer` windows by a permutation drawn from (seed, stream, block):
+  a bounded shuffle buffer whose state is a function of the position.
+* With several sources (a mixture), window k of mixed stream s comes from the
+  source a fixed schedule names: in every block of `mix_period` windows each
+  source has its weight's share of places, permuted from (seed, stream, block).
+* The global sequence g is window g // S of mixed stream g % S.  Global batch
+  t is sequences [t * B, (t + 1) * B); rank r of W takes the g with
+  g % W == r.  Rank r therefore reads only the streams s with s % W == r
+  (W must divide S), and every rank takes the same number of sequences per
+  step, for ever.
+* The whole position is the number of global sequences consumed (plus the
+  shards found bad, under on_error=skip).  From it each stream's window count
+  follows, and from the manifest's token counts the shard and offset to start
+  at: resuming reads at most one shard per stream and shuffle block, never the
+  data before it, and works for any W that divides S.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import logging
 import queue
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from megagpt.data.shards import Dataset, DataError, Shard, read_shard
 
-class DataError(RuntimeError):
-    """Bad data: names the shard and the position."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    documents: int
-    stored_tokens: int
-
-    @property
-    def stream_tokens(self) -> int:  # tokens it adds to a stream: one EOD per document
-        return self.stored_tokens + self.documents
+log = logging.getLogger("megagpt")
+ShardReader = Callable[[Shard, Dataset], np.ndarray]
 
 
-@dataclass(frozen=True)
-class Dataset:
-    shards: tuple[Shard, ...]
-    dtype: str
-    vocab_size: int
-    eod_id: int
-    tokenizer_url: str
-
-    def fingerprint(self) -> str:
-        names = "\n".join(f"{os.path.basename(s.url)}:{s.stored_tokens}" for s in self.shards)
-        return hashlib.sha256(names.encode()).hexdigest()[:16]
-
-
-def read_text(url: str) -> str:
-    if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.read().decode()
-    with open(url, encoding="utf-8") as f:
-        return f.read()
-
-
-def _expand(urls) -> list[str]:
-    import braceexpand
-
-    items = [urls] if isinstance(urls, str) else list(urls)
-    out: list[str] = []
-    for item in items:
-        out.extend(braceexpand.braceexpand(str(item)))
-    return out
-
-
-def open_dataset(urls, manifest: str | None = None) -> Dataset:
-    """Resolve shard URLs (a prepared dir, brace patterns or a list) against
-    the manifest that gives every shard's counts."""
-    expanded = _expand(urls)
-    if len(expanded) == 1 and os.path.isdir(expanded[0]):
-        base = expanded[0]
-        manifest = manifest or os.path.join(base, "manifest.json")
-        expanded = []
-    elif not expanded:
-        raise DataError(f"data.urls: no shards in {urls!r}")
-    else:
-        missing = [u for u in expanded if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
-        if missing:
-            raise DataError(f"data.urls: {missing[0]} does not exist"
-                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        base = expanded[0].rsplit("/", 1)[0] if "/" in expanded[0] else "."
-        manifest = manifest or f"{base}/manifest.json"
-    try:
-        man = json.loads(read_text(manifest))
-    except (OSError, ValueError) as e:
-        raise DataError(f"data.manifest: cannot read {manifest}: {e}") from None
-    for key in ("dtype", "vocab_size", "eod_id", "shards"):
-        if key not in man:
-            raise DataError(f"data.manifest: {manifest} lacks key {key!r}")
-    mbase = manifest.rsplit("/", 1)[0] if "/" in manifest else "."
-    by_name = {s["name"]: s for s in man["shards"]}
-    if not expanded:
-        expanded = [f"{base}/{s['name']}" for s in man["shards"]]
-    shards = []
-    for url in expanded:
-        name = url.rsplit("/", 1)[-1]
-        if name not in by_name:
-            raise DataError(f"data.urls: shard {url} is not listed in {manifest}")
-        entry = by_name[name]
-        shards.append(Shard(url, int(entry["documents"]), int(entry["tokens"])))
-    tok = man.get("tokenizer", "tokenizer.json")
-    return Dataset(tuple(shards), man["dtype"], int(man["vocab_size"]), int(man["eod_id"]),
-                   f"{mbase}/{tok}")
+def default_reader(shard: Shard, ds: Dataset) -> np.ndarray:
+    return read_shard(shard, ds.dtype, ds.vocab_size, ds.eod_id)
 
 
 def default_num_streams(n_shards: int, world_size: int, preferred: int = 16) -> int:
@@ -126,81 +53,151 @@ def default_num_streams(n_shards: int, world_size: int, preferred: int = 16) -> 
 
 
 class ShardStreams:
-    """The S streams of a dataset: which shards each reads in which epoch, and
-    the windows each yields from any starting window."""
+    """The S streams of one source: which shards each reads in which epoch,
+    and the windows each yields from any starting window."""
 
-    def __init__(self, ds: Dataset, num_streams: int, seq_len: int, seed: int, shuffle: bool = True):
-        if num_streams > len(ds.shards):
+    def __init__(self, ds: Dataset, num_streams: int, seq_len: int, seed: int, shuffle: bool = True,
+                 shuffle_buffer: int = 1, on_error: str = "raise", bad: Sequence[str] = (),
+                 reader: ShardReader = default_reader, shards: Sequence[Shard] | None = None,
+                 name: str = "data"):
+        self.shards = tuple(ds.shards if shards is None else shards)
+        if num_streams > len(self.shards):
             raise DataError(
-                f"data.num_streams={num_streams} exceeds the number of shards ({len(ds.shards)}); "
-                "lower it or write more, smaller shards")
+                f"data.num_streams={num_streams} exceeds the number of shards of {name} "
+                f"({len(self.shards)}); lower it or write more, smaller shards")
+        if on_error not in ("raise", "skip"):
+            raise DataError(f"data.on_error: unknown policy {on_error!r}; choose raise or skip")
         self.ds, self.S, self.L, self.seed, self.shuffle = ds, num_streams, seq_len, seed, shuffle
-        self.np_dtype = np.dtype(ds.dtype).newbyteorder("<")
+        self.buffer, self.on_error, self.reader, self.name = max(1, shuffle_buffer), on_error, reader, name
+        self.bad: set[str] = set(bad)  # shards skipped as bad: they add no tokens
+        self.skipped = 0  # shards skipped by this process
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
-        n = len(self.ds.shards)
-        order = np.arange(n)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        n = len(self.shards)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         return [int(i) for i in order[stream :: self.S]]
 
-    def windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
-        """Windows start, start+1, ... of one stream, each (seq_len + 1,) int64."""
+    def _tokens(self, shard: Shard) -> int:
+        return 0 if shard.url in self.bad else shard.stream_tokens
+
+    def raw_windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Unshuffled windows start, start+1, ... of one stream, (seq_len + 1,) each."""
         L = self.L
         skip = start * L  # tokens of this stream before the first window
-        buf = np.empty(0, dtype=np.int64)
+        buf = None
         epoch = 0
         while True:
+            live = 0  # shards of this epoch that add tokens: none would loop for ever
             for idx in self.shards_of(stream, epoch):
-                shard = self.ds.shards[idx]
-                if skip >= shard.stream_tokens:  # skip whole shards by the manifest's counts
-                    skip -= shard.stream_tokens
+                shard = self.shards[idx]
+                if skip >= self._tokens(shard):  # skip whole shards by the manifest's counts
+                    skip -= self._tokens(shard)
+                    live += self._tokens(shard) > 0
                     continue
-                for tokens in self.read_shard(shard):
-                    if skip >= len(tokens):
-                        skip -= len(tokens)
-                        continue
-                    tokens = tokens[skip:]
-                    skip = 0
-                    buf = np.concatenate([buf, tokens]) if len(buf) else tokens
-                    n = (len(buf) - 1) // L  # whole windows available
-                    for i in range(n):
-                        yield buf[i * L : i * L + L + 1]
-                    buf = buf[n * L :]
+                tokens = self._read(shard)
+                if tokens is None:
+                    continue
+                live += 1
+                tokens = tokens[skip:]
+                skip = 0
+                buf = tokens if buf is None else np.concatenate([buf, tokens])
+                n = (len(buf) - 1) // L  # whole windows available
+                for i in range(n):
+                    yield buf[i * L : i * L + L + 1]
+                buf = buf[n * L :]
+            if not live:
+                raise DataError(f"{self.name}: every shard of stream {stream} is bad or empty "
+                                f"(bad: {sorted(self.bad)[:3]}...)")
             epoch += 1
 
-    def read_shard(self, shard: Shard) -> Iterator[np.ndarray]:
-        """Documents of a shard, each int64 with the EOD token appended;
-        checked against the manifest's counts and the vocabulary."""
-        import webdataset as wds
-
-        eod = np.array([self.ds.eod_id], dtype=np.int64)
-        docs = toks = 0
-        pipeline = wds.WebDataset([shard.url], shardshuffle=False, nodesplitter=None,
-                                  workersplitter=None, empty_check=False)
+    def _read(self, shard: Shard) -> np.ndarray | None:
         try:
-            for sample in pipeline:
-                raw = sample.get("tokens")
-                where = f"shard {shard.url}, document {docs} (key {sample.get('__key__')})"
-                if raw is None:
-                    raise DataError(f"{where}: no 'tokens' field")
-                if len(raw) % self.np_dtype.itemsize:
-                    raise DataError(f"{where}: {len(raw)} bytes is not a whole number of "
-                                    f"{self.ds.dtype} tokens")
-                ids = np.frombuffer(raw, dtype=self.np_dtype).astype(np.int64)
-                if len(ids) and int(ids.max()) >= self.ds.vocab_size:
-                    raise DataError(f"{where}: token id {int(ids.max())} >= vocab_size "
-                                    f"{self.ds.vocab_size} (wrong dtype?)")
-                docs += 1
-                toks += len(ids)
-                yield np.concatenate([ids, eod])
-        except DataError:
-            raise
-        except Exception as e:  # tar/IO errors from webdataset
-            raise DataError(f"shard {shard.url}, after document {docs}: {type(e).__name__}: {e}") from e
-        if (docs, toks) != (shard.documents, shard.stored_tokens):
-            raise DataError(f"shard {shard.url}: read {docs} documents / {toks} tokens, manifest says "
-                            f"{shard.documents} / {shard.stored_tokens} (truncated or replaced?)")
+            return self.reader(shard, self.ds)
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            self.bad.add(shard.url)
+            self.skipped += 1
+            log.warning("data.on_error=skip: skipping %s", e)
+            return None
+
+    def windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Windows start, start+1, ... after the bounded shuffle."""
+        B = self.buffer
+        if B == 1:
+            yield from self.raw_windows(stream, start)
+            return
+        block = start // B
+        raw = self.raw_windows(stream, block * B)
+        first = start - block * B
+        while True:
+            items = [next(raw) for _ in range(B)]
+            perm = np.random.default_rng([self.seed, stream, block, 0x5EED]).permutation(B)
+            for j in range(first, B):
+                yield items[perm[j]]
+            first, block = 0, block + 1
+
+
+def mix_counts(weights: Sequence[float], period: int) -> list[int]:
+    """Places per source in a block of `period` windows (largest remainder)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if (w <= 0).any():
+        raise DataError("data.sources: every weight must be positive")
+    exact = w / w.sum() * period
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: period - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+class Mixture:
+    """Several sources' streams interleaved by weight; one source is the plain case."""
+
+    def __init__(self, sources: Sequence[ShardStreams], weights: Sequence[float], period: int = 100,
+                 names: Sequence[str] | None = None):
+        if len({s.S for s in sources}) != 1 or len({s.L for s in sources}) != 1:
+            raise DataError("data.sources: all sources need the same num_streams and seq_len")
+        self.sources = list(sources)
+        self.names = list(names or [s.name for s in sources])
+        self.weights = list(weights)
+        self.period = period if len(sources) > 1 else 1
+        self.counts = mix_counts(weights, self.period)
+        self.S, self.L, self.seed = sources[0].S, sources[0].L, sources[0].seed
+
+    def schedule(self, stream: int, block: int) -> np.ndarray:
+        places = np.repeat(np.arange(len(self.sources)), self.counts)
+        if len(self.sources) == 1:
+            return places
+        return np.random.default_rng([self.seed, stream, block, 0x313]).permutation(places)
+
+    def windows(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
+        P = self.period
+        block, first = divmod(start, P)
+        sched = self.schedule(stream, block)
+        local = [block * c + int((sched[:first] == i).sum()) for i, c in enumerate(self.counts)]
+        its = [src.windows(stream, local[i]) for i, src in enumerate(self.sources)]
+        while True:
+            for j in range(first, P):
+                i = int(sched[j])
+                yield next(its[i]), i
+            block, first = block + 1, 0
+            sched = self.schedule(stream, block)
+
+    @property
+    def bad(self) -> list[str]:
+        return sorted(set().union(*(s.bad for s in self.sources)))
+
+    @property
+    def skipped(self) -> int:
+        return sum(s.skipped for s in self.sources)
+
+    def layout(self) -> dict:
+        """What must match for a saved position to mean the same data."""
+        s0 = self.sources[0]
+        return {"num_streams": self.S, "seq_len": self.L, "seed": self.seed, "shuffle": s0.shuffle,
+                "shuffle_buffer": s0.buffer, "mix_period": self.period,
+                "sources": [[n, w, s.ds.fingerprint()] for n, w, s in zip(self.names, self.weights, self.sources)]}
 
 
 def stream_windows_taken(consumed: int, stream: int, num_streams: int) -> int:
@@ -209,16 +206,15 @@ def stream_windows_taken(consumed: int, stream: int, num_streams: int) -> int:
     return max(0, (consumed - stream + num_streams - 1) // num_streams)
 
 
-def rank_sequences(streams: ShardStreams, rank: int, world: int, consumed: int) -> Iterator[np.ndarray]:
-    """This rank's sequences g = consumed + ..., g % world == rank, in order.
+def rank_sequences(mix: Mixture, rank: int, world: int, consumed: int) -> Iterator[tuple[np.ndarray, int]]:
+    """This rank's (sequence, source) for g = consumed + ..., g % world == rank.
     `consumed` must be a multiple of the world size (a step boundary)."""
-    if streams.S % world:
-        raise DataError(f"data.num_streams={streams.S} is not divisible by the number of ranks ({world})")
+    S = mix.S
+    if S % world:
+        raise DataError(f"data.num_streams={S} is not divisible by the number of ranks ({world})")
     if consumed % world:
         raise DataError(f"data position {consumed} is not a multiple of the number of ranks ({world})")
-    S = streams.S
-    mine = range(rank, S, world)
-    its = {s: streams.windows(s, stream_windows_taken(consumed, s, S)) for s in mine}
+    its = {s: mix.windows(s, stream_windows_taken(consumed, s, S)) for s in range(rank, S, world)}
     g = consumed + rank
     while True:
         yield next(its[g % S])
@@ -232,12 +228,13 @@ class Batches:
     the thread has read ahead, so a checkpoint never skips prefetched data.
     """
 
-    def __init__(self, streams: ShardStreams, rank: int, world: int, micro_batch: int,
-                 consumed: int = 0, prefetch: int = 4):
-        self.streams, self.rank, self.world, self.micro_batch = streams, rank, world, micro_batch
+    def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, consumed: int = 0,
+                 prefetch: int = 4):
+        self.mix, self.rank, self.world, self.micro_batch = mix, rank, world, micro_batch
         self.start = consumed
         self.taken = 0  # sequences this rank has handed to the trainer
         self.wait_time = 0.0  # seconds the trainer spent waiting for data
+        self.source_counts = np.zeros(len(mix.sources), dtype=np.int64)  # taken, per source
         self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="megagpt-data", daemon=True)
@@ -249,10 +246,12 @@ class Batches:
 
     def _fill(self) -> None:
         try:
-            seqs = rank_sequences(self.streams, self.rank, self.world, self.start)
+            seqs = rank_sequences(self.mix, self.rank, self.world, self.start)
             while not self._stop.is_set():
-                batch = np.stack([next(seqs) for _ in range(self.micro_batch)])  # (B, T + 1)
-                self._put(torch.from_numpy(batch))
+                items = [next(seqs) for _ in range(self.micro_batch)]
+                batch = np.stack([w for w, _ in items]).astype(np.int64)  # (B, T + 1)
+                sources = np.array([i for _, i in items])
+                self._put((torch.from_numpy(batch), sources))
         except BaseException as e:  # surfaced to the trainer on its next take
             self._put(e)
 
@@ -270,25 +269,45 @@ class Batches:
         item = self._queue.get()
         self.wait_time += time.perf_counter() - t0
         if isinstance(item, BaseException):
+            self._queue.put(item)  # every later take fails the same way
             raise item
+        batch, sources = item
         self.taken += self.micro_batch
-        return item[:, :-1], item[:, 1:]
+        self.source_counts += np.bincount(sources, minlength=len(self.source_counts))
+        return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:
-        s = self.streams
-        return {"consumed": self.consumed, "num_streams": s.S, "seq_len": s.L, "seed": s.seed,
-                "shuffle": s.shuffle, "dataset": s.ds.fingerprint()}
+        return {"consumed": self.consumed, **self.mix.layout(), "bad_shards": self.mix.bad}
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
 
-def check_resumable(state: dict, streams: ShardStreams) -> int:
+def check_resumable(state: dict, mix: Mixture) -> int:
     """The position to resume at; refuses a state from another data layout."""
-    for key, now in (("num_streams", streams.S), ("seq_len", streams.L), ("seed", streams.seed),
-                     ("shuffle", streams.shuffle), ("dataset", streams.ds.fingerprint())):
-        if key in state and state[key] != now:
+    for key, now in mix.layout().items():
+        if key in state and _plain(state[key]) != _plain(now):
             raise DataError(f"checkpoint data state has {key}={state[key]!r} but this run has {now!r}; "
                             "the data stream cannot continue in the same place")
     return int(state["consumed"])
+
+
+def _plain(x):
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def val_sequences(ds: Dataset, seq_len: int, rank: int, world: int, count: int,
+                  reader: ShardReader = default_reader) -> list[np.ndarray]:
+    """The first `count * world` validation windows, in order, this rank's
+    share (g % world == rank): the same fixed set at every evaluation."""
+    if not ds.val_shards:
+        return []
+    s = ShardStreams(ds, 1, seq_len, seed=0, shuffle=False, reader=reader, shards=ds.val_shards,
+                     name="validation")
+    out, it = [], s.raw_windows(0, 0)
+    for g in range(count * world):
+        w = next(it)
+        if g % world == rank:
+            out.append(w.astype(np.int64))
+    return out

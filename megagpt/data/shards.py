@@ -1,0 +1,173 @@
+"""Prepared datasets: the manifest, shard URLs, and reading one shard whole.
+
+A shard is fetched whole (local file, `http(s)://`, or `pipe:COMMAND` through
+webdataset's `gopen`), checked against the manifest (size, sha256), and parsed
+with webdataset's tar iterator, every document checked (whole tokens of the
+manifest's dtype, ids inside the vocabulary) *before* any of it is used.  A bad
+shard therefore fails as a unit: under `data.on_error=skip` it is dropped
+whole and never half-used.
+
+`pipe:` URLs run shell commands: they are trusted operator input, like the
+rest of the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """Bad data: names the shard and the position."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    documents: int
+    stored_tokens: int
+    nbytes: int | None = None
+    sha256: str | None = None
+
+    @property
+    def stream_tokens(self) -> int:  # tokens it adds to a stream: one EOD per document
+        return self.stored_tokens + self.documents
+
+
+@dataclass(frozen=True)
+class Dataset:
+    shards: tuple[Shard, ...]
+    val_shards: tuple[Shard, ...]
+    dtype: str
+    vocab_size: int
+    eod_id: int
+    tokenizer_url: str
+
+    def fingerprint(self) -> str:
+        names = "\n".join(f"{os.path.basename(s.url)}:{s.stored_tokens}" for s in self.shards)
+        return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def read_bytes(url: str) -> bytes:
+    if is_local(url):
+        with open(url, "rb") as f:
+            return f.read()
+    if url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=120) as r:
+            return r.read()
+    from webdataset import gopen
+
+    with gopen(url) as f:  # pipe:, and the other schemes webdataset knows
+        return f.read()
+
+
+def _expand(urls) -> list[str]:
+    import braceexpand
+
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        out.extend(braceexpand.braceexpand(str(item)))
+    return out
+
+
+def _parent(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def _entry(url: str, e: dict) -> Shard:
+    return Shard(url, int(e["documents"]), int(e["tokens"]), e.get("bytes"), e.get("sha256"))
+
+
+def open_dataset(urls, manifest: str | None = None) -> Dataset:
+    """Resolve shard URLs (a prepared dir, brace patterns or a list) against
+    the manifest that gives every shard's counts and checksum."""
+    expanded = _expand(urls)
+    if len(expanded) == 1 and (os.path.isdir(expanded[0]) or expanded[0].endswith("/")):
+        base = expanded[0].rstrip("/")
+        manifest = manifest or f"{base}/manifest.json"
+        expanded = []
+    elif not expanded:
+        raise DataError(f"data.urls: no shards in {urls!r}")
+    else:
+        missing = [u for u in expanded if is_local(u) and not os.path.exists(u)]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"data.urls: {missing[0]} does not exist{more}")
+        base = _parent(expanded[0])
+        manifest = manifest or f"{base}/manifest.json"
+    try:
+        man = json.loads(read_bytes(manifest))
+    except Exception as e:  # noqa: BLE001 - any failure to fetch or parse is the same user error
+        raise DataError(f"data.manifest: cannot read {manifest}: {type(e).__name__}: {e}") from None
+    for key in ("dtype", "vocab_size", "eod_id", "shards"):
+        if key not in man:
+            raise DataError(f"data.manifest: {manifest} lacks key {key!r}")
+    mbase = _parent(manifest)
+    by_name = {s["name"]: s for s in man["shards"]}
+    if not expanded:
+        expanded = [f"{base}/{s['name']}" for s in man["shards"]]
+    shards = []
+    for url in expanded:
+        name = url.rsplit("/", 1)[-1]
+        if name not in by_name:
+            raise DataError(f"data.urls: shard {url} is not listed in {manifest}")
+        shards.append(_entry(url, by_name[name]))
+    vbase = base if expanded else mbase
+    val = tuple(_entry(f"{vbase}/{e['name']}", e) for e in man.get("val_shards", []))
+    tok = man.get("tokenizer", "tokenizer.json")
+    return Dataset(tuple(shards), val, man["dtype"], int(man["vocab_size"]), int(man["eod_id"]),
+                   f"{mbase}/{tok}")
+
+
+def read_shard(shard: Shard, dtype: str, vocab_size: int, eod_id: int) -> np.ndarray:
+    """The tokens a shard adds to a stream: every document followed by the EOD
+    token, as one array of the manifest's dtype. Raises DataError naming the
+    shard and position if anything is wrong."""
+    import webdataset as wds
+
+    try:
+        raw = read_bytes(shard.url)
+    except Exception as e:  # noqa: BLE001 - missing file, HTTP 404, failed pipe command...
+        raise DataError(f"shard {shard.url}: cannot read: {type(e).__name__}: {e}") from None
+    if shard.nbytes is not None and len(raw) != shard.nbytes:
+        raise DataError(f"shard {shard.url}: {len(raw)} bytes, manifest says {shard.nbytes} (truncated?)")
+    if shard.sha256 and hashlib.sha256(raw).hexdigest() != shard.sha256:
+        raise DataError(f"shard {shard.url}: sha256 mismatch with the manifest (corrupt or replaced)")
+    np_dtype = np.dtype(dtype).newbyteorder("<")
+    eod = np.array([eod_id], dtype=np_dtype)
+    parts: list[np.ndarray] = []
+    docs = toks = 0
+    try:
+        for member in wds.tariterators.tar_file_iterator(io.BytesIO(raw)):
+            if not member["fname"].endswith(".tokens"):
+                continue
+            data = member["data"]
+            where = f"shard {shard.url}, document {docs} ({member['fname']})"
+            if len(data) % np_dtype.itemsize:
+                raise DataError(f"{where}: {len(data)} bytes is not a whole number of {dtype} tokens "
+                                "(wrong dtype?)")
+            ids = np.frombuffer(data, dtype=np_dtype)
+            if len(ids) and int(ids.max()) >= vocab_size:
+                raise DataError(f"{where}: token id {int(ids.max())} >= vocab_size {vocab_size} (wrong dtype?)")
+            parts += (ids, eod)
+            docs += 1
+            toks += len(ids)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tarfile.ReadError and friends
+        raise DataError(f"shard {shard.url}, after document {docs}: {type(e).__name__}: {e}") from None
+    if (docs, toks) != (shard.documents, shard.stored_tokens):
+        raise DataError(f"shard {shard.url}: holds {docs} documents / {toks} tokens, manifest says "
+                        f"{shard.documents} / {shard.stored_tokens}")
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np_dtype)
