@@ -148,18 +148,20 @@ def read_shard(shard: Shard, dtype: str, vocab_size: int, eod_id: int) -> np.nda
     eod = np.array([eod_id], dtype=np_dtype)
     parts: list[np.ndarray] = []
     docs = toks = 0
+    members = _ustar_members(raw)
+    if members is None:  # anything but plain ustar (pax, GNU long names): webdataset's iterator
+        members = ((m["fname"], m["data"]) for m in wds.tariterators.tar_file_iterator(io.BytesIO(raw)))
     try:
-        for member in wds.tariterators.tar_file_iterator(io.BytesIO(raw)):
-            if not member["fname"].endswith(".tokens"):
+        for fname, data in members:
+            if not fname.endswith(".tokens"):
                 continue
-            data = member["data"]
-            where = f"shard {shard.url}, document {docs} ({member['fname']})"
             if len(data) % np_dtype.itemsize:
-                raise DataError(f"{where}: {len(data)} bytes is not a whole number of {dtype} tokens "
-                                "(wrong dtype?)")
+                raise DataError(f"shard {shard.url}, document {docs} ({fname}): {len(data)} bytes is not "
+                                f"a whole number of {dtype} tokens (wrong dtype?)")
             ids = np.frombuffer(data, dtype=np_dtype)
             if len(ids) and int(ids.max()) >= vocab_size:
-                raise DataError(f"{where}: token id {int(ids.max())} >= vocab_size {vocab_size} (wrong dtype?)")
+                raise DataError(f"shard {shard.url}, document {docs} ({fname}): token id {int(ids.max())} "
+                                f">= vocab_size {vocab_size} (wrong dtype?)")
             parts += (ids, eod)
             docs += 1
             toks += len(ids)
@@ -171,3 +173,36 @@ def read_shard(shard: Shard, dtype: str, vocab_size: int, eod_id: int) -> np.nda
         raise DataError(f"shard {shard.url}: holds {docs} documents / {toks} tokens, manifest says "
                         f"{shard.documents} / {shard.stored_tokens}")
     return np.concatenate(parts) if parts else np.empty(0, dtype=np_dtype)
+
+
+def _ustar_members(raw: bytes) -> list[tuple[str, memoryview]] | None:
+    """(name, data) of a plain ustar archive's regular files, parsed straight
+    from the bytes without copying (tarfile's stream mode costs ~100 us a
+    member, this ~2 us); None if the archive uses anything else, so the caller
+    falls back to the general reader. Header checksums are verified."""
+    view, out, off, n = memoryview(raw), [], 0, len(raw)
+    while off + 512 <= n:
+        header = raw[off : off + 512]
+        if header.count(0) == 512:  # end-of-archive marker
+            return out
+        try:
+            stored = int(header[148:156].rstrip(b"\0 ").decode() or "0", 8)
+            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
+        except ValueError:
+            return None
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # chksum field counts as spaces
+            return None
+        kind = header[156:157]
+        if kind not in (b"0", b"\0", b"5"):
+            return None
+        name = header[:100].split(b"\0", 1)[0].decode()
+        prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+        if prefix:
+            name = f"{prefix}/{name}"
+        start = off + 512
+        if start + size > n:
+            return None  # truncated: let the general reader name the error
+        if kind != b"5":
+            out.append((name, view[start : start + size]))
+        off = start + (size + 511) // 512 * 512
+    return None  # no end marker: truncated

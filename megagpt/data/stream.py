@@ -172,6 +172,9 @@ class Mixture:
 
     def windows(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
         """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
+        if len(self.sources) == 1:  # the plain case: no schedule to follow
+            for w in self.sources[0].windows(stream, start):
+                yield w, 0
         P = self.period
         block, first = divmod(start, P)
         sched = self.schedule(stream, block)
