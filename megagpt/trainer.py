@@ -44,6 +44,13 @@ def _memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
+def _local_grad_norm(module: torch.nn.Module) -> float:
+    """Global grad norm without ZeRO (which computes its own): every rank holds
+    the whole, all-reduced gradient, so the local norm is the global one."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+
+
 class Trainer:
     def __init__(self, cfg: Config, env, device: torch.device, engine, data: TrainingData, batches: Batches,
                  state: TrainState, sink: MetricsSink | None, run_dir: str, n_params: int,
@@ -58,6 +65,7 @@ class Trainer:
         self.peak_flops = peak_flops
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self._val: dict[str, list[np.ndarray]] | None = None
+        self._grad_norm = float("nan")
 
     # -- one step -------------------------------------------------------------------------
 
@@ -83,6 +91,8 @@ class Trainer:
         for x, y in self.fetch():  # (B, T) each
             loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.zero_stage == 0:
+                self._grad_norm = _local_grad_norm(engine.module)  # grads are all-reduced by now
             engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
             total += loss.detach().float().item()
         return total / self.accum
@@ -153,7 +163,8 @@ class Trainer:
             "step": self.state.step,
             "loss": float(sums[0] / W),
             "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": float(self.engine.get_global_grad_norm() or float("nan")),
+            "grad_norm": self._grad_norm if self.cfg.deepspeed.zero_stage == 0
+            else float(self.engine.get_global_grad_norm() or float("nan")),
             "tokens_per_sec": tps,
             "tokens_seen": self.state.tokens_seen,
             "mfu": self.flops_per_token * tps / (self.peak_flops * W),

@@ -16,7 +16,7 @@ from pathlib import Path
 from megagpt.data.prepare import MANIFEST, prepare
 
 # Bump when the corpus recipe or shard format changes so old caches are not reused.
-EMBEDDED_VERSION = 1
+EMBEDDED_VERSION = 2  # 2: validation split (val_docs)
 MIN_SHARDS = 16  # the trainer splits shards across up to 16 streams
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 
@@ -42,8 +42,9 @@ def stdlib_files(max_bytes: int = 6_000_000) -> list[Path]:
     return files
 
 
-def _key(vocab_size: int, max_bytes: int, docs_per_shard: int) -> str:
-    spec = [platform.python_version(), vocab_size, max_bytes, docs_per_shard, EMBEDDED_VERSION]
+def _key(vocab_size: int, max_bytes: int, docs_per_shard: int, val_docs: int) -> str:
+    # workers is not part of it: the output does not depend on it.
+    spec = [platform.python_version(), vocab_size, max_bytes, docs_per_shard, val_docs, EMBEDDED_VERSION]
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:12]
 
 
@@ -53,15 +54,18 @@ def ensure_embedded(
     max_bytes: int = 6_000_000,
     docs_per_shard: int = 16,
     log: Callable[[str], None] | None = print,
+    val_docs: int = 16,
+    workers: int | None = None,
 ) -> Path:
     """Return ``cache_dir/embedded-<key>``, preparing it first if needed.
 
     Safe to call from many processes at once (ranks of one node, or nodes sharing a
     filesystem): an exclusive lock lets one of them prepare while the others wait, and
     the result appears by an atomic rename, so a directory with a manifest is complete.
+    ``val_docs`` documents go to validation shards; ``workers`` as in ``prepare``.
     """
     say = log or (lambda _: None)
-    key = _key(vocab_size, max_bytes, docs_per_shard)
+    key = _key(vocab_size, max_bytes, docs_per_shard, val_docs)
     cache = Path(cache_dir)
     final = cache / f"embedded-{key}"
     if (final / MANIFEST).is_file():
@@ -90,7 +94,13 @@ def ensure_embedded(
         tmp = Path(tempfile.mkdtemp(prefix=f".embedded-{key}.", dir=cache))
         try:
             manifest = prepare(
-                [str(f) for f in files], str(tmp), vocab_size=vocab_size, docs_per_shard=docs_per_shard, log=say
+                [str(f) for f in files],
+                str(tmp),
+                vocab_size=vocab_size,
+                docs_per_shard=docs_per_shard,
+                log=say,
+                val_docs=val_docs,
+                workers=workers,
             )
             if len(manifest["shards"]) < MIN_SHARDS:
                 raise ValueError(

@@ -1,42 +1,67 @@
 """Turn text / JSONL files into webdataset tar shards of pre-tokenized documents.
 
-    python -m megagpt.data.prepare --input corpus/ more.jsonl.gz --output data/mycorpus
+    python -m megagpt.data.prepare --input corpus/ more.jsonl.gz --output data/mycorpus --val-fraction 0.01
 
 Each sample holds one document's token ids (no EOD; the reader appends it). The
 directory is complete once ``manifest.json`` exists: it is written last, and every
 shard is written under a ``.tmp`` name first, so an interrupted run never leaves
-output that looks finished.
+output that looks finished. Running the same command again keeps the shards that
+are finished (``.prepare_state.jsonl`` records them) and continues after them.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
 import hashlib
 import json
 import os
-import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TextIO
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from megagpt.data.prep_inputs import (
+    CHUNK_BYTES,
+    Job,
+    Pool,
+    cpu_count,
+    find_inputs,
+    iter_documents,
+    iter_tasks,
+    iter_units,
+    scan_task,
+    tokenize_task,
+)
+from megagpt.data.shardwriter import (
+    SHARD_KEYS,
+    SPLITS,
+    STATE_FILE,
+    ShardSink,
+    State,
+    manifest_entry,
+    remove_outputs,
+    sha256_file,
+    shard_ok,
+    write_atomic,
+)
 from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bpe
+
+__all__ = ["MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read_manifest"]
 
 FORMAT = "megagpt-shards"
 VERSION = 1
+STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a change means starting over
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-ENCODE_BATCH = 256  # documents per encode_batch call; the Rust side spreads a batch over threads
 PROG = "megagpt.data.prepare"
+PLAIN_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
-_SHARD_RE = re.compile(r"shard-\d{6}\.tar(\.tmp)?")
 _MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
-_SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
 
 Log = Callable[[str], None]
 
@@ -45,188 +70,123 @@ def _quiet(_: str) -> None:
     pass
 
 
-# ---------------------------------------------------------------- inputs
+class _Progress:
+    """Files, documents and tokens done on stderr: one line redrawn in place on a terminal,
+    otherwise a plain line every few seconds, so logs stay readable."""
+
+    def __init__(self, enabled: bool, files: int, stream: TextIO | None = None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.files = files
+        self.label = ""
+        self.start = time.monotonic()
+        self._next = self.start + (0.2 if self.tty else PLAIN_PROGRESS_EVERY)
+        self._drawn = False
+
+    def update(self, files: int, docs: int, tokens: int, new_tokens: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now < self._next and not force):
+            return
+        self._next = now + (0.2 if self.tty else PLAIN_PROGRESS_EVERY)
+        rate = new_tokens / max(now - self.start, 1e-6)
+        line = f"{self.label}files {files}/{self.files} | docs {docs:,} | tokens {tokens:,} | {rate:,.0f} tokens/s"
+        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
+        self.stream.flush()
+        self._drawn = self.tty
+
+    def clear(self) -> None:
+        """Erase the bar before other output goes to the same terminal."""
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
 
 
-def _walk(root: Path) -> list[Path]:
-    # Hidden entries (.git, editor swap files, ...) are never corpus text.
-    return [
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
+def _clearing(prog: _Progress, say: Log) -> Log:
+    def log(msg: str) -> None:  # the bar shares the terminal: erase it first
+        prog.clear()
+        say(msg)
+
+    return log
 
 
-def find_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand files, directories (recursively) and glob patterns into a sorted, de-duplicated file list."""
-    found: dict[str, Path] = {}
-    for spec in inputs:
-        path = Path(spec)
-        if path.is_file():
-            matches = [path]
-        elif path.is_dir():
-            matches = _walk(path)
-        elif glob.has_magic(spec):
-            matches = []
-            for hit in map(Path, glob.glob(spec, recursive=True)):
-                matches.extend(_walk(hit) if hit.is_dir() else [hit] if hit.is_file() else [])
-        else:
-            raise ValueError(f"input not found: {spec}")
-        if not matches:
-            raise ValueError(f"no input files found for {spec!r}")
-        for p in matches:
-            found.setdefault(os.path.normpath(p), p)
-    return [found[k] for k in sorted(found)]
-
-
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz"))
-
-
-def _jsonl_texts(path: Path, text_field: str) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line:  # tolerate blank lines, e.g. a trailing newline
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-            if not isinstance(obj, dict) or text_field not in obj:
-                raise ValueError(f"{path}:{lineno}: missing field {text_field!r}")
-            text = obj[text_field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-            yield text
-
-
-def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield ``(file_index, text)`` for every non-empty document, in file order."""
-    for i, path in enumerate(files):
+def _fingerprint(files: Sequence[Path], options: dict) -> tuple[str, int]:
+    """Hash of the options and every input's path, size and mtime; and the total input size."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    total = 0
+    for p in files:
         try:
-            if _is_jsonl(path):
-                texts: Iterator[str] = _jsonl_texts(path, text_field)
-            else:
-                # Bytes + explicit decode keeps the text exact (no newline translation).
-                texts = iter([path.read_bytes().decode("utf-8", errors="replace")])
-            for text in texts:
-                if text:
-                    yield i, text
-        except (OSError, EOFError) as e:  # EOFError: truncated .gz
-            raise ValueError(f"cannot read {path}: {e}") from e
+            st = p.stat()
+        except OSError as e:
+            raise ValueError(f"cannot read {p}: {e}") from None
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        total += st.st_size
+    return h.hexdigest(), total
 
 
-# ---------------------------------------------------------------- output
+def _save_tokenizer(tok: Tokenizer, out: Path) -> str:
+    tmp = out / (TOKENIZER_FILE + ".tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, out / TOKENIZER_FILE)
+    return sha256_file(out / TOKENIZER_FILE)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _saved_tokenizer(out: Path, state: State) -> Tokenizer | None:
+    """The tokenizer an earlier run trained and saved, if it is still the one it recorded."""
+    path = out / TOKENIZER_FILE
+    try:
+        if sha256_file(path) != state.header.get("tokenizer_sha256"):
+            return None
+        return load_tokenizer(str(path))
+    except (OSError, ValueError):
+        return None
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def _complete(out: Path, state: State) -> dict | None:
+    """The manifest, if the directory holds exactly the finished run ``state`` records."""
+    try:
+        m = read_manifest(str(out))
+    except ValueError:
+        return None
+    if m["shards"] != [manifest_entry(s) for s in state.shards["train"]]:
+        return None
+    if m.get("val_shards", []) != [manifest_entry(s) for s in state.shards["val"]]:
+        return None
+    try:
+        if sha256_file(out / TOKENIZER_FILE) != state.header.get("tokenizer_sha256"):
+            return None
+    except OSError:
+        return None
+    return m if all(shard_ok(out, s) for shards in state.shards.values() for s in shards) else None
 
 
-class _ShardSink:
-    """Writes documents into ``shard-NNNNNN.tar`` files, starting a new one at either limit."""
-
-    def __init__(self, out: Path, dtype: str, docs_per_shard: int, shard_bytes: int, on_shard: Callable[[dict], None]):
-        self.out = out
-        self.dtype = np.dtype(dtype).newbyteorder("<")  # shards are little-endian on every host
-        self.docs_per_shard = docs_per_shard
-        self.shard_bytes = shard_bytes
-        self.on_shard = on_shard
-        self.shards: list[dict] = []
-        self.documents = 0
-        self.tokens = 0
-        self._file: Any = None
-        self._writer: Any = None  # webdataset.TarWriter
-        self._cur = {"documents": 0, "tokens": 0, "bytes": 0}
-
-    def _name(self) -> str:
-        return f"shard-{len(self.shards):06d}.tar"
-
-    def add(self, ids: list[int]) -> None:
-        data = np.asarray(ids, dtype=self.dtype).tobytes()
-        # Close before overflowing shard_bytes; a single huge document still gets a shard of its own.
-        if self._writer is not None and self._cur["bytes"] + len(data) > self.shard_bytes:
-            self._finish()
-        if self._writer is None:
-            # Imported here: webdataset pulls in torch (~2 s), which the CLI's argument and
-            # input checks and the cached path of ensure_embedded() do not need.
-            from webdataset import TarWriter
-
-            self._file = open(self.out / (self._name() + ".tmp"), "wb")
-            # mtime=0 makes the tar bytes (and so the sha256) reproducible.
-            self._writer = TarWriter(self._file, compress=False, encoder=False, mtime=0)
-        self._writer.write({"__key__": f"{self.documents:09d}", "tokens": data})
-        self.documents += 1
-        self.tokens += len(ids)
-        self._cur["documents"] += 1
-        self._cur["tokens"] += len(ids)
-        self._cur["bytes"] += len(data)
-        if self._cur["documents"] >= self.docs_per_shard or self._cur["bytes"] >= self.shard_bytes:
-            self._finish()
-
-    def _finish(self) -> None:
-        assert self._writer is not None
-        name = self._name()
-        self._writer.close()
-        self._file.close()
-        self._writer = self._file = None
-        tmp, final = self.out / (name + ".tmp"), self.out / name
-        shard = {
-            "name": name,
-            "documents": self._cur["documents"],
-            "tokens": self._cur["tokens"],
-            "bytes": tmp.stat().st_size,
-            "sha256": _sha256(tmp),
-        }
-        os.replace(tmp, final)
-        self.shards.append(shard)
-        self._cur = {"documents": 0, "tokens": 0, "bytes": 0}
-        self.on_shard(shard)
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._finish()
-
-    def abort(self) -> None:
-        """Drop the shard in progress so no partial file is left behind."""
-        if self._writer is not None:
-            self._file.close()
-            (self.out / (self._name() + ".tmp")).unlink(missing_ok=True)
-            self._writer = self._file = None
-
-
-def _remove_stale(out: Path) -> None:
-    # Drop the old manifest first: from here until the new one is written the directory reads as incomplete.
+def _clear(out: Path) -> None:
+    # The manifest goes first: from here until the new one is written the directory reads as incomplete.
     (out / MANIFEST).unlink(missing_ok=True)
-    for p in out.iterdir():
-        if _SHARD_RE.fullmatch(p.name):
-            p.unlink()
+    (out / STATE_FILE).unlink(missing_ok=True)
+    remove_outputs(out)
 
 
-def _encode(tok: Tokenizer, docs: Iterator[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
-    """Tokenize ``(file_index, text)`` pairs in batches; yields ``(file_index, ids)`` in order."""
-
-    def flush(batch: list[tuple[int, str]]) -> Iterator[tuple[int, list[int]]]:
-        encodings = tok.encode_batch([text for _, text in batch], add_special_tokens=False)
-        return ((i, enc.ids) for (i, _), enc in zip(batch, encodings))
-
-    batch: list[tuple[int, str]] = []
-    for item in docs:
-        batch.append(item)
-        if len(batch) == ENCODE_BATCH:
-            yield from flush(batch)
-            batch = []
-    yield from flush(batch)
+def _val_threshold(pool: Pool, files: Sequence[Path], count: int, job: Job, prog: _Progress) -> int:
+    """Split-hash bound below which exactly ``count`` documents fall: the ``count`` smallest hashes."""
+    best = np.empty(0, np.uint64)
+    pending: list[np.ndarray] = []
+    waiting = total = 0
+    prog.label = "counting documents: "
+    for file, hashes in pool.map(partial(scan_task, job), iter_tasks(iter_units(files))):
+        pending.append(np.array(hashes, dtype=np.uint64))
+        waiting += len(hashes)
+        total += len(hashes)
+        if waiting > max(4 * count, 1 << 20):  # keep memory at O(count), not O(documents)
+            best = np.partition(np.concatenate([best, *pending]), count - 1)[:count]
+            pending, waiting = [], 0
+        prog.update(file, total, 0, 0)
+    prog.label = ""
+    if count >= total:
+        raise ValueError(f"val_docs={count} leaves no training documents (the inputs hold {total})")
+    kth = np.partition(np.concatenate([best, *pending]), count - 1)[count - 1]
+    return int(kth) + 1
 
 
 def prepare(
@@ -239,71 +199,179 @@ def prepare(
     shard_bytes: int = 64 << 20,
     text_field: str = "text",
     log: Log | None = print,
+    workers: int | None = None,
+    val_fraction: float = 0.0,
+    val_docs: int = 0,
+    seed: int = 0,
+    progress: bool = False,
 ) -> dict:
-    """Tokenize ``inputs`` into shards under ``output``; returns the manifest."""
+    """Tokenize ``inputs`` into shards under ``output``; returns the manifest.
+
+    ``workers`` processes read, parse and tokenize (default: one per core, fewer for small
+    inputs); the output does not depend on it. ``val_fraction`` (about that share) or
+    ``val_docs`` (exactly that many) documents, picked by a hash of their position and
+    ``seed``, go to ``val-NNNNNN.tar`` shards instead. A re-run with the same inputs and
+    options keeps the finished shards and continues after them.
+    """
     say = log or _quiet
     if docs_per_shard < 1 or shard_bytes < 1:
         raise ValueError("docs_per_shard and shard_bytes must be positive")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0.0 <= val_fraction < 1.0 or val_docs < 0:
+        raise ValueError(f"need 0 <= val_fraction < 1 and val_docs >= 0, got {val_fraction} and {val_docs}")
+    if val_fraction and val_docs:
+        raise ValueError("give val_fraction or val_docs, not both")
     files = find_inputs(inputs)
     say(f"{len(files)} input files")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
 
-    tok: Tokenizer
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-        say(f"loaded tokenizer {tokenizer}: {tok.get_vocab_size()} tokens")
+    given = load_tokenizer(tokenizer) if tokenizer else None
+    options = {
+        "format": [FORMAT, VERSION, STATE_VERSION],
+        "text_field": text_field,
+        "docs_per_shard": docs_per_shard,
+        "shard_bytes": shard_bytes,
+        "val_fraction": val_fraction,
+        "val_docs": val_docs,
+        "seed": seed,
+        # A given tokenizer by content; a trained one by its recipe (its file is checked separately).
+        "tokenizer": hashlib.sha256(given.to_str().encode()).hexdigest() if given else {"train_vocab": vocab_size},
+    }
+    fingerprint, input_bytes = _fingerprint(files, options)
+
+    state = State.load(out)
+    if state is not None and state.header.get("fingerprint") != fingerprint:
+        say("inputs or options differ from the earlier run in this directory: starting over")
+        state = None
+    if state is not None and (done := _complete(out, state)) is not None:
+        say(f"all {len(done['shards']) + len(done.get('val_shards', []))} shards already complete in {out}")
+        return done
+    tok = given
+    if state is not None and given is None:
+        tok = _saved_tokenizer(out, state)
+        if tok is None:
+            say(f"{TOKENIZER_FILE} of the earlier run is missing or changed: starting over")
+            state = None
+        else:
+            say(f"reusing {TOKENIZER_FILE} trained by the earlier run")
+    if state is None:
+        _clear(out)
+        if tok is None:
+            say(f"training byte-level BPE tokenizer (vocab_size={vocab_size}) on the inputs")
+            tok = train_bpe((text for _, text in iter_documents(files, text_field)), vocab_size)
+        header = {"fingerprint": fingerprint, "options": options, "val_below": None}
+        # Saved before any shard, so a resumed run encodes with the very same tokenizer.
+        state = State({**header, "tokenizer_sha256": _save_tokenizer(tok, out)})
+        state.rewrite(out)
     else:
-        say(f"training byte-level BPE tokenizer (vocab_size={vocab_size}) on the inputs")
-        tok = train_bpe((text for _, text in iter_documents(files, text_field)), vocab_size)
+        (out / MANIFEST).unlink(missing_ok=True)
+        if given is not None:
+            state.header["tokenizer_sha256"] = _save_tokenizer(given, out)
+        for split in SPLITS:
+            state.shards[split] = state.verified_prefix(out, split)
+        state.rewrite(out)
+        remove_outputs(out, keep=[s["name"] for shards in state.shards.values() for s in shards])
+        say(f"resuming after {len(state.shards['train'])} finished shards, {len(state.shards['val'])} validation")
+    assert tok is not None
     eod = eod_id(tok, tokenizer)
     vocab = tok.get_vocab_size()
     dtype = token_dtype(vocab)
-    # Treat special-token strings inside documents as plain text, so the only EODs in the
-    # stream are the ones the reader inserts between documents. (Not saved by tok.save.)
-    tok.encode_special_tokens = True
+    n_workers = workers or max(1, min(cpu_count(), -(-input_bytes // CHUNK_BYTES)))
 
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
+    prog = _Progress(progress, len(files))
+    if prog.tty:
+        say = _clearing(prog, say)
+    with Pool(n_workers, (out / TOKENIZER_FILE).read_text(), dtype) as pool:
+        val_below = state.header["val_below"]
+        if val_below is None:
+            if val_docs:
+                val_below = _val_threshold(pool, files, val_docs, Job(text_field, seed, 0), prog)
+            else:
+                val_below = int(val_fraction * 2**64)
+            state.header["val_below"] = val_below
+            state.rewrite(out)
+        manifest = _write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
+                                 shard_bytes, say, prog)
+    prog.clear()
+    if manifest["documents"] == 0:
+        where = "; all went to the validation split" if manifest["val_documents"] else ""
+        raise ValueError(f"no non-empty documents in inputs{where}: {' '.join(inputs)}")
+    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "eod_id": eod,
+                "tokenizer": TOKENIZER_FILE, **manifest}
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    say(
+        f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
+        f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents ({dtype}) in {out}"
+    )
+    return manifest
+
+
+def _write_shards(
+    out: Path,
+    files: Sequence[Path],
+    state: State,
+    pool: Pool,
+    job: Job,
+    docs_per_shard: int,
+    shard_bytes: int,
+    say: Log,
+    prog: _Progress,
+) -> dict:
+    """Tokenize everything not yet in finished shards and write it; returns the manifest's counts."""
+    last = {split: tuple(s[-1]["last"]) if s else None for split, s in state.shards.items()}
+    job = job._replace(skip_train=last["train"], skip_val=last["val"])
+    # Units wholly at or before both resume points hold nothing to write: not even parsed.
+    floor = last["train"] if not job.val_below else None if None in last.values() else min(last.values())
+    units = iter_units(files)
+    if floor is not None:
+        units = (u for u in units if u.error or (u.file, u.last_line) > floor)
 
     files_done = 0
 
-    def on_shard(s: dict) -> None:
+    def on_shard(split: str, s: dict) -> None:
+        state.append(out, split, s)
         say(
             f"{s['name']}: {s['documents']} docs, {s['tokens']:,} tokens | "
-            f"files {files_done}/{len(files)}, docs {sink.documents:,}, tokens {sink.tokens:,}"
+            f"files {files_done}/{len(files)}, docs {sum(k.documents for k in sinks.values()):,}, "
+            f"tokens {sum(k.tokens for k in sinks.values()):,}"
         )
 
-    sink = _ShardSink(out, dtype, docs_per_shard, shard_bytes, on_shard)
-    try:
-        for file_index, ids in _encode(tok, iter_documents(files, text_field)):
-            files_done = file_index  # the files before this document's file are complete
-            if ids:  # a tokenizer's normalizer can reduce a text to nothing
-                sink.add(ids)
-        files_done = len(files)
-        sink.close()
-    except BaseException:
-        sink.abort()
-        raise
-    if sink.documents == 0:
-        raise ValueError(f"no non-empty documents in inputs: {' '.join(inputs)}")
-
-    tmp = out / (TOKENIZER_FILE + ".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, out / TOKENIZER_FILE)
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype,
-        "vocab_size": vocab,
-        "eod_id": eod,
-        "tokenizer": TOKENIZER_FILE,
-        "documents": sink.documents,
-        "tokens": sink.tokens,
-        "shards": sink.shards,
+    sinks = {
+        split: ShardSink(out, prefix, docs_per_shard, shard_bytes, partial(on_shard, split), state.shards[split])
+        for split, prefix in SPLITS.items()
     }
-    _write_json_atomic(out / MANIFEST, manifest)
-    say(f"done: {len(sink.shards)} shards, {sink.documents:,} documents, {sink.tokens:,} tokens ({dtype}) in {out}")
-    return manifest
+    start_tokens = sum(k.tokens for k in sinks.values())
+    try:
+        for batch in pool.map(partial(tokenize_task, job), iter_tasks(units)):
+            offset = 0
+            for file, line, val, n in zip(batch.files, batch.lines, batch.val, batch.lengths):
+                # n == 0: a tokenizer's normalizer can reduce a text to nothing; n < 0: already written.
+                if n > 0:
+                    sinks["val" if val else "train"].add(batch.tokens[offset : offset + n].tobytes(), n, (file, line))
+                    offset += n
+                files_done = file  # the files before this document's are complete
+            tokens = sum(k.tokens for k in sinks.values())
+            prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens)
+        files_done = len(files)
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    tokens = sum(k.tokens for k in sinks.values())
+    prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens, force=True)
+    train, val = sinks["train"], sinks["val"]
+    return {
+        "documents": train.documents,
+        "tokens": train.tokens,
+        "shards": [manifest_entry(s) for s in train.shards],
+        "val_documents": val.documents,
+        "val_tokens": val.tokens,
+        "val_shards": [manifest_entry(s) for s in val.shards],
+    }
 
 
 def read_manifest(dir_or_file: str) -> dict:
@@ -327,10 +395,13 @@ def read_manifest(dir_or_file: str) -> dict:
         raise ValueError(f"manifest {path}: unsupported dtype {m['dtype']!r}")
     if not isinstance(m["shards"], list) or not m["shards"]:
         raise ValueError(f"manifest {path}: 'shards' must be a non-empty list")
-    for i, shard in enumerate(m["shards"]):
-        for key in _SHARD_KEYS:
-            if not isinstance(shard, dict) or key not in shard:
-                raise ValueError(f"manifest {path}: shards[{i}] missing key {key!r}")
+    if not isinstance(m.get("val_shards", []), list):  # absent in manifests written before the split existed
+        raise ValueError(f"manifest {path}: 'val_shards' must be a list")
+    for key_list in ("shards", "val_shards"):
+        for i, shard in enumerate(m.get(key_list, [])):
+            for key in SHARD_KEYS:
+                if not isinstance(shard, dict) or key not in shard:
+                    raise ValueError(f"manifest {path}: {key_list}[{i}] missing key {key!r}")
     return m
 
 
@@ -338,7 +409,7 @@ def read_manifest(dir_or_file: str) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
     ap.add_argument("--output", required=True, metavar="DIR")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or HF tokenizer folder (default: train BPE)")
@@ -346,7 +417,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--docs-per-shard", type=int, default=2000)
     ap.add_argument("--shard-bytes", type=int, default=64 << 20, help="max token bytes per shard (default 64 MiB)")
     ap.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
-    ap.add_argument("--workers", type=int, help="tokenizer threads (default: all cores)")
+    ap.add_argument("--workers", type=int, help="processes reading and tokenizing (default: all cores)")
+    split = ap.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for validation (about)")
+    split.add_argument("--val-docs", type=int, default=0, help="number of documents for validation (exactly)")
+    ap.add_argument("--seed", type=int, default=0, help="picks the validation documents (default 0)")
     return ap
 
 
@@ -356,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.workers is not None:
         if args.workers < 1:
             ap.error("--workers must be >= 1")
-        # The tokenizers thread pool reads this when it starts, i.e. on first use, which is after this point.
+        # Caps the tokenizer trainer's threads too; its pool reads this on first use, after this point.
         os.environ["RAYON_NUM_THREADS"] = str(args.workers)
     try:
         prepare(
@@ -367,10 +442,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             docs_per_shard=args.docs_per_shard,
             shard_bytes=args.shard_bytes,
             text_field=args.text_field,
+            workers=args.workers,
+            val_fraction=args.val_fraction,
+            val_docs=args.val_docs,
+            seed=args.seed,
+            progress=True,
         )
     except (ValueError, OSError) as e:
         msg = " ".join(str(e).split())  # one line, even for multi-line library errors
         ap.exit(2, f"{PROG}: error: {msg}\n")
+    except KeyboardInterrupt:
+        ap.exit(130, f"{PROG}: interrupted; run the same command again to continue\n")
 
 
 if __name__ == "__main__":
