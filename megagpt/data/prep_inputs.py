@@ -19,11 +19,14 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from megagpt.data.prep_progress import Progress
 
 # Input bytes per task: ~0.3 s of tokenizing, so many cores stay balanced while the
 # per-task overhead (pickling, IPC) stays far below the work.
@@ -245,7 +248,12 @@ def cpu_count() -> int:
 
 
 class Pool:
-    """Runs tasks in ``workers`` processes (in this one for 1), results in input order."""
+    """Runs tasks in ``workers`` processes (in this one for 1), results in input order.
+
+    Workers are spawned, which is safe beside threads (tokenizers, torch, CUDA); like any
+    spawned process each first imports the caller's ``__main__`` module, so a calling
+    script should keep heavy imports (torch: ~2 s a worker) under ``if __name__ == "__main__"``.
+    """
 
     def __init__(self, workers: int, tok_json: str, dtype: str):
         self.workers = workers
@@ -253,7 +261,6 @@ class Pool:
         if workers == 1:
             init_worker(tok_json, dtype, in_pool=False)
         else:
-            # spawn: safe in a parent that has threads (tokenizers, torch, CUDA) running.
             self._ex = ProcessPoolExecutor(
                 workers, multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(tok_json, dtype, True)
             )
@@ -281,3 +288,24 @@ class Pool:
     def __exit__(self, *exc: object) -> None:
         if self._ex is not None:
             self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def val_threshold(pool: Pool, files: Sequence[Path], count: int, job: Job, prog: Progress) -> int:
+    """Split-hash bound below which exactly ``count`` documents fall: the ``count`` smallest hashes."""
+    best = np.empty(0, np.uint64)
+    pending: list[np.ndarray] = []
+    waiting = total = 0
+    prog.label = "counting documents: "
+    for file, hashes in pool.map(partial(scan_task, job), iter_tasks(iter_units(files))):
+        pending.append(np.array(hashes, dtype=np.uint64))
+        waiting += len(hashes)
+        total += len(hashes)
+        if waiting > max(4 * count, 1 << 20):  # keep memory at O(count), not O(documents)
+            best = np.partition(np.concatenate([best, *pending]), count - 1)[:count]
+            pending, waiting = [], 0
+        prog.update(file, total, 0, 0)
+    prog.label = ""
+    if count >= total:
+        raise ValueError(f"val_docs={count} leaves no training documents (the inputs hold {total})")
+    kth = np.partition(np.concatenate([best, *pending]), count - 1)[count - 1]
+    return int(kth) + 1

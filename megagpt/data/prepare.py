@@ -16,38 +16,24 @@ import hashlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from pathlib import Path
-from typing import TextIO
 
-import numpy as np
 from tokenizers import Tokenizer
 
-from megagpt.data.prep_inputs import (
-    CHUNK_BYTES,
-    Job,
-    Pool,
-    cpu_count,
-    find_inputs,
-    iter_documents,
-    iter_tasks,
-    iter_units,
-    scan_task,
-    tokenize_task,
-)
+from megagpt.data.prep_inputs import CHUNK_BYTES, Job, Pool, cpu_count, find_inputs, iter_documents, val_threshold
+from megagpt.data.prep_progress import Progress, clearing
 from megagpt.data.shardwriter import (
     SHARD_KEYS,
     SPLITS,
     STATE_FILE,
-    ShardSink,
     State,
     manifest_entry,
     remove_outputs,
     sha256_file,
     shard_ok,
     write_atomic,
+    write_shards,
 )
 from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bpe
 
@@ -59,7 +45,6 @@ STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a chan
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 PROG = "megagpt.data.prepare"
-PLAIN_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
 
 _MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
 
@@ -68,47 +53,6 @@ Log = Callable[[str], None]
 
 def _quiet(_: str) -> None:
     pass
-
-
-class _Progress:
-    """Files, documents and tokens done on stderr: one line redrawn in place on a terminal,
-    otherwise a plain line every few seconds, so logs stay readable."""
-
-    def __init__(self, enabled: bool, files: int, stream: TextIO | None = None):
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = enabled and self.stream.isatty()
-        self.files = files
-        self.label = ""
-        self.start = time.monotonic()
-        self._next = self.start + (0.2 if self.tty else PLAIN_PROGRESS_EVERY)
-        self._drawn = False
-
-    def update(self, files: int, docs: int, tokens: int, new_tokens: int, force: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now < self._next and not force):
-            return
-        self._next = now + (0.2 if self.tty else PLAIN_PROGRESS_EVERY)
-        rate = new_tokens / max(now - self.start, 1e-6)
-        line = f"{self.label}files {files}/{self.files} | docs {docs:,} | tokens {tokens:,} | {rate:,.0f} tokens/s"
-        self.stream.write(f"\r{line}\x1b[K" if self.tty else line + "\n")
-        self.stream.flush()
-        self._drawn = self.tty
-
-    def clear(self) -> None:
-        """Erase the bar before other output goes to the same terminal."""
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
-
-
-def _clearing(prog: _Progress, say: Log) -> Log:
-    def log(msg: str) -> None:  # the bar shares the terminal: erase it first
-        prog.clear()
-        say(msg)
-
-    return log
 
 
 def _fingerprint(files: Sequence[Path], options: dict) -> tuple[str, int]:
@@ -166,27 +110,6 @@ def _clear(out: Path) -> None:
     (out / MANIFEST).unlink(missing_ok=True)
     (out / STATE_FILE).unlink(missing_ok=True)
     remove_outputs(out)
-
-
-def _val_threshold(pool: Pool, files: Sequence[Path], count: int, job: Job, prog: _Progress) -> int:
-    """Split-hash bound below which exactly ``count`` documents fall: the ``count`` smallest hashes."""
-    best = np.empty(0, np.uint64)
-    pending: list[np.ndarray] = []
-    waiting = total = 0
-    prog.label = "counting documents: "
-    for file, hashes in pool.map(partial(scan_task, job), iter_tasks(iter_units(files))):
-        pending.append(np.array(hashes, dtype=np.uint64))
-        waiting += len(hashes)
-        total += len(hashes)
-        if waiting > max(4 * count, 1 << 20):  # keep memory at O(count), not O(documents)
-            best = np.partition(np.concatenate([best, *pending]), count - 1)[:count]
-            pending, waiting = [], 0
-        prog.update(file, total, 0, 0)
-    prog.label = ""
-    if count >= total:
-        raise ValueError(f"val_docs={count} leaves no training documents (the inputs hold {total})")
-    kth = np.partition(np.concatenate([best, *pending]), count - 1)[count - 1]
-    return int(kth) + 1
 
 
 def prepare(
@@ -261,9 +184,9 @@ def prepare(
         if tok is None:
             say(f"training byte-level BPE tokenizer (vocab_size={vocab_size}) on the inputs")
             tok = train_bpe((text for _, text in iter_documents(files, text_field)), vocab_size)
-        header = {"fingerprint": fingerprint, "options": options, "val_below": None}
         # Saved before any shard, so a resumed run encodes with the very same tokenizer.
-        state = State({**header, "tokenizer_sha256": _save_tokenizer(tok, out)})
+        tok_sha = _save_tokenizer(tok, out)
+        state = State({"fingerprint": fingerprint, "options": options, "tokenizer_sha256": tok_sha, "val_below": None})
         state.rewrite(out)
     else:
         (out / MANIFEST).unlink(missing_ok=True)
@@ -280,19 +203,19 @@ def prepare(
     dtype = token_dtype(vocab)
     n_workers = workers or max(1, min(cpu_count(), -(-input_bytes // CHUNK_BYTES)))
 
-    prog = _Progress(progress, len(files))
+    prog = Progress(progress, len(files))
     if prog.tty:
-        say = _clearing(prog, say)
+        say = clearing(prog, say)
     with Pool(n_workers, (out / TOKENIZER_FILE).read_text(), dtype) as pool:
         val_below = state.header["val_below"]
         if val_below is None:
             if val_docs:
-                val_below = _val_threshold(pool, files, val_docs, Job(text_field, seed, 0), prog)
+                val_below = val_threshold(pool, files, val_docs, Job(text_field, seed, 0), prog)
             else:
                 val_below = int(val_fraction * 2**64)
             state.header["val_below"] = val_below
             state.rewrite(out)
-        manifest = _write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
+        manifest = write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
                                  shard_bytes, say, prog)
     prog.clear()
     if manifest["documents"] == 0:
@@ -303,75 +226,10 @@ def prepare(
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     say(
         f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
-        f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents ({dtype}) in {out}"
+        f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents"
+        f" ({dtype}) in {out}"
     )
     return manifest
-
-
-def _write_shards(
-    out: Path,
-    files: Sequence[Path],
-    state: State,
-    pool: Pool,
-    job: Job,
-    docs_per_shard: int,
-    shard_bytes: int,
-    say: Log,
-    prog: _Progress,
-) -> dict:
-    """Tokenize everything not yet in finished shards and write it; returns the manifest's counts."""
-    last = {split: tuple(s[-1]["last"]) if s else None for split, s in state.shards.items()}
-    job = job._replace(skip_train=last["train"], skip_val=last["val"])
-    # Units wholly at or before both resume points hold nothing to write: not even parsed.
-    floor = last["train"] if not job.val_below else None if None in last.values() else min(last.values())
-    units = iter_units(files)
-    if floor is not None:
-        units = (u for u in units if u.error or (u.file, u.last_line) > floor)
-
-    files_done = 0
-
-    def on_shard(split: str, s: dict) -> None:
-        state.append(out, split, s)
-        say(
-            f"{s['name']}: {s['documents']} docs, {s['tokens']:,} tokens | "
-            f"files {files_done}/{len(files)}, docs {sum(k.documents for k in sinks.values()):,}, "
-            f"tokens {sum(k.tokens for k in sinks.values()):,}"
-        )
-
-    sinks = {
-        split: ShardSink(out, prefix, docs_per_shard, shard_bytes, partial(on_shard, split), state.shards[split])
-        for split, prefix in SPLITS.items()
-    }
-    start_tokens = sum(k.tokens for k in sinks.values())
-    try:
-        for batch in pool.map(partial(tokenize_task, job), iter_tasks(units)):
-            offset = 0
-            for file, line, val, n in zip(batch.files, batch.lines, batch.val, batch.lengths):
-                # n == 0: a tokenizer's normalizer can reduce a text to nothing; n < 0: already written.
-                if n > 0:
-                    sinks["val" if val else "train"].add(batch.tokens[offset : offset + n].tobytes(), n, (file, line))
-                    offset += n
-                files_done = file  # the files before this document's are complete
-            tokens = sum(k.tokens for k in sinks.values())
-            prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens)
-        files_done = len(files)
-        for sink in sinks.values():
-            sink.close()
-    except BaseException:
-        for sink in sinks.values():
-            sink.abort()
-        raise
-    tokens = sum(k.tokens for k in sinks.values())
-    prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens, force=True)
-    train, val = sinks["train"], sinks["val"]
-    return {
-        "documents": train.documents,
-        "tokens": train.tokens,
-        "shards": [manifest_entry(s) for s in train.shards],
-        "val_documents": val.documents,
-        "val_tokens": val.tokens,
-        "val_shards": [manifest_entry(s) for s in val.shards],
-    }
 
 
 def read_manifest(dir_or_file: str) -> dict:
@@ -417,7 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--docs-per-shard", type=int, default=2000)
     ap.add_argument("--shard-bytes", type=int, default=64 << 20, help="max token bytes per shard (default 64 MiB)")
     ap.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
-    ap.add_argument("--workers", type=int, help="processes reading and tokenizing (default: all cores)")
+    ap.add_argument(
+        "--workers", type=int, help="processes reading and tokenizing (default: all cores; fewer for small inputs)"
+    )
     split = ap.add_mutually_exclusive_group()
     split.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for validation (about)")
     split.add_argument("--val-docs", type=int, default=0, help="number of documents for validation (exactly)")

@@ -6,10 +6,14 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
+
+from megagpt.data.prep_inputs import Job, Pool, iter_tasks, iter_units, tokenize_task
+from megagpt.data.prep_progress import Progress
 
 SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
 SPLITS = {"train": "shard", "val": "val"}  # split -> shard name prefix
@@ -52,11 +56,31 @@ def remove_outputs(out: Path, keep: Iterable[str] = ()) -> None:
             p.unlink()
 
 
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar pads the archive to whole records (like `tar -b20`)
+# The parts of a member header that never change: mode 0444, uid/gid 0, mtime 0 (so
+# the bytes, and the sha256, are reproducible), regular file, owner "bigdata".
+_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
+_MTIME_TO_OWNER = b"00000000000\0" + b" " * 8 + b"0" + b"\0" * 100 + b"ustar\x0000" + b"bigdata".ljust(32, b"\0") * 2
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header that ``tarfile`` (and so webdataset's TarWriter(mtime=0))
+    writes for a member, built directly: tarfile's own path costs ~100 us a document,
+    which would make the single writing process the limit of a many-core run."""
+    if len(name) > 100 or not name.isascii() or size >= 8**11:
+        raise ValueError(f"tar member {name!r} ({size} bytes) does not fit a plain ustar header")
+    head = (name.encode().ljust(100, b"\0") + _MODE_IDS + b"%011o\0" % size + _MTIME_TO_OWNER).ljust(_BLOCK, b"\0")
+    # The checksum is the byte sum with its own field counted as spaces, which it holds here.
+    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
+
+
 class ShardSink:
     """Writes one split's documents into ``PREFIX-NNNNNN.tar`` files, starting a new one at either limit.
 
-    ``done`` (finished shards of an earlier run) continues the numbering and counts, so a
-    resumed run cuts the rest exactly where an uninterrupted one would have.
+    Each document is a member ``KEY.tokens`` (webdataset's layout). ``done`` (finished shards
+    of an earlier run) continues the numbering and counts, so a resumed run cuts the rest
+    exactly where an uninterrupted one would have.
     """
 
     def __init__(
@@ -74,28 +98,30 @@ class ShardSink:
         self.shards: list[dict] = [dict(s) for s in done]
         self.documents = sum(s["documents"] for s in self.shards)
         self.tokens = sum(s["tokens"] for s in self.shards)
-        self._file: Any = None
-        self._writer: Any = None  # webdataset.TarWriter
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._offset = 0
         self._cur = {"documents": 0, "tokens": 0, "bytes": 0}
         self._last: tuple[int, int] = (0, 0)
 
     def _name(self) -> str:
         return f"{self.prefix}-{len(self.shards):06d}.tar"
 
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)  # hashed on the way out: no second read of the shard
+        self._offset += len(data)
+
     def add(self, data: bytes, tokens: int, pos: tuple[int, int]) -> None:
         """Append one document: ``data`` is its little-endian token ids, ``pos`` its input position."""
         # Close before overflowing shard_bytes; a single huge document still gets a shard of its own.
-        if self._writer is not None and self._cur["bytes"] + len(data) > self.shard_bytes:
+        if self._file is not None and self._cur["bytes"] + len(data) > self.shard_bytes:
             self._finish()
-        if self._writer is None:
-            # Imported here: webdataset pulls in torch (~2 s), which the CLI's argument and
-            # input checks and the cached path of ensure_embedded() do not need.
-            from webdataset import TarWriter
-
+        if self._file is None:
             self._file = open(self.out / (self._name() + ".tmp"), "wb")
-            # mtime=0 makes the tar bytes (and so the sha256) reproducible.
-            self._writer = TarWriter(self._file, compress=False, encoder=False, mtime=0)
-        self._writer.write({"__key__": f"{self.documents:09d}", "tokens": data})
+            self._hash, self._offset = hashlib.sha256(), 0
+        self._write(tar_header(f"{self.documents:09d}.tokens", len(data)) + data + bytes(-len(data) % _BLOCK))
         self.documents += 1
         self.tokens += tokens
         self._cur["documents"] += 1
@@ -106,37 +132,37 @@ class ShardSink:
             self._finish()
 
     def _finish(self) -> None:
-        assert self._writer is not None
+        assert self._file is not None
         name = self._name()
-        self._writer.close()
+        self._write(bytes(2 * _BLOCK))  # end-of-archive marker
+        self._write(bytes(-self._offset % _RECORD))
         self._file.close()
-        self._writer = self._file = None
-        tmp, final = self.out / (name + ".tmp"), self.out / name
+        self._file = None
         shard = {
             "name": name,
             "documents": self._cur["documents"],
             "tokens": self._cur["tokens"],
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp),
+            "bytes": self._offset,
+            "sha256": self._hash.hexdigest(),
             # For resuming: the sample keys it holds and the input position of its last document.
             "keys": [self.documents - self._cur["documents"], self.documents],
             "last": list(self._last),
         }
-        os.replace(tmp, final)
+        os.replace(self.out / (name + ".tmp"), self.out / name)
         self.shards.append(shard)
         self._cur = {"documents": 0, "tokens": 0, "bytes": 0}
         self.on_shard(shard)
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._file is not None:
             self._finish()
 
     def abort(self) -> None:
         """Drop the shard in progress so no partial file is left behind."""
-        if self._writer is not None:
+        if self._file is not None:
             self._file.close()
             (self.out / (self._name() + ".tmp")).unlink(missing_ok=True)
-            self._writer = self._file = None
+            self._file = None
 
 
 @dataclass
@@ -184,3 +210,70 @@ class State:
                 break
             kept.append(shard)
         return kept
+
+
+def write_shards(
+    out: Path,
+    files: Sequence[Path],
+    state: State,
+    pool: Pool,
+    job: Job,
+    docs_per_shard: int,
+    shard_bytes: int,
+    say: Callable[[str], None],
+    prog: Progress,
+) -> dict:
+    """Tokenize everything not yet in finished shards and write it; returns the manifest's counts."""
+    last = {split: tuple(s[-1]["last"]) if s else None for split, s in state.shards.items()}
+    job = job._replace(skip_train=last["train"], skip_val=last["val"])
+    # Units wholly at or before both resume points hold nothing to write: not even parsed.
+    ends = [last["train"], last["val"]] if job.val_below else [last["train"]]
+    floor = None if None in ends else min(e for e in ends if e is not None)
+    units = iter_units(files)
+    if floor is not None:
+        units = (u for u in units if u.error or (u.file, u.last_line) > floor)
+
+    files_done = 0
+
+    def on_shard(split: str, s: dict) -> None:
+        state.append(out, split, s)
+        say(
+            f"{s['name']}: {s['documents']} docs, {s['tokens']:,} tokens | "
+            f"files {files_done}/{len(files)}, docs {sum(k.documents for k in sinks.values()):,}, "
+            f"tokens {sum(k.tokens for k in sinks.values()):,}"
+        )
+
+    sinks = {
+        split: ShardSink(out, prefix, docs_per_shard, shard_bytes, partial(on_shard, split), state.shards[split])
+        for split, prefix in SPLITS.items()
+    }
+    start_tokens = sum(k.tokens for k in sinks.values())
+    try:
+        for batch in pool.map(partial(tokenize_task, job), iter_tasks(units)):
+            offset = 0
+            for file, line, val, n in zip(batch.files, batch.lines, batch.val, batch.lengths):
+                # n == 0: a tokenizer's normalizer can reduce a text to nothing; n < 0: already written.
+                if n > 0:
+                    sinks["val" if val else "train"].add(batch.tokens[offset : offset + n].tobytes(), n, (file, line))
+                    offset += n
+                files_done = file  # the files before this document's are complete
+            tokens = sum(k.tokens for k in sinks.values())
+            prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens)
+        files_done = len(files)
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    tokens = sum(k.tokens for k in sinks.values())
+    prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens, force=True)
+    train, val = sinks["train"], sinks["val"]
+    return {
+        "documents": train.documents,
+        "tokens": train.tokens,
+        "shards": [manifest_entry(s) for s in train.shards],
+        "val_documents": val.documents,
+        "val_tokens": val.tokens,
+        "val_shards": [manifest_entry(s) for s in val.shards],
+    }
