@@ -46,6 +46,10 @@ def test_open_dataset_resolves_dir_and_patterns(data_dir):
     assert len(ds.shards) == 10 and ds.eod_id >= 0 and ds.dtype == "uint16"
     pattern = f"{data_dir}/shard-{{000000..000003}}.tar"
     assert [s.url for s in open_dataset(pattern).shards] == [s.url for s in ds.shards[:4]]
+    globbed = open_dataset(f"{data_dir}/shard-00000[0-3].tar").shards
+    assert [s.url for s in globbed] == [s.url for s in ds.shards[:4]]
+    with pytest.raises(DataError, match="no files match"):
+        open_dataset(f"{data_dir}/nothing-*.tar")
     with pytest.raises(DataError, match="shard-000099.tar does not exist"):
         open_dataset([f"{data_dir}/shard-000099.tar"])
 

@@ -13,6 +13,7 @@ rest of the config.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -77,7 +78,14 @@ def _expand(urls) -> list[str]:
     items = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for item in items:
-        out.extend(braceexpand.braceexpand(str(item)))
+        for url in braceexpand.braceexpand(str(item)):
+            if is_local(url) and any(c in url for c in "*?["):  # a local glob, in sorted order
+                matches = sorted(glob.glob(url))
+                if not matches:
+                    raise DataError(f"data.urls: no files match {url}")
+                out.extend(matches)
+            else:
+                out.append(url)
     return out
 
 
