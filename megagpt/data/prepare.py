@@ -23,8 +23,8 @@ from tokenizers import Tokenizer
 
 from megagpt.data.prep_inputs import CHUNK_BYTES, Job, Pool, cpu_count, find_inputs, iter_documents, val_threshold
 from megagpt.data.prep_progress import Progress, clearing
+from megagpt.data.shards import FORMAT, VERSION, check_manifest
 from megagpt.data.shardwriter import (
-    SHARD_KEYS,
     SPLITS,
     STATE_FILE,
     State,
@@ -39,14 +39,10 @@ from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bp
 
 __all__ = ["MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read_manifest"]
 
-FORMAT = "megagpt-shards"
-VERSION = 1
 STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a change means starting over
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 PROG = "megagpt.data.prepare"
-
-_MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
 
 Log = Callable[[str], None]
 
@@ -242,25 +238,7 @@ def read_manifest(dir_or_file: str) -> dict:
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read manifest {path}: {e}") from e
-    if not isinstance(m, dict):
-        raise ValueError(f"manifest {path}: expected a JSON object")
-    for key in _MANIFEST_KEYS:
-        if key not in m:
-            raise ValueError(f"manifest {path}: missing key {key!r}")
-    if m["format"] != FORMAT or m["version"] != VERSION:
-        raise ValueError(f"manifest {path}: unsupported format {m['format']!r} version {m['version']!r}")
-    if m["dtype"] not in ("uint16", "uint32"):
-        raise ValueError(f"manifest {path}: unsupported dtype {m['dtype']!r}")
-    if not isinstance(m["shards"], list) or not m["shards"]:
-        raise ValueError(f"manifest {path}: 'shards' must be a non-empty list")
-    if not isinstance(m.get("val_shards", []), list):  # absent in manifests written before the split existed
-        raise ValueError(f"manifest {path}: 'val_shards' must be a list")
-    for key_list in ("shards", "val_shards"):
-        for i, shard in enumerate(m.get(key_list, [])):
-            for key in SHARD_KEYS:
-                if not isinstance(shard, dict) or key not in shard:
-                    raise ValueError(f"manifest {path}: {key_list}[{i}] missing key {key!r}")
-    return m
+    return check_manifest(m, str(path))
 
 
 # ---------------------------------------------------------------- CLI

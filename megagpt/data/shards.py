@@ -24,8 +24,37 @@ from dataclasses import dataclass
 import numpy as np
 
 
+FORMAT = "megagpt-shards"
+VERSION = 1
+MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
+SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
+
+
 class DataError(RuntimeError):
     """Bad data: names the shard and the position."""
+
+
+def check_manifest(m, where: str) -> dict:
+    """Raise ValueError naming `where` and the first thing wrong with a manifest."""
+    if not isinstance(m, dict):
+        raise ValueError(f"manifest {where}: expected a JSON object")
+    for key in MANIFEST_KEYS:
+        if key not in m:
+            raise ValueError(f"manifest {where}: missing key {key!r}")
+    if m["format"] != FORMAT or m["version"] != VERSION:
+        raise ValueError(f"manifest {where}: unsupported format {m['format']!r} version {m['version']!r}")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise ValueError(f"manifest {where}: unsupported dtype {m['dtype']!r}")
+    if not isinstance(m["shards"], list) or not m["shards"]:
+        raise ValueError(f"manifest {where}: 'shards' must be a non-empty list")
+    if not isinstance(m.get("val_shards", []), list):  # absent in manifests written before the split existed
+        raise ValueError(f"manifest {where}: 'val_shards' must be a list")
+    for key_list in ("shards", "val_shards"):
+        for i, shard in enumerate(m.get(key_list, [])):
+            for key in SHARD_KEYS:
+                if not isinstance(shard, dict) or key not in shard:
+                    raise ValueError(f"manifest {where}: {key_list}[{i}] missing key {key!r}")
+    return m
 
 
 @dataclass(frozen=True)
@@ -118,9 +147,10 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
         man = json.loads(read_bytes(manifest))
     except Exception as e:  # noqa: BLE001 - any failure to fetch or parse is the same user error
         raise DataError(f"data.manifest: cannot read {manifest}: {type(e).__name__}: {e}") from None
-    for key in ("dtype", "vocab_size", "eod_id", "shards"):
-        if key not in man:
-            raise DataError(f"data.manifest: {manifest} lacks key {key!r}")
+    try:
+        check_manifest(man, manifest)
+    except ValueError as e:
+        raise DataError(f"data.manifest: {e}") from None
     mbase = _parent(manifest)
     by_name = {s["name"]: s for s in man["shards"]}
     if not expanded:

@@ -14,8 +14,8 @@ from typing import BinaryIO
 
 from megagpt.data.prep_inputs import Job, Pool, iter_tasks, iter_units, tokenize_task
 from megagpt.data.prep_progress import Progress
+from megagpt.data.shards import SHARD_KEYS
 
-SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
 SPLITS = {"train": "shard", "val": "val"}  # split -> shard name prefix
 STATE_FILE = ".prepare_state.jsonl"
 _OUTPUT_RE = re.compile(r"(shard|val)-\d{6}\.tar(\.tmp)?")
