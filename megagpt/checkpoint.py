@@ -98,10 +98,18 @@ def load_state(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from None
 
 
-def load(engine, path: str, rank: int, device: torch.device, seed: int) -> dict:
-    """Restore engine and RNG; returns megagpt's state dict. Collective."""
+def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: int) -> dict:
+    """Restore engine and RNG; returns megagpt's state dict. Collective.
+    ZeRO-0 state is whole on every rank and loads on any number of ranks;
+    ZeRO-1..3 shards only on as many ranks as wrote them."""
     root, tag = os.path.split(path.rstrip("/"))
     state = load_state(path)
+    saved_world, rank = state.get("world_size", env.world_size), env.rank
+    if saved_world != env.world_size and zero_stage > 0:
+        raise CheckpointError(
+            f"trainer.resume: {path} holds ZeRO-{zero_stage} shards of {saved_world} ranks and this run has "
+            f"{env.world_size}; resharding ZeRO optimizer state is not supported yet: resume on {saved_world} "
+            "ranks (ZeRO-0 checkpoints resume on any number)")
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")

@@ -86,11 +86,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _group_size() -> int:
+    """Ranks in the process group; 1 when there is none (nothing to exchange)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def agree(value, what: str):
     """Check every rank holds the same value (e.g. the output directory)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return value
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -105,7 +112,7 @@ def first_error(local: str | None, device: torch.device) -> str | None:
     instead of one rank dying while the others wait in a collective."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return local
     flag = torch.tensor([1.0 if local else 0.0], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -119,7 +126,7 @@ def first_error(local: str | None, device: torch.device) -> str | None:
 def union_across_ranks(items: list[str]) -> list[str]:
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if _group_size() == 1:
         return sorted(set(items))
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(items))

@@ -63,13 +63,7 @@ def pretrain(cfg: Config) -> None:
     state, consumed = TrainState(), 0
     resume_from = checkpoint.resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints"))
     if resume_from:
-        saved_world = checkpoint.load_state(resume_from).get("world_size", env.world_size)
-        if saved_world != env.world_size and cfg.deepspeed.zero_stage > 0:
-            raise checkpoint.CheckpointError(
-                f"trainer.resume: {resume_from} holds ZeRO-{cfg.deepspeed.zero_stage} shards of {saved_world} "
-                f"ranks and this run has {env.world_size}; resharding ZeRO optimizer state is not supported yet: "
-                f"resume on {saved_world} ranks (ZeRO-0 checkpoints resume on any number)")
-        saved = checkpoint.load(engine, resume_from, env.rank, device, cfg.trainer.seed)
+        saved = checkpoint.load(engine, resume_from, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
         from megagpt.data.stream import check_resumable
 
         consumed = check_resumable(saved["data"], data.mix)

@@ -107,16 +107,18 @@ class Trainer:
             self._val = {name: val_sequences(ds, self.cfg.data.seq_len, self.env.rank, self.env.world_size,
                                              t.eval_batches * mb)
                          for name, ds in self.data.val}
-        out = {}
+        local = []  # this rank's mean loss per source
         self.engine.eval()
         with torch.no_grad():
-            for name, seqs in self._val.items():
+            for seqs in self._val.values():
                 losses = []
                 for i in range(t.eval_batches):
                     batch = torch.from_numpy(np.stack(seqs[i * mb : (i + 1) * mb])).to(self.device)
                     losses.append(self.engine(batch[:, :-1], batch[:, 1:]).float().item())
-                out[name] = float(_sum_across_ranks([np.mean(losses)], self.device)[0] / self.env.world_size)
+                local.append(np.mean(losses))
         self.engine.train()
+        means = _sum_across_ranks(local, self.device) / self.env.world_size if local else []
+        out = {name: float(m) for name, m in zip(self._val, means)}
         record = {"val_loss": float(np.mean(list(out.values())))} if out else {}
         if len(out) > 1:
             record.update({f"val_loss/{k}": v for k, v in out.items()})

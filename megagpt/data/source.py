@@ -57,8 +57,7 @@ def _check_compatible(sets: Sequence[tuple[str, float, Dataset]]) -> None:
                             f"(vocab {ds.vocab_size} vs {first.vocab_size}); use one tokenizer for all")
 
 
-def open_training_data(cfg, env, barrier: Callable[[], None] | None = None,
-                       bad: Sequence[str] = ()) -> TrainingData:
+def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> TrainingData:
     d = cfg.data
     sets = _datasets(cfg, env, barrier)
     _check_compatible(sets)
@@ -70,7 +69,7 @@ def open_training_data(cfg, env, barrier: Callable[[], None] | None = None,
     if n % env.world_size:
         raise DataError(f"data.num_streams={n} is not divisible by the number of ranks ({env.world_size})")
     streams = [ShardStreams(ds, n, d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
-                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, bad=bad, name=name)
+                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, name=name)
                for name, _, ds in sets]
     mix = Mixture(streams, [w for _, w, _ in sets], period=d.mix_period, names=[n for n, _, _ in sets])
     return TrainingData(mix, [(name, ds) for name, _, ds in sets if ds.val_shards])

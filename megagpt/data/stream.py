@@ -175,6 +175,7 @@ class Mixture:
         if len(self.sources) == 1:  # the plain case: no schedule to follow
             for w in self.sources[0].windows(stream, start):
                 yield w, 0
+            return
         P = self.period
         block, first = divmod(start, P)
         sched = self.schedule(stream, block)
