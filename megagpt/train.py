@@ -178,8 +178,11 @@ def precheck(argv: list[str]) -> None:
 
 def _one_line(e: BaseException) -> str:
     parts = [str(e).splitlines()[0].strip()]
+    if getattr(e, "override", None):  # Hydra could not parse this override
+        parts = [f"cannot parse override {e.override!r}: {parts[0]} "
+                 "(quote values with special characters: key='value')"]
     cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause):
+    if cause is not None and str(cause) and str(cause).splitlines()[0].strip() != str(e).splitlines()[0].strip():
         parts.append(str(cause).splitlines()[0].strip())
         key = getattr(cause, "full_key", None)
         if key and key not in " ".join(parts):

@@ -92,6 +92,7 @@ def _run_cli(tmp_path, args, launcher=("-m", "megagpt.train")):
     (["model.n_embd=130"], "model.n_embd"),
     (["trainer.max_steps=0"], "trainer.max_steps"),
     (["data=webdataset"], "data.urls"),
+    (["data=webdataset", "data.urls=/d/shard-{0..3}.tar"], "data.urls"),  # unquoted braces: Hydra can't parse
 ])
 def test_cli_one_line_error(tmp_path, args, key):
     p, elapsed = _run_cli(tmp_path, args)
