@@ -23,10 +23,22 @@ The layout that makes resume exact and elastic:
   follows, and from the manifest's token counts the shard and offset to start
   at: resuming reads at most one shard per stream and shuffle block, never the
   data before it, and works for any W that divides S.
+
+How it is computed: every layer hands on 2-D arrays of whole windows, never
+one window at a time.  A stream's windows over one contiguous token buffer are
+a strided view (stride seq_len, length seq_len + 1); a shuffle block is one
+fancy index with its permutation; a mixture block scatters each source's share
+with the schedule's index arrays; a rank's sequences interleave its streams by
+strided slices, cast to int64 in the same copy.  Each stream reads its next
+shard (fetch, sha256, parse, check) in a background thread while the current
+one is cut into windows; a read's error surfaces only where the stream reaches
+that shard, so what is yielded, and when an error stops it, is exactly as if
+every shard were read on demand.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -35,6 +47,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import as_strided
 
 from megagpt.data.shards import Dataset, DataError, Shard, read_shard
 
@@ -52,6 +65,72 @@ def default_num_streams(n_shards: int, world_size: int, preferred: int = 16) -> 
     return (cap // world_size) * world_size
 
 
+class _Prefetch:
+    """One shard read in a daemon thread; result() gives its tokens or raises its error."""
+
+    def __init__(self, reader: ShardReader, shard: Shard, ds: Dataset):
+        self._done = threading.Event()
+        self._value: np.ndarray | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(reader, shard, ds), name="megagpt-shard", daemon=True).start()
+
+    def _run(self, reader: ShardReader, shard: Shard, ds: Dataset) -> None:
+        try:
+            self._value = reader(shard, ds)
+        except BaseException as e:  # noqa: BLE001 - handed to the stream where it reaches the shard
+            self._error = e
+        finally:
+            self._done.set()
+
+    def result(self) -> np.ndarray:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Taker:
+    """The next n rows of a generator of chunks (tuples of equal-length arrays).
+
+    take(n) returns fewer than n rows only when the generator raised; that
+    error is then in `error` and raised by the next take."""
+
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, ...]], empty: tuple[np.ndarray, ...]):
+        self._chunks, self._empty = chunks, empty
+        self._cur: tuple[np.ndarray, ...] = empty
+        self._pos = 0
+        self.error: BaseException | None = None
+
+    def take(self, n: int) -> tuple[np.ndarray, ...]:
+        if self.error is not None:
+            raise self.error
+        pieces, got = [], 0
+        while got < n:
+            avail = len(self._cur[0]) - self._pos
+            if avail <= 0:
+                try:
+                    self._cur, self._pos = next(self._chunks), 0
+                except BaseException as e:  # noqa: BLE001 - kept for the caller, raised on the next take
+                    self.error = e if not isinstance(e, StopIteration) else RuntimeError("window stream ended")
+                    break
+                continue
+            k = min(n - got, avail)
+            pieces.append(tuple(a[self._pos : self._pos + k] for a in self._cur))
+            self._pos += k
+            got += k
+        if len(pieces) == 1:
+            return pieces[0]
+        if not pieces:
+            return self._empty
+        return tuple(np.concatenate(parts) for parts in zip(*pieces))
+
+
+def _windows_of(buf: np.ndarray, n: int, L: int) -> np.ndarray:
+    """The n windows buf[i*L : i*L + L + 1] as one (n, L + 1) read-only view."""
+    s = buf.strides[0]
+    return as_strided(buf, shape=(n, L + 1), strides=(L * s, s), writeable=False)
+
+
 class ShardStreams:
     """The S streams of one source: which shards each reads in which epoch,
     and the windows each yields from any starting window."""
@@ -59,7 +138,7 @@ class ShardStreams:
     def __init__(self, ds: Dataset, num_streams: int, seq_len: int, seed: int, shuffle: bool = True,
                  shuffle_buffer: int = 1, on_error: str = "raise", bad: Sequence[str] = (),
                  reader: ShardReader = default_reader, shards: Sequence[Shard] | None = None,
-                 name: str = "data"):
+                 name: str = "data", read_ahead: bool = True):
         self.shards = tuple(ds.shards if shards is None else shards)
         if num_streams > len(self.shards):
             raise DataError(
@@ -69,8 +148,10 @@ class ShardStreams:
             raise DataError(f"data.on_error: unknown policy {on_error!r}; choose raise or skip")
         self.ds, self.S, self.L, self.seed, self.shuffle = ds, num_streams, seq_len, seed, shuffle
         self.buffer, self.on_error, self.reader, self.name = max(1, shuffle_buffer), on_error, reader, name
+        self.read_ahead = read_ahead  # read each stream's next shard in a background thread
         self.bad: set[str] = set(bad)  # shards skipped as bad: they add no tokens
         self.skipped = 0  # shards skipped by this process
+        self.dtype = np.dtype(ds.dtype).newbyteorder("<")
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         n = len(self.shards)
@@ -80,39 +161,59 @@ class ShardStreams:
     def _tokens(self, shard: Shard) -> int:
         return 0 if shard.url in self.bad else shard.stream_tokens
 
-    def raw_windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
-        """Unshuffled windows start, start+1, ... of one stream, (seq_len + 1,) each."""
+    def empty(self) -> np.ndarray:
+        return np.empty((0, self.L + 1), dtype=self.dtype)
+
+    def raw_chunks(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Unshuffled windows start, start+1, ... of one stream, as (n, seq_len + 1)
+        arrays of consecutive windows (one per shard read, views of its tokens)."""
         L = self.L
         skip = start * L  # tokens of this stream before the first window
-        buf = None
+        rest = None  # the tokens after the last whole window: the next window's start
         epoch = 0
+        ahead = None  # ((epoch, place), read in flight) of the next shard to read
         while True:
             live = 0  # shards of this epoch that add tokens: none would loop for ever
-            for idx in self.shards_of(stream, epoch):
+            order = self.shards_of(stream, epoch)
+            for place, idx in enumerate(order):
                 shard = self.shards[idx]
                 if skip >= self._tokens(shard):  # skip whole shards by the manifest's counts
                     skip -= self._tokens(shard)
                     live += self._tokens(shard) > 0
                     continue
-                tokens = self._read(shard)
+                job = ahead[1] if ahead is not None and ahead[0] == (epoch, place) else None
+                ahead = self._read_next(stream, epoch, order, place) if self.read_ahead else None
+                tokens = self._read(shard, job)
                 if tokens is None:
                     continue
                 live += 1
                 tokens = tokens[skip:]
                 skip = 0
-                buf = tokens if buf is None else np.concatenate([buf, tokens])
+                buf = tokens if rest is None else np.concatenate([rest, tokens])
                 n = (len(buf) - 1) // L  # whole windows available
-                for i in range(n):
-                    yield buf[i * L : i * L + L + 1]
-                buf = buf[n * L :]
+                if n > 0:
+                    yield _windows_of(buf, n, L)
+                    rest = buf[n * L :]
+                else:
+                    rest = buf
             if not live:
                 raise DataError(f"{self.name}: every shard of stream {stream} is bad or empty "
                                 f"(bad: {sorted(self.bad)[:3]}...)")
             epoch += 1
 
-    def _read(self, shard: Shard) -> np.ndarray | None:
+    def _read_next(self, stream: int, epoch: int, order: list[int], place: int):
+        """Start reading the shard this stream will read after order[place]."""
+        for e, later in ((epoch, order[place + 1 :]), (epoch + 1, self.shards_of(stream, epoch + 1))):
+            first = place + 1 if e == epoch else 0
+            for p, idx in enumerate(later, start=first):
+                shard = self.shards[idx]
+                if self._tokens(shard) > 0:
+                    return (e, p), _Prefetch(self.reader, shard, self.ds)
+        return None
+
+    def _read(self, shard: Shard, job: _Prefetch | None = None) -> np.ndarray | None:
         try:
-            return self.reader(shard, self.ds)
+            return job.result() if job is not None else self.reader(shard, self.ds)
         except DataError as e:
             if self.on_error == "raise":
                 raise
@@ -121,21 +222,32 @@ class ShardStreams:
             log.warning("data.on_error=skip: skipping %s", e)
             return None
 
-    def windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
-        """Windows start, start+1, ... after the bounded shuffle."""
+    def chunks(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Windows start, start+1, ... after the bounded shuffle, as (n, seq_len + 1) arrays."""
         B = self.buffer
         if B == 1:
-            yield from self.raw_windows(stream, start)
+            yield from self.raw_chunks(stream, start)
             return
         block = start // B
-        raw = self.raw_windows(stream, block * B)
+        raw = _Taker(((c,) for c in self.raw_chunks(stream, block * B)), (self.empty(),))
         first = start - block * B
         while True:
-            items = [next(raw) for _ in range(B)]
+            (items,) = raw.take(B)
+            if len(items) < B:  # a read failed inside this block: nothing of it is yielded
+                raise raw.error
             perm = np.random.default_rng([self.seed, stream, block, 0x5EED]).permutation(B)
-            for j in range(first, B):
-                yield items[perm[j]]
+            yield items[perm[first:]]
             first, block = 0, block + 1
+
+    def raw_windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Unshuffled windows start, start+1, ... of one stream, (seq_len + 1,) each."""
+        for c in self.raw_chunks(stream, start):
+            yield from c
+
+    def windows(self, stream: int, start: int) -> Iterator[np.ndarray]:
+        """Windows start, start+1, ... after the bounded shuffle."""
+        for c in self.chunks(stream, start):
+            yield from c
 
 
 def mix_counts(weights: Sequence[float], period: int) -> list[int]:
@@ -163,6 +275,7 @@ class Mixture:
         self.period = period if len(sources) > 1 else 1
         self.counts = mix_counts(weights, self.period)
         self.S, self.L, self.seed = sources[0].S, sources[0].L, sources[0].seed
+        self.dtype = np.result_type(*(s.dtype for s in self.sources))
 
     def schedule(self, stream: int, block: int) -> np.ndarray:
         places = np.repeat(np.arange(len(self.sources)), self.counts)
@@ -170,23 +283,44 @@ class Mixture:
             return places
         return np.random.default_rng([self.seed, stream, block, 0x313]).permutation(places)
 
-    def windows(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
-        """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
+    def empty(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.empty((0, self.L + 1), dtype=self.dtype), np.empty(0, dtype=np.int64)
+
+    def chunks(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(windows, source indices) for windows start, start+1, ... of mixed stream
+        `stream`, as (n, seq_len + 1) and (n,) arrays."""
         if len(self.sources) == 1:  # the plain case: no schedule to follow
-            for w in self.sources[0].windows(stream, start):
-                yield w, 0
+            for c in self.sources[0].chunks(stream, start):
+                yield c, np.zeros(len(c), dtype=np.int64)
             return
         P = self.period
         block, first = divmod(start, P)
         sched = self.schedule(stream, block)
-        local = [block * c + int((sched[:first] == i).sum()) for i, c in enumerate(self.counts)]
-        its = [src.windows(stream, local[i]) for i, src in enumerate(self.sources)]
+        its = [_Taker(((c,) for c in src.chunks(stream, block * n + int((sched[:first] == i).sum()))),
+                      (src.empty(),))
+               for i, (src, n) in enumerate(zip(self.sources, self.counts))]
         while True:
-            for j in range(first, P):
-                i = int(sched[j])
-                yield next(its[i]), i
+            places = sched[first:].astype(np.int64)
+            out = np.empty((len(places), self.L + 1), dtype=self.dtype)
+            end, error = len(places), None
+            for i, it in enumerate(its):
+                where = np.flatnonzero(places == i)
+                (got,) = it.take(len(where))
+                out[where[: len(got)]] = got
+                if len(got) < len(where) and where[len(got)] < end:  # this source failed first, here
+                    end, error = int(where[len(got)]), it.error
+            if error is not None:
+                if end:
+                    yield out[:end], places[:end]
+                raise error
+            yield out, places
             block, first = block + 1, 0
             sched = self.schedule(stream, block)
+
+    def windows(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
+        """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
+        for wins, srcs in self.chunks(stream, start):
+            yield from zip(wins, srcs.tolist())
 
     @property
     def bad(self) -> list[str]:
@@ -210,36 +344,78 @@ def stream_windows_taken(consumed: int, stream: int, num_streams: int) -> int:
     return max(0, (consumed - stream + num_streams - 1) // num_streams)
 
 
+class RankReader:
+    """This rank's sequences g = consumed + rank + k * world, many at a time.
+
+    take(n) gives the next n as a (n, seq_len + 1) array and their sources; it
+    returns fewer only when a read failed, and that error is in `error`."""
+
+    def __init__(self, mix: Mixture, rank: int, world: int, consumed: int):
+        S = mix.S
+        if S % world:
+            raise DataError(f"data.num_streams={S} is not divisible by the number of ranks ({world})")
+        if consumed % world:
+            raise DataError(f"data position {consumed} is not a multiple of the number of ranks ({world})")
+        self.mix, self.rank, self.world = mix, rank, world
+        self.streams = list(range(rank, S, world))  # sequence g comes from stream g % S
+        self.its = [_Taker(mix.chunks(s, stream_windows_taken(consumed, s, S)), mix.empty()) for s in self.streams]
+        self.g = consumed + rank  # the next global sequence of this rank
+        self.error: BaseException | None = None
+
+    def take(self, n: int, dtype=None) -> tuple[np.ndarray, np.ndarray]:
+        if self.error is not None:
+            raise self.error
+        m = len(self.its)
+        j0 = (self.g % self.mix.S - self.rank) // self.world  # stream index of the first one
+        out = np.empty((n, self.mix.L + 1), dtype=dtype or self.mix.dtype)
+        src = np.empty(n, dtype=np.int64)
+        end = n
+        for j, it in enumerate(self.its):
+            k0 = (j - j0) % m  # its sequences sit at k0, k0 + m, ...
+            want = len(range(k0, n, m))
+            if not want:
+                continue
+            got, got_src = it.take(want)
+            out[k0 : k0 + len(got) * m : m] = got
+            src[k0 : k0 + len(got) * m : m] = got_src
+            if len(got) < want and k0 + len(got) * m < end:
+                end, self.error = k0 + len(got) * m, it.error
+        self.g += end * self.world
+        return (out, src) if end == n else (out[:end], src[:end])
+
+
 def rank_sequences(mix: Mixture, rank: int, world: int, consumed: int) -> Iterator[tuple[np.ndarray, int]]:
     """This rank's (sequence, source) for g = consumed + ..., g % world == rank.
     `consumed` must be a multiple of the world size (a step boundary)."""
-    S = mix.S
-    if S % world:
-        raise DataError(f"data.num_streams={S} is not divisible by the number of ranks ({world})")
-    if consumed % world:
-        raise DataError(f"data position {consumed} is not a multiple of the number of ranks ({world})")
-    its = {s: mix.windows(s, stream_windows_taken(consumed, s, S)) for s in range(rank, S, world)}
-    g = consumed + rank
+    reader = RankReader(mix, rank, world, consumed)
+    n = 8 * len(reader.streams)
     while True:
-        yield next(its[g % S])
-        g += world
+        wins, srcs = reader.take(n)
+        yield from zip(wins, srcs.tolist())
+        if len(wins) < n:
+            raise reader.error
 
 
 class Batches:
     """Micro-batches for one rank, loaded ahead in a background thread.
 
-    state_dict() is the position of what the trainer has *taken*, not of what
-    the thread has read ahead, so a checkpoint never skips prefetched data.
+    The thread makes `group` micro-batches at a time (about `group_tokens`
+    tokens) and queues them together; `prefetch` micro-batches (rounded up to
+    whole groups) wait ahead.  state_dict() is the position of what the
+    trainer has *taken*, not of what the thread has read ahead, so a
+    checkpoint never skips prefetched data.
     """
 
     def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, consumed: int = 0,
-                 prefetch: int = 4):
+                 prefetch: int = 4, group_tokens: int = 1 << 17):
         self.mix, self.rank, self.world, self.micro_batch = mix, rank, world, micro_batch
         self.start = consumed
         self.taken = 0  # sequences this rank has handed to the trainer
         self.wait_time = 0.0  # seconds the trainer spent waiting for data
         self.source_counts = np.zeros(len(mix.sources), dtype=np.int64)  # taken, per source
-        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self.group = max(1, min(64, group_tokens // (micro_batch * (mix.L + 1))))
+        self._ready: collections.deque = collections.deque()
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, -(-prefetch // self.group)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="megagpt-data", daemon=True)
         self._thread.start()
@@ -250,12 +426,19 @@ class Batches:
 
     def _fill(self) -> None:
         try:
-            seqs = rank_sequences(self.mix, self.rank, self.world, self.start)
+            reader = RankReader(self.mix, self.rank, self.world, self.start)
+            M, n = self.micro_batch, self.group * self.micro_batch
             while not self._stop.is_set():
-                items = [next(seqs) for _ in range(self.micro_batch)]
-                batch = np.stack([w for w, _ in items]).astype(np.int64)  # (B, T + 1)
-                sources = np.array([i for _, i in items])
-                self._put((torch.from_numpy(batch), sources))
+                wins, srcs = reader.take(n, np.int64)  # (n, T + 1), cast in the gather's copy
+                batch = torch.from_numpy(wins)
+                full = len(wins) // M  # a failed read: the micro-batches before it, then the error
+                group = [(batch[i * M : (i + 1) * M, :-1], batch[i * M : (i + 1) * M, 1:],
+                          np.bincount(srcs[i * M : (i + 1) * M], minlength=len(self.source_counts)))
+                         for i in range(full)]
+                if group:
+                    self._put(group)
+                if len(wins) < n:
+                    raise reader.error
         except BaseException as e:  # surfaced to the trainer on its next take
             self._put(e)
 
@@ -269,16 +452,18 @@ class Batches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), each (micro_batch, seq_len) int64."""
-        t0 = time.perf_counter()
-        item = self._queue.get()
-        self.wait_time += time.perf_counter() - t0
-        if isinstance(item, BaseException):
-            self._queue.put(item)  # every later take fails the same way
-            raise item
-        batch, sources = item
+        if not self._ready:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.wait_time += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                self._queue.put(item)  # every later take fails the same way
+                raise item
+            self._ready.extend(item)
+        x, y, counts = self._ready.popleft()
         self.taken += self.micro_batch
-        self.source_counts += np.bincount(sources, minlength=len(self.source_counts))
-        return batch[:, :-1], batch[:, 1:]
+        self.source_counts += counts
+        return x, y
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, **self.mix.layout(), "bad_shards": self.mix.bad}
@@ -305,13 +490,12 @@ def val_sequences(ds: Dataset, seq_len: int, rank: int, world: int, count: int,
                   reader: ShardReader = default_reader) -> list[np.ndarray]:
     """The first `count * world` validation windows, in order, this rank's
     share (g % world == rank): the same fixed set at every evaluation."""
-    if not ds.val_shards:
+    if not ds.val_shards or count * world <= 0:
         return []
     s = ShardStreams(ds, 1, seq_len, seed=0, shuffle=False, reader=reader, shards=ds.val_shards,
                      name="validation")
-    out, it = [], s.raw_windows(0, 0)
-    for g in range(count * world):
-        w = next(it)
-        if g % world == rank:
-            out.append(w.astype(np.int64))
-    return out
+    it = _Taker(((c,) for c in s.raw_chunks(0, 0)), (s.empty(),))
+    (wins,) = it.take(count * world)
+    if len(wins) < count * world:
+        raise it.error
+    return [w.astype(np.int64) for w in wins[rank::world]]
