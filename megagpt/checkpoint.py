@@ -2,7 +2,8 @@
 
 A checkpoint holds DeepSpeed's state (ZeRO shards of parameters and optimizer,
 scheduler) and megagpt's own: `megagpt_state.json` (step, tokens seen, data
-position, W&B run id, resolved config) and one `rng_rank<R>.pt` per rank
+position, W&B run id, resolved config, the model's exact shape), the
+tokenizer (`tokenizer.json`, so export and generation need only the checkpoint) and one `rng_rank<R>.pt` per rank
 (tensors only, read with weights_only=True).  `megagpt_state.json` is written
 last, after every rank has finished writing: a directory without it is
 incomplete and never resumed from.
@@ -21,6 +22,7 @@ import re
 import torch
 
 STATE_FILE = "megagpt_state.json"
+TOKENIZER_FILE = "tokenizer.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -72,7 +74,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(engine, root: str, step: int, state: dict, rank: int, device: torch.device) -> str:
+def save(engine, root: str, step: int, state: dict, rank: int, device: torch.device,
+         tokenizer: bytes | None = None) -> str:
     """Collective: every rank must call it."""
     import torch.distributed as dist
 
@@ -82,6 +85,9 @@ def save(engine, root: str, step: int, state: dict, rank: int, device: torch.dev
     torch.save(rng_state(device), os.path.join(path, f"rng_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
+        if tokenizer is not None:
+            with open(os.path.join(path, TOKENIZER_FILE), "wb") as f:
+                f.write(tokenizer)
         tmp = os.path.join(path, STATE_FILE + ".tmp")
         with open(tmp, "w") as f:
             json.dump(state, f, indent=1)

@@ -29,22 +29,36 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
+    # gpt2 (learned positions, LayerNorm, GELU, tied) | llama (RoPE, RMSNorm, SwiGLU, GQA)
     family: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
+    # None: n_head. Fewer key/value heads than query heads: grouped-query attention.
+    n_kv_head: Optional[int] = None
     n_embd: int = 128
     # None: taken from the data's tokenizer (rounded up to `vocab_multiple`).
     vocab_size: Optional[int] = None
     vocab_multiple: int = 64
     # None: equal to data.seq_len.
     max_seq_len: Optional[int] = None
+    # MLP width. None: mlp_ratio x n_embd (gpt2); 8/3 n_embd rounded up to mlp_multiple (llama).
+    mlp_hidden: Optional[int] = None
     mlp_ratio: int = 4
+    mlp_multiple: int = 256
     dropout: float = 0.0
     bias: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
     # auto | flash_attn | sdpa | eager
     attention: str = "auto"
+    # Tokens attend only within their own document of a packed sequence.
+    doc_mask: bool = False
+    # Recompute activations in backward: 0 none, 1 every block, k every k-th block.
+    activation_checkpointing: int = 0
+    # torch.compile the model (through DeepSpeed's engine.compile).
+    compile: bool = False
 
 
 @dataclass
@@ -93,6 +107,8 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    # torch.optim.AdamW's fused kernel: None (auto) uses it where torch has one for the device.
+    fused: Optional[bool] = None
 
 
 @dataclass
@@ -145,8 +161,19 @@ class TrainerConfig:
 
 
 @dataclass
+class ExportConfig:
+    # Export the final checkpoint to a Hugging Face folder when training finishes.
+    at_end: bool = False
+    # None: <run.dir>/hf
+    dir: Optional[str] = None
+    # Split model.safetensors into shards of at most this many bytes.
+    max_shard_bytes: int = 5 * 2**30
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
@@ -170,7 +197,7 @@ def register() -> None:
 
 
 ATTENTION = ("auto", "flash_attn", "sdpa", "eager")
-FAMILIES = ("gpt2",)
+FAMILIES = ("gpt2", "llama")
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -185,6 +212,17 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(getattr(m, key) > 0, f"model.{key}", f"must be positive, got {getattr(m, key)}")
     _require(m.n_embd % m.n_head == 0, "model.n_embd",
              f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
+    _require(kv > 0 and m.n_head % kv == 0, "model.n_kv_head",
+             f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    _require(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", f"must be positive, got {m.mlp_hidden}")
+    _require(m.mlp_multiple > 0, "model.mlp_multiple", f"must be positive, got {m.mlp_multiple}")
+    _require(m.rope_theta > 0, "model.rope_theta", f"must be positive, got {m.rope_theta}")
+    _require(m.activation_checkpointing >= 0, "model.activation_checkpointing",
+             f"must be 0 (off) or k >= 1 (every k-th block), got {m.activation_checkpointing}")
+    if m.family == "llama":
+        _require((m.n_embd // m.n_head) % 2 == 0, "model.n_embd",
+                 f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}")
     _require(m.family in FAMILIES, "model.family", f"unknown family {m.family!r}; choose one of {FAMILIES}")
     _require(m.attention in ATTENTION, "model.attention",
              f"unknown backend {m.attention!r}; choose one of {ATTENTION}")
@@ -247,6 +285,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"unknown precision {ds.precision!r}; choose auto, fp32, bf16 or fp16")
     _require(ds.backend in ("auto", "nccl", "gloo"), "deepspeed.backend",
              f"unknown backend {ds.backend!r}; choose auto, nccl or gloo")
+    _require(cfg.export.max_shard_bytes > 0, "export.max_shard_bytes", "must be positive")
     _require(ds.timeout_minutes > 0, "deepspeed.timeout_minutes", "must be positive")
 
     _require(lg.kind in ("wandb", "none"), "logger.kind", f"unknown logger {lg.kind!r}; choose wandb or none")

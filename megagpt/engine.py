@@ -4,7 +4,8 @@
 `build_engine` constructs the model inside `deepspeed.zero.Init` (ZeRO-3: each
 parameter is partitioned as soon as its module is built, so no rank ever holds
 the whole model), initialises the weights module by module, and wraps it all
-in a DeepSpeed engine with AdamW and the warmup + cosine schedule.
+in a DeepSpeed engine with torch's AdamW (fused where available) and the
+warmup + cosine schedule, optionally compiled with torch.compile.
 """
 
 from __future__ import annotations
@@ -43,15 +44,6 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
         "gradient_accumulation_steps": grad_accum(t, world_size),
         "train_batch_size": global_batch(t, world_size),
         "gradient_clipping": o.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                "weight_decay": o.weight_decay,
-                # torch.optim.AdamW: runs everywhere without building DeepSpeed ops.
-                "torch_adam": True,
-            },
-        },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -72,17 +64,37 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
     }
 
 
-def build_model_config(cfg: Config, vocab_size: int, attention: str) -> GPTConfig:
+def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None) -> GPTConfig:
     m = cfg.model
     v = m.vocab_size or vocab_size
     v = -(-v // m.vocab_multiple) * m.vocab_multiple  # pad for matmul-friendly shapes
-    return GPTConfig(vocab_size=v, max_seq_len=m.max_seq_len or cfg.data.seq_len,
-                     n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, mlp_ratio=m.mlp_ratio,
-                     dropout=m.dropout, bias=m.bias, norm_eps=m.norm_eps, init_std=m.init_std,
-                     attention=attention)
+    hidden = m.mlp_hidden
+    if hidden is None and m.family == "gpt2":
+        hidden = m.mlp_ratio * m.n_embd
+    return GPTConfig(vocab_size=v, max_seq_len=m.max_seq_len or cfg.data.seq_len, family=m.family,
+                     n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd,
+                     mlp_hidden=hidden, mlp_multiple=m.mlp_multiple, dropout=m.dropout, bias=m.bias,
+                     norm_eps=m.norm_eps, init_std=m.init_std, rope_theta=m.rope_theta,
+                     tie_embeddings=m.tie_embeddings, attention=attention, doc_mask=m.doc_mask,
+                     eod_id=eod_id, checkpoint_every=m.activation_checkpointing)
 
 
-def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int):
+def use_fused_adamw(setting: bool | None, device_type: str) -> bool:
+    """torch has fused AdamW kernels for CUDA and (since 2.4) CPU; auto uses them there."""
+    if setting is not None:
+        return setting
+    return device_type in ("cuda", "cpu")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device_type: str) -> torch.optim.Optimizer:
+    """torch.optim.AdamW with decay / no-decay groups; DeepSpeed wraps it
+    (ZeRO partitions its state) and drives the learning-rate schedule."""
+    o = cfg.optim
+    return torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=use_fused_adamw(o.fused, device_type))
+
+
+def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, device_type: str = "cpu"):
     """Returns (engine, model). The model is built sharded under ZeRO-3."""
     import deepspeed
 
@@ -90,8 +102,10 @@ def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int):
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
         model = GPT(gcfg)
     init_weights(model, cfg.trainer.seed, rank, stage3)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=decay_groups(model, cfg.optim.weight_decay), config=ds_config)
+    optimizer = build_optimizer(cfg, model, device_type)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.model.compile:
+        engine.compile()
     return engine, model
 
 

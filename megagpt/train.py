@@ -51,13 +51,14 @@ def pretrain(cfg: Config) -> None:
         console(f"attention: {attention} (model.attention={cfg.model.attention})")
 
     data = open_training_data(cfg, env, barrier=dist.barrier)
-    gcfg = build_model_config(cfg, data.vocab_size, attention)
+    gcfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
-    engine, model = build_engine(cfg, gcfg, ds_config, env.rank)
+    engine, model = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
     n_params = _count_params(model)
     if env.is_main:
-        console(f"model: {n_params / 1e6:.2f}M parameters (without position embeddings), "
-                f"{gcfg.n_layer} layers, {gcfg.n_head} heads, width {gcfg.n_embd}, vocab {gcfg.vocab_size}; "
+        console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), "
+                f"{gcfg.family}, {gcfg.n_layer} layers, {gcfg.n_head} heads ({gcfg.n_kv_head} key/value), "
+                f"width {gcfg.n_embd}, vocab {gcfg.vocab_size}; "
                 f"ZeRO stage {cfg.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}")
 
     state, consumed = TrainState(), 0
@@ -92,14 +93,24 @@ def pretrain(cfg: Config) -> None:
     if env.is_main:
         console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {run_dir}")
     dist.barrier()
+    if cfg.export.at_end and env.is_main:  # the final checkpoint is complete: every rank passed the barrier
+        from megagpt.export import export
+
+        out = export(os.path.join(run_dir, "checkpoints"), cfg.export.dir or os.path.join(run_dir, "hf"),
+                     cfg.export.max_shard_bytes)
+        console(f"exported to {out} (Hugging Face format)")
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def _count_params(model) -> int:
+    """Parameters that take part in matmuls (N of flops.py): all but the
+    position table, and the token table only when it doubles as the head."""
     # ZeRO-3 partitions parameters; ds_numel keeps the full size.
     seen, n = set(), 0
+    skip = ("wpe.",) if model.cfg.tie_embeddings else ("wpe.", "wte.")
     for name, p in model.named_parameters():
-        if id(p) in seen or name.startswith("wpe."):
+        if id(p) in seen or name.startswith(skip):
             continue
         seen.add(id(p))
         n += getattr(p, "ds_numel", p.numel())

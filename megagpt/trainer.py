@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import resource
@@ -51,6 +52,18 @@ def _local_grad_norm(module: torch.nn.Module) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
 
 
+def _read_tokenizer(data: TrainingData) -> bytes | None:
+    """The data's tokenizer.json, kept in every checkpoint so export and
+    generation need nothing but the checkpoint."""
+    from megagpt.data.shards import read_bytes
+
+    try:
+        return read_bytes(data.tokenizer_url)
+    except Exception as e:  # noqa: BLE001 - a missing tokenizer must not stop training
+        log.warning("cannot read the tokenizer %s (%s); checkpoints will not include it", data.tokenizer_url, e)
+        return None
+
+
 class Trainer:
     def __init__(self, cfg: Config, env, device: torch.device, engine, data: TrainingData, batches: Batches,
                  state: TrainState, sink: MetricsSink | None, run_dir: str, n_params: int,
@@ -63,6 +76,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(n_params, gcfg.n_layer, gcfg.n_head, gcfg.head_dim,
                                                cfg.data.seq_len)
         self.peak_flops = peak_flops
+        self.gcfg = gcfg
+        self.tokenizer = _read_tokenizer(data) if env.is_main else None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
         self._val: dict[str, list[np.ndarray]] | None = None
         self._grad_norm = float("nan")
@@ -195,8 +210,10 @@ class Trainer:
             "wandb_id": st.wandb_id,
             "world_size": self.env.world_size,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "model": dataclasses.asdict(self.gcfg),
         }
-        path = checkpoint.save(self.engine, self.ckpt_root, st.step, payload, self.env.rank, self.device)
+        path = checkpoint.save(self.engine, self.ckpt_root, st.step, payload, self.env.rank, self.device,
+                               tokenizer=self.tokenizer)
         if self.env.is_main:
             console(f"saved checkpoint {path}")
         return path

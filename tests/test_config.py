@@ -126,16 +126,27 @@ def test_deepspeed_config():
     assert ds["train_batch_size"] == 16
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage == 3
-    opt = ds["optimizer"]
-    assert opt["type"] == "AdamW"
-    assert opt["params"]["lr"] == 3e-4
-    assert opt["params"]["betas"] == [0.9, 0.99]
-    assert opt["params"]["weight_decay"] == 0.05
+    assert "optimizer" not in ds  # megagpt builds torch's AdamW itself (build_optimizer)
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == 77
     assert ds["bf16"]["enabled"] is True
     assert deepspeed_config(cfg, 2, "cpu")["bf16"]["enabled"] is False
     assert deepspeed_config(make_cfg("deepspeed=zero0"), 1, "cpu")["zero_optimization"]["stage"] == 0
+
+
+def test_build_optimizer_groups_and_settings():
+    import torch
+
+    from megagpt.engine import build_optimizer
+    from megagpt.model.gpt import GPT, GPTConfig
+
+    cfg = make_cfg("optim.lr=3e-4", "optim.beta2=0.99", "optim.weight_decay=0.05")
+    model = GPT(GPTConfig(vocab_size=64, max_seq_len=8, n_layer=1, n_head=2, n_embd=16))
+    opt = build_optimizer(cfg, model, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
+    assert build_optimizer(make_cfg("optim.fused=false"), model, "cpu").defaults["fused"] is False
 
 
 def test_deepspeed_config_global_batch():

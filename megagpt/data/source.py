@@ -19,6 +19,14 @@ class TrainingData:
     def vocab_size(self) -> int:
         return self.mix.sources[0].ds.vocab_size
 
+    @property
+    def eod_id(self) -> int:
+        return self.mix.sources[0].ds.eod_id
+
+    @property
+    def tokenizer_url(self) -> str:
+        return self.mix.sources[0].ds.tokenizer_url
+
 
 def default_cache_dir() -> str:
     return os.environ.get("MEGAGPT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megagpt"))

@@ -1,7 +1,12 @@
-"""A decoder-only GPT as a plain nn.Module: no collectives, no engine code.
+"""A decoder-only Transformer as a plain nn.Module: no collectives, no engine code.
 
-Token + learned position embeddings, pre-norm blocks of causal self-attention
-and MLP, a final norm and an output head tied to the token embedding.
+Two families share one skeleton (embeddings, pre-norm blocks of causal
+self-attention and MLP, a final norm, an output head):
+
+  gpt2   learned position embeddings, LayerNorm, GELU MLP, fused q/k/v,
+         embeddings tied to the output head
+  llama  rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query
+         attention (n_kv_head <= n_head), tied or untied embeddings
 
 Weights are initialised by `init_module_`, one module at a time, from a
 generator the caller owns.  That keeps initialisation identical whether the
@@ -18,23 +23,55 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from megagpt.model.attention import causal_attention
+from megagpt.model.attention import Visibility, causal_attention
+from megagpt.model.layers import GeluMLP, KVCache, SwiGLU, apply_rope, rope_tables
+
+FAMILIES = ("gpt2", "llama")
 
 
 @dataclass
 class GPTConfig:
     vocab_size: int
     max_seq_len: int
+    family: str = "gpt2"
     n_layer: int = 4
     n_head: int = 4
+    n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
     n_embd: int = 128
-    mlp_ratio: int = 4
+    # MLP width; None: 4 n_embd for gpt2, 8/3 n_embd rounded up to mlp_multiple for llama.
+    mlp_hidden: int | None = None
+    mlp_multiple: int = 256
     dropout: float = 0.0
     bias: bool = True
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
     attention: str = "sdpa"  # a concrete backend: flash_attn | sdpa | eager
+    # Document masking: tokens attend only within their own document (EOD-separated).
+    doc_mask: bool = False
+    eod_id: int | None = None
+    # Activation checkpointing: recompute every k-th block in backward (0: none, 1: every block).
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family: unknown family {self.family!r}; choose one of {FAMILIES}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            if self.family == "gpt2":
+                self.mlp_hidden = 4 * self.n_embd
+            else:  # SwiGLU with ~the parameters of a 4x GELU MLP
+                h = int(8 * self.n_embd / 3)
+                self.mlp_hidden = -(-h // self.mlp_multiple) * self.mlp_multiple
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError(f"model: n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
+                             "n_head must divide n_embd and n_kv_head must divide n_head")
+        if self.doc_mask and self.eod_id is None:
+            raise ValueError("model.doc_mask needs the end-of-document token id")
 
     @property
     def head_dim(self) -> int:
@@ -42,49 +79,51 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.cfg = cfg
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.cfg, self.layer = cfg, layer
+        D = cfg.head_dim
+        # One matmul for q (n_head heads), k and v (n_kv_head heads each).
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * D, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.proj.is_residual_proj = True  # scaled init, see init_module_
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, vis: Visibility, rope, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        H, D = self.cfg.n_head, self.cfg.head_dim
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
+        q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, KV, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, KV, offset + T, D)
         p = self.cfg.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.cfg.attention, dropout_p=p)  # (B, H, T, D)
+        y = causal_attention(q, k, v, self.cfg.attention, vis, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return F.dropout(self.proj(y), p, self.training)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        hidden = cfg.mlp_ratio * cfg.n_embd
-        self.fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
-        self.proj.is_residual_proj = True
-        self.dropout = cfg.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.fc(x), approximate="tanh")  # (B, T, hidden)
-        return F.dropout(self.proj(h), self.dropout, self.training)
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.family == "llama":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_1 = _norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = _norm(cfg)
+        mlp = SwiGLU if cfg.family == "llama" else GeluMLP
+        self.mlp = mlp(cfg.n_embd, cfg.mlp_hidden, cfg.bias)
+        self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, vis: Visibility, rope=None, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), vis, rope, cache)
+        return x + F.dropout(self.mlp(self.ln_2(x)), self.dropout, self.training)
 
 
 class GPT(nn.Module):
@@ -92,39 +131,65 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+        if cfg.family == "gpt2":
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied output head
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx: (B, T) token ids. Returns logits (B, T, V), or the mean
-        next-token loss (a scalar) when targets (B, T) are given."""
+        next-token loss (a scalar) when targets (B, T) are given.  With a
+        cache, idx continues the positions already in it."""
         B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        offset = cache.length if cache is not None else 0
+        if offset + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {offset + T} exceeds max_seq_len {self.cfg.max_seq_len}")
+        pos = torch.arange(offset, offset + T, device=idx.device)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.family == "gpt2":
+            x = x + self.wpe(pos)
+        else:
+            rope = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)  # 2 x (T, D)
         x = F.dropout(x, self.cfg.dropout, self.training)
-        for block in self.blocks:
-            x = block(x)
+        doc_eod = self.cfg.eod_id if self.cfg.doc_mask and cache is None else None
+        vis = Visibility.of(idx, offset, doc_eod)
+        k = self.cfg.checkpoint_every
+        for i, block in enumerate(self.blocks):
+            if k and self.training and torch.is_grad_enabled() and i % k == 0:
+                x = checkpoint(block, x, vis, rope, use_reentrant=False)
+            else:
+                x = block(x, vis, rope, cache)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
+                       self.cfg.head_dim, p.device, p.dtype)
+
     def init_module_(self, module: nn.Module, gen: torch.Generator) -> None:
         """Initialise the parameters a module owns directly (not its children).
 
-        GPT-2 scheme: N(0, init_std) for linear and embedding weights, the
-        projections that write into the residual stream scaled by
-        1/sqrt(2 n_layer) so the residual variance stays bounded with depth,
-        zeros for biases, ones for norm gains.
+        Both families: N(0, init_std) for linear and embedding weights (an
+        untied output head too), zeros for biases, ones for norm gains.  The
+        two projections per block that write into the residual stream
+        (attention out, MLP down) are drawn with std init_std / sqrt(2 n_layer):
+        each block adds two such terms, so the residual stream's variance grows
+        to about 2 n_layer x (init_std^2 / 2 n_layer), bounded for any depth
+        (GPT-2 paper, section 2.3; the same rule as Megatron-LM's
+        `scaled_init_method`).
         """
         std = self.cfg.init_std
         if isinstance(module, nn.Linear):
-            if module is self.lm_head:
+            if module is self.lm_head and self.cfg.tie_embeddings:
                 return  # tied to wte, initialised there
             if getattr(module, "is_residual_proj", False):
                 std = std / math.sqrt(2 * self.cfg.n_layer)
@@ -134,10 +199,10 @@ class GPT(nn.Module):
                     module.bias.zero_()
         elif isinstance(module, nn.Embedding):
             _normal_(module.weight, std, gen)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
             with torch.no_grad():
                 module.weight.fill_(1.0)
-                if module.bias is not None:
+                if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
     def init_weights(self, seed: int) -> None:
@@ -147,7 +212,9 @@ class GPT(nn.Module):
 
     def num_params(self, exclude_position: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if exclude_position else n
+        if exclude_position and self.cfg.family == "gpt2":
+            n -= self.wpe.weight.numel()
+        return n
 
 
 def _normal_(w: torch.Tensor, std: float, gen: torch.Generator) -> None:
