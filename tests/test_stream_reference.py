@@ -119,8 +119,8 @@ def sets(tmp_path_factory):
     return a, b
 
 
-def make_mix(paths, weights, buffer, period=7, S=4, seed=5, **kw):
-    srcs = [ShardStreams(open_dataset(str(p)), S, L, seed=seed, shuffle_buffer=buffer, name=f"s{i}", **kw)
+def make_mix(paths, weights, buffer, period=7, S=4, seed=5, seq_len=L, **kw):
+    srcs = [ShardStreams(open_dataset(str(p)), S, seq_len, seed=seed, shuffle_buffer=buffer, name=f"s{i}", **kw)
             for i, p in enumerate(paths)]
     return Mixture(srcs, weights, period=period)
 
@@ -155,6 +155,18 @@ def test_stream_layers_match_the_reference(sets, kind, buffer):
             m_new, m_ref = make_mix(paths, weights, buffer), make_mix(paths, weights, buffer)
             assert_same([(w.copy(), i) for w, i in islice(m_new.windows(stream, start), 150)],
                         [(w.copy(), i) for w, i in islice(ref_mixed(m_ref, stream, start), 150)])
+
+
+@pytest.mark.parametrize("seq_len", [1, 3, 900])  # 900: windows longer than a shard
+@pytest.mark.parametrize("buffer", [1, 5])
+def test_window_lengths_short_and_longer_than_shards(sets, seq_len, buffer):
+    paths, weights = paths_for(sets, "two"), MIXES["two"]
+    for consumed in (0, 8, 36):
+        new = [(w.copy(), i) for w, i in islice(rank_sequences(make_mix(paths, weights, buffer, seq_len=seq_len),
+                                                               1, 2, consumed), 120)]
+        ref = [(w.copy(), i) for w, i in islice(ref_rank(make_mix(paths, weights, buffer, seq_len=seq_len), 1, 2,
+                                                         consumed), 120)]
+        assert_same(new, ref)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])

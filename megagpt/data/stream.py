@@ -47,9 +47,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from numpy.lib.stride_tricks import as_strided
 
-from megagpt.data.shards import Dataset, DataError, Shard, read_shard
+from megagpt.data.shards import Dataset, DataError, Shard, fetch_shard, parse_shard, read_shard
 
 log = logging.getLogger("megagpt")
 ShardReader = Callable[[Shard, Dataset], np.ndarray]
@@ -66,23 +65,42 @@ def default_num_streams(n_shards: int, world_size: int, preferred: int = 16) -> 
 
 
 class _Prefetch:
-    """One shard read in a daemon thread; result() gives its tokens or raises its error."""
+    """fn(*args) run by a background reader thread; result() gives its value
+    or raises its error.  The readers are a few daemon threads shared by every
+    stream of the process (started on first use), so a read ahead costs no
+    thread start and a stuck fetch never holds up the interpreter's exit."""
 
-    def __init__(self, reader: ShardReader, shard: Shard, ds: Dataset):
+    _jobs: queue.SimpleQueue = queue.SimpleQueue()
+    _threads: list[threading.Thread] = []
+    _lock = threading.Lock()
+    THREADS = 2
+
+    def __init__(self, fn: Callable, *args):
         self._done = threading.Event()
-        self._value: np.ndarray | None = None
+        self._value = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(reader, shard, ds), name="megagpt-shard", daemon=True).start()
+        self._job: tuple | None = (fn, args)
+        with _Prefetch._lock:
+            while len(_Prefetch._threads) < _Prefetch.THREADS:
+                t = threading.Thread(target=_Prefetch._serve, name="megagpt-shard-reader", daemon=True)
+                t.start()
+                _Prefetch._threads.append(t)
+        _Prefetch._jobs.put(self)
 
-    def _run(self, reader: ShardReader, shard: Shard, ds: Dataset) -> None:
-        try:
-            self._value = reader(shard, ds)
-        except BaseException as e:  # noqa: BLE001 - handed to the stream where it reaches the shard
-            self._error = e
-        finally:
-            self._done.set()
+    @staticmethod
+    def _serve() -> None:
+        while True:
+            job = _Prefetch._jobs.get()
+            fn, args = job._job
+            try:
+                job._value = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the stream where it reaches the shard
+                job._error = e
+            finally:
+                job._job = None
+                job._done.set()
 
-    def result(self) -> np.ndarray:
+    def result(self):
         self._done.wait()
         if self._error is not None:
             raise self._error
@@ -101,7 +119,8 @@ class _Taker:
         self._pos = 0
         self.error: BaseException | None = None
 
-    def take(self, n: int) -> tuple[np.ndarray, ...]:
+    def pieces(self, n: int) -> list[tuple[np.ndarray, ...]]:
+        """The next n rows as consecutive pieces (views where possible)."""
         if self.error is not None:
             raise self.error
         pieces, got = [], 0
@@ -118,6 +137,10 @@ class _Taker:
             pieces.append(tuple(a[self._pos : self._pos + k] for a in self._cur))
             self._pos += k
             got += k
+        return pieces
+
+    def take(self, n: int) -> tuple[np.ndarray, ...]:
+        pieces = self.pieces(n)
         if len(pieces) == 1:
             return pieces[0]
         if not pieces:
@@ -128,7 +151,9 @@ class _Taker:
 def _windows_of(buf: np.ndarray, n: int, L: int) -> np.ndarray:
     """The n windows buf[i*L : i*L + L + 1] as one (n, L + 1) read-only view."""
     s = buf.strides[0]
-    return as_strided(buf, shape=(n, L + 1), strides=(L * s, s), writeable=False)
+    view = np.ndarray((n, L + 1), dtype=buf.dtype, buffer=buf, strides=(L * s, s))
+    view.flags.writeable = False
+    return view
 
 
 class ShardStreams:
@@ -189,7 +214,14 @@ class ShardStreams:
                 live += 1
                 tokens = tokens[skip:]
                 skip = 0
-                buf = tokens if rest is None else np.concatenate([rest, tokens])
+                if rest is None:
+                    buf = tokens
+                elif len(tokens) >= L + 1 - len(rest):  # the window that starts in `rest`, then on in `tokens`
+                    need = L + 1 - len(rest)
+                    yield np.concatenate([rest, tokens[:need]])[None]
+                    buf = tokens[need - 1 :]  # (the next window starts L after that one)
+                else:
+                    buf = np.concatenate([rest, tokens])
                 n = (len(buf) - 1) // L  # whole windows available
                 if n > 0:
                     yield _windows_of(buf, n, L)
@@ -202,18 +234,26 @@ class ShardStreams:
             epoch += 1
 
     def _read_next(self, stream: int, epoch: int, order: list[int], place: int):
-        """Start reading the shard this stream will read after order[place]."""
+        """Start reading the shard this stream will read after order[place]:
+        with the default reader only fetch and verify it (I/O and sha256, which
+        leave the GIL free), parsing it when the stream gets there."""
         for e, later in ((epoch, order[place + 1 :]), (epoch + 1, self.shards_of(stream, epoch + 1))):
             first = place + 1 if e == epoch else 0
             for p, idx in enumerate(later, start=first):
                 shard = self.shards[idx]
                 if self._tokens(shard) > 0:
+                    if self.reader is default_reader:
+                        return (e, p), _Prefetch(fetch_shard, shard)
                     return (e, p), _Prefetch(self.reader, shard, self.ds)
         return None
 
     def _read(self, shard: Shard, job: _Prefetch | None = None) -> np.ndarray | None:
         try:
-            return job.result() if job is not None else self.reader(shard, self.ds)
+            if job is None:
+                return self.reader(shard, self.ds)
+            if self.reader is default_reader:
+                return parse_shard(shard, job.result(), self.ds.dtype, self.ds.vocab_size, self.ds.eod_id)
+            return job.result()
         except DataError as e:
             if self.on_error == "raise":
                 raise
@@ -375,11 +415,13 @@ class RankReader:
             want = len(range(k0, n, m))
             if not want:
                 continue
-            got, got_src = it.take(want)
-            out[k0 : k0 + len(got) * m : m] = got
-            src[k0 : k0 + len(got) * m : m] = got_src
-            if len(got) < want and k0 + len(got) * m < end:
-                end, self.error = k0 + len(got) * m, it.error
+            at = k0
+            for got, got_src in it.pieces(want):  # each piece straight to its rows, cast in the copy
+                out[at : at + len(got) * m : m] = got
+                src[at : at + len(got) * m : m] = got_src
+                at += len(got) * m
+            if at < k0 + want * m and at < end:  # this stream failed first, here
+                end, self.error = at, it.error
         self.g += end * self.world
         return (out, src) if end == n else (out[:end], src[:end])
 
@@ -430,11 +472,11 @@ class Batches:
             M, n = self.micro_batch, self.group * self.micro_batch
             while not self._stop.is_set():
                 wins, srcs = reader.take(n, np.int64)  # (n, T + 1), cast in the gather's copy
-                batch = torch.from_numpy(wins)
                 full = len(wins) // M  # a failed read: the micro-batches before it, then the error
-                group = [(batch[i * M : (i + 1) * M, :-1], batch[i * M : (i + 1) * M, 1:],
-                          np.bincount(srcs[i * M : (i + 1) * M], minlength=len(self.source_counts)))
-                         for i in range(full)]
+                batch = torch.from_numpy(wins[: full * M])
+                counts = np.zeros((full, len(self.source_counts)), dtype=np.int64)
+                np.add.at(counts, (np.arange(full * M) // M, srcs[: full * M]), 1)
+                group = list(zip(batch[:, :-1].split(M), batch[:, 1:].split(M), counts))
                 if group:
                     self._put(group)
                 if len(wins) < n:
