@@ -5,6 +5,9 @@
 `data`: the loader's tokens/s in one process from local shards, next to the
 raw read rate of the same files (tokens/s if reading were all there is to
 do), and next to what the tiny model consumes in training on this machine.
+Both warm (files in the page cache) and cold (evicted with
+posix_fadvise(DONTNEED) before each pass); every figure is a median of
+several repetitions.
 """
 
 from __future__ import annotations
@@ -27,6 +30,50 @@ def _raw_read_rate(paths: list[str], tokens: int, seconds: float) -> float:
                 while f.read(1 << 22):
                     pass
         rates.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _evict(paths: list[str]) -> None:
+    """Drop the files' pages from the page cache, so the next read goes to the disk."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _raw_cold_rate(paths: list[str], tokens: int, seconds: float) -> float:
+    """Stream tokens/s of reading the shard files' bytes, evicted before each pass."""
+    rates, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        _evict(paths)
+        t0 = time.perf_counter()
+        for p in paths:
+            with open(p, "rb") as f:
+                while f.read(1 << 22):
+                    pass
+        rates.append(tokens / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _loader_cold_rate(make_mix, paths: list[str], tokens: int, micro: int, seq_len: int, seconds: float) -> float:
+    """Tokens/s of a fresh loader (threads started, nothing read) delivering a
+    pass's worth of tokens from files evicted just before: start-up included."""
+    from megagpt.data.stream import Batches
+
+    steps = max(1, tokens // (micro * seq_len))
+    rates, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rates) < 3:
+        _evict(paths)
+        t0 = time.perf_counter()
+        b = Batches(make_mix(), rank=0, world=1, micro_batch=micro, prefetch=8)
+        try:
+            for _ in range(steps):
+                b.next()
+            rates.append(steps * micro * seq_len / (time.perf_counter() - t0))
+        finally:
+            b.close()
     return statistics.median(rates)
 
 
@@ -102,28 +149,40 @@ def bench_data(args) -> dict:
     paths = [s.url for s in ds.shards]
     tokens = sum(s.stream_tokens for s in ds.shards)
     nbytes = sum(os.path.getsize(p) for p in paths)
-    streams = ShardStreams(ds, 1, args.seq_len, seed=0, shuffle=True, shuffle_buffer=args.shuffle_buffer)
-    mix = Mixture([streams], [1.0])
+
+    def make_mix():
+        return Mixture([ShardStreams(ds, 1, args.seq_len, seed=0, shuffle=True,
+                                     shuffle_buffer=args.shuffle_buffer)], [1.0])
+
     _raw_read_rate(paths, tokens, 0.5)  # warm the page cache
     raw = _raw_read_rate(paths, tokens, args.seconds)
     wds_rate = _webdataset_rate(paths, tokens, args.seconds)
-    loader = _loader_rate(mix, args.micro_batch, args.seq_len, args.seconds)
+    loader = _loader_rate(make_mix(), args.micro_batch, args.seq_len, args.seconds)
+    raw_cold = _raw_cold_rate(paths, tokens, args.seconds)
+    loader_cold = _loader_cold_rate(make_mix, paths, tokens, args.micro_batch, args.seq_len, args.seconds)
     train = _training_rate(ds.vocab_size, min(args.seq_len, 256), args.micro_batch)
     result = {
         "dataset": path, "shards": len(paths), "tokens": tokens, "bytes": nbytes,
-        "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "seq_len": args.seq_len, "micro_batch": args.micro_batch, "shuffle_buffer": args.shuffle_buffer,
         "raw_read_tokens_per_sec": raw, "webdataset_tokens_per_sec": wds_rate, "loader_tokens_per_sec": loader,
         "tiny_model_train_tokens_per_sec": train,
         "loader_vs_raw": loader / raw, "loader_vs_training": loader / train,
+        "raw_read_cold_tokens_per_sec": raw_cold, "loader_cold_tokens_per_sec": loader_cold,
+        "loader_vs_raw_cold": loader_cold / raw_cold, "cold_vs_warm_raw_read": raw_cold / raw,
+        "cold_cache": "posix_fadvise(POSIX_FADV_DONTNEED) on every shard file before each pass",
     }
     print(f"dataset: {path} ({len(paths)} shards, {tokens:,} tokens, {nbytes / 2**20:.1f} MiB)")
-    print(f"{'what (one process)':<42} {'tokens/s':>14} {'ratio':>10}")
-    print(f"{'raw read of the shard files':<42} {raw:>14,.0f} {'1.00':>10}")
-    print(f"{'webdataset.WebDataset iteration (no decode)':<42} {wds_rate:>14,.0f} {wds_rate / raw:>10.2f}")
-    print(f"{'megagpt loader (verify, parse, pack, batch)':<42} {loader:>14,.0f} {loader / raw:>10.2f}")
-    print(f"{'tiny model training step (fp32, 1 thread)':<42} {train:>14,.0f} {train / raw:>10.4f}")
-    print(f"loader / raw read = {loader / raw:.3f}; loader / webdataset = {loader / wds_rate:.2f}; "
-          f"loader / training = {loader / train:,.0f}x")
+    print("warm: files in the page cache; cold: evicted before each pass (posix_fadvise DONTNEED), "
+          "the loader started fresh each pass; medians")
+    print(f"{'what (one process)':<44} {'warm tokens/s':>14} {'ratio':>7} {'cold tokens/s':>14} {'ratio':>7}")
+    print(f"{'raw read of the shard files':<44} {raw:>14,.0f} {'1.00':>7} {raw_cold:>14,.0f} {'1.00':>7}")
+    print(f"{'webdataset.WebDataset iteration (no decode)':<44} {wds_rate:>14,.0f} {wds_rate / raw:>7.3f}")
+    print(f"{'megagpt loader (verify, parse, pack, batch)':<44} {loader:>14,.0f} {loader / raw:>7.3f} "
+          f"{loader_cold:>14,.0f} {loader_cold / raw_cold:>7.3f}")
+    print(f"{'tiny model training step (fp32, 1 thread)':<44} {train:>14,.0f}")
+    print(f"loader / raw read = {loader / raw:.3f} warm, {loader_cold / raw_cold:.3f} cold; "
+          f"loader / webdataset = {loader / wds_rate:.2f}; loader / training = {loader / train:,.0f}x; "
+          f"cold raw read / warm = {raw_cold / raw:.3f}")
     return result
 
 

@@ -20,7 +20,9 @@ def test_bench_data_prints_side_by_side_figures(tmp_path):
                   "tiny model training step"):
         assert label in r.stdout
     fig = json.loads(out.read_text())
+    assert "warm tokens/s" in r.stdout and "cold tokens/s" in r.stdout
     for key in ("raw_read_tokens_per_sec", "webdataset_tokens_per_sec", "loader_tokens_per_sec",
-                "tiny_model_train_tokens_per_sec"):
+                "tiny_model_train_tokens_per_sec", "raw_read_cold_tokens_per_sec", "loader_cold_tokens_per_sec"):
         assert fig[key] > 0
     assert abs(fig["loader_vs_raw"] - fig["loader_tokens_per_sec"] / fig["raw_read_tokens_per_sec"]) < 1e-9
+    assert abs(fig["loader_vs_raw_cold"] - fig["loader_cold_tokens_per_sec"] / fig["raw_read_cold_tokens_per_sec"]) < 1e-9
