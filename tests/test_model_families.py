@@ -251,3 +251,24 @@ def test_presets_have_the_published_sizes(name, vocab, expected):
 @pytest.mark.parametrize("name", ["tiny", "llama-tiny"])
 def test_cpu_presets_are_small(name):
     assert _preset_params(name, 4096) < 3e6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flash_attn_varlen_doc_mask_and_cache_match_sdpa_on_gpu():
+    pytest.importorskip("flash_attn")
+    model = build("llama", doc_mask=True).cuda().to(torch.bfloat16)
+    x = ids(3).cuda()
+    x[:, [7, 30]] = 0
+    with torch.no_grad():
+        model.cfg.attention = "sdpa"
+        a = model(x).float()
+        model.cfg.attention = "flash_attn"
+        b = model(x).float()
+        torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
+        model.cfg.doc_mask = False
+        cache = model.new_cache(1)
+        y = x[:1, :20]
+        full = model(y).float()
+        parts = torch.cat([model(y[:, :12], cache=cache), model(y[:, 12:], cache=cache)], dim=1).float()
+        torch.testing.assert_close(parts, full, atol=3e-2, rtol=3e-2)
