@@ -1,17 +1,20 @@
-"""The launch scripts parse and pass shellcheck; the SLURM script builds the right torchrun line."""
+"""The launch scripts parse and pass shellcheck; the SLURM script builds the right torchrun line
+and, on USR1/TERM, creates the stop file and still waits for srun and returns its exit status."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import signal
 import sys
+import time
 
 import pytest
 
 from helpers import REPO
 
-SCRIPTS = ["slurm/pretrain.sh", "launch/local.sh", ".ci/run"]
+SCRIPTS = ["slurm/pretrain.sh", "launch/local.sh", ".ci/run", ".ci/slurm-up", ".ci/slurm-down"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -47,3 +50,51 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
                      "--rdzv_endpoint=node1:29742", "megagpt.train", "trainer.max_steps=5", "logger=none"):
         assert expected in args, (expected, args)
     assert args.index("megagpt.train") < args.index("trainer.max_steps=5")
+
+
+# A fake srun that stays up until the stop file appears, then takes a moment
+# (the ranks saving a checkpoint) and exits with a status of its own.
+CHECKPOINTING_SRUN = """#!/bin/bash
+echo "$MEGAGPT_STOP_FILE" > "$SRUN_LOG"
+[ -e "$MEGAGPT_STOP_FILE" ] && echo "stop file present at start" >> "$SRUN_LOG"
+touch "$SRUN_STARTED"
+trap 'echo "srun got a signal" >> "$SRUN_LOG"; exit 99' USR1 TERM
+for _ in $(seq 600); do [ -e "$MEGAGPT_STOP_FILE" ] && break; sleep 0.05; done
+sleep 1
+exit 7
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_slurm_script_on_signal_creates_stop_file_and_waits_for_srun(tmp_path, sig):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(CHECKPOINTING_SRUN)
+    (fake / "srun").chmod(0o755)
+    log, started = tmp_path / "srun.log", tmp_path / "started"
+    stop_file = tmp_path / ".megagpt-stop-4242"
+    stop_file.touch()  # left over from the run before a requeue: must not stop this one
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_LOG": str(log), "SRUN_STARTED": str(started),
+           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env.pop("MEGAGPT_STOP_FILE", None)
+    p = subprocess.Popen(["bash", str(REPO / "slurm/pretrain.sh"), "logger=none"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not started.exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        assert not stop_file.exists()
+        p.send_signal(sig)  # to the batch shell only, as `--signal=B:USR1` and `scancel --batch` do
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        p.send_signal(sig)  # a second signal while it waits changes nothing
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 7, (out, err)  # srun's status, not 128+signal
+    assert time.monotonic() - t0 >= 0.9  # it waited for srun to finish
+    assert stop_file.exists()
+    assert log.read_text().splitlines() == [str(stop_file)]  # exported, absent at start, srun not signalled
+    assert f"got SIG{sig.name[3:]}: stop requested" in out and "srun exited with status 7" in out
