@@ -1,29 +1,48 @@
-"""Checkpoints: <run.dir>/checkpoints/step_<N>/.
+"""Verified checkpoints: <run.dir>/checkpoints/step_<N>/.
 
-A checkpoint holds DeepSpeed's state (ZeRO shards of parameters and optimizer,
-scheduler) and megagpt's own: `megagpt_state.json` (step, tokens seen, data
-position, W&B run id, resolved config, the model's exact shape), the
-tokenizer (`tokenizer.json`, so export and generation need only the checkpoint) and one `rng_rank<R>.pt` per rank
-(tensors only, read with weights_only=True).  `megagpt_state.json` is written
-last, after every rank has finished writing: a directory without it is
-incomplete and never resumed from.
+A save writes into `step_<N>.partial/`: DeepSpeed's state (ZeRO shards of
+parameters and optimizer, scheduler), one `rng_rank<R>.pt` per rank (tensors
+only, read with weights_only=True) and the tokenizer.  Then every file is
+hashed (the ranks share the work), `manifest.json` records each file's size
+and sha256, `megagpt_state.json` (step, tokens seen, data position, W&B run
+id, resolved config, the model's exact shape, and the manifest's own sha256)
+is written last, and the directory is renamed to `step_<N>`: a directory of
+that name is complete by construction.  The `latest` file names the newest
+committed checkpoint and changes only after the rename.
 
-The checkpointer only gathers and writes; the training loop decides when.
-DeepSpeed's own files are pickles: never load a checkpoint from a source you
-do not trust.
+On resume the newest checkpoint is verified against its manifest; a damaged
+one (truncated, altered, a file missing) is reported, renamed
+`step_<N>.damaged`, and the previous one is tried.  `keep_last` prunes old
+checkpoints after each commit, never the newest.
+
+With `async_commit`, hashing and committing run in a background thread, so
+training waits only for DeepSpeed's own write.
+
+DeepSpeed's files are pickles: never load a checkpoint from a source you do
+not trust.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import logging
 import os
 import re
+import shutil
+import threading
+import time
 
 import torch
 
 STATE_FILE = "megagpt_state.json"
+MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+LATEST_FILE = "latest"
+PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+log = logging.getLogger("megagpt")
 
 
 class CheckpointError(RuntimeError):
@@ -35,7 +54,7 @@ def step_dir(root: str, step: int) -> str:
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, path) of complete checkpoints under root, oldest first."""
+    """(step, path) of committed checkpoints under root, oldest first."""
     if not os.path.isdir(root):
         return []
     found = []
@@ -47,19 +66,75 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+# -- verification -------------------------------------------------------------------------
+
+def sha256_file(path: str, sync: bool = False) -> tuple[int, str]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            n += len(chunk)
+        if sync:
+            os.fsync(f.fileno())  # the bytes are on disk before the checkpoint is committed
+    return n, h.hexdigest()
+
+
+def verify(path: str) -> str | None:
+    """None if the checkpoint at `path` is intact, else what is wrong."""
+    try:
+        state = load_state(path)
+    except CheckpointError as e:
+        return str(e)
+    expected = state.get("manifest_sha256")
+    if expected is None:
+        return None  # written before manifests existed: nothing to check against
+    mpath = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(mpath):
+        return f"{MANIFEST_FILE} is missing"
+    if sha256_file(mpath)[1] != expected:
+        return f"{MANIFEST_FILE} does not match its checksum"
+    with open(mpath) as f:
+        files = json.load(f)["files"]
+    for rel, meta in sorted(files.items()):
+        fpath = os.path.join(path, rel)
+        if not os.path.isfile(fpath):
+            return f"{rel} is missing"
+        size = os.path.getsize(fpath)
+        if size != meta["bytes"]:
+            return f"{rel} has {size} bytes, the manifest says {meta['bytes']} (truncated?)"
+        if sha256_file(fpath)[1] != meta["sha256"]:
+            return f"{rel} does not match its sha256 (corrupt)"
+    return None
+
+
 def resolve_resume(resume: str, root: str) -> str | None:
-    """The checkpoint directory to resume from, or None to start fresh."""
+    """The checkpoint directory to resume from, or None to start fresh.
+    `auto`: the newest checkpoint that verifies; damaged ones are reported,
+    set aside as step_<N>.damaged, and the one before is tried. Call on one
+    rank (it renames) and share the answer."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(root)
-        return found[-1][1] if found else None
+        for step, path in reversed(complete_checkpoints(root)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            aside = f"{path}.damaged-{int(time.time())}"
+            log.warning("checkpoint %s is damaged (%s); set aside as %s, trying the one before",
+                        path, problem, os.path.basename(aside))
+            os.rename(path, aside)
+        return None
     path = os.path.abspath(resume)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(f"trainer.resume: {resume} is not a complete megagpt checkpoint "
                               f"(no {STATE_FILE})")
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"trainer.resume: checkpoint {resume} is damaged: {problem}")
     return path
 
+
+# -- RNG ------------------------------------------------------------------------------------
 
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
@@ -74,27 +149,126 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save(engine, root: str, step: int, state: dict, rank: int, device: torch.device,
-         tokenizer: bytes | None = None) -> str:
-    """Collective: every rank must call it."""
-    import torch.distributed as dist
+# -- saving ---------------------------------------------------------------------------------
 
-    tag = f"step_{step}"
-    path = os.path.join(root, tag)
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    torch.save(rng_state(device), os.path.join(path, f"rng_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        if tokenizer is not None:
-            with open(os.path.join(path, TOKENIZER_FILE), "wb") as f:
+class Checkpointer:
+    """Writes verified checkpoints under `root`; collective (every rank calls save)."""
+
+    def __init__(self, root: str, rank: int, world_size: int, device: torch.device, keep_last: int = 0,
+                 async_commit: bool = False):
+        self.root, self.rank, self.world, self.device = root, rank, world_size, device
+        self.keep_last, self.async_commit = keep_last, async_commit
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.blocked = 0.0  # seconds training waited for saves, in total
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            for stale in glob.glob(os.path.join(root, f"step_*{PARTIAL}")):
+                shutil.rmtree(stale, ignore_errors=True)  # a save killed midway: never committed
+
+    def save(self, engine, step: int, state: dict, tokenizer: bytes | None = None) -> str:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        self.wait()  # the previous commit first: commits happen in step order
+        tag = f"step_{step}"
+        partial = os.path.join(self.root, tag + PARTIAL)
+        if self.rank == 0 and os.path.isdir(partial):
+            shutil.rmtree(partial)
+        dist.barrier()
+        engine.save_checkpoint(self.root, tag=tag + PARTIAL, save_latest=False)
+        torch.save(rng_state(self.device), os.path.join(partial, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0 and tokenizer is not None:
+            with open(os.path.join(partial, TOKENIZER_FILE), "wb") as f:
                 f.write(tokenizer)
-        tmp = os.path.join(path, STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, os.path.join(path, STATE_FILE))
-    dist.barrier()
-    return path
+        dist.barrier()  # every rank's files are written
+        files = sorted(os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
+                       if os.path.isfile(p))
+        mine = files[self.rank :: self.world]
+        if self.async_commit:
+            self._thread = threading.Thread(target=self._commit_guarded, args=(partial, tag, mine, files, state),
+                                            name="megagpt-commit", daemon=True)
+            self._thread.start()
+        else:
+            self._commit(partial, tag, mine, files, state)
+            dist.barrier()  # committed before anyone goes on
+        self.blocked += time.perf_counter() - t0
+        return os.path.join(self.root, tag)
 
+    def wait(self) -> None:
+        """Until the last save is committed; raises if committing it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise CheckpointError(f"committing a checkpoint failed: {type(e).__name__}: {e}")
+
+    def _commit_guarded(self, *args) -> None:
+        try:
+            self._commit(*args)
+        except BaseException as e:  # noqa: BLE001 - reported by wait()
+            self._error = e
+
+    def _commit(self, partial: str, tag: str, mine: list[str], files: list[str], state: dict) -> None:
+        """Hash this rank's share of the files; rank 0 gathers the shares
+        (through the shared filesystem, so no collective is needed and it can
+        run in a thread), writes manifest and state, and renames."""
+        hashes = {rel: dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
+                  for rel in mine}
+        _write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes)
+        if self.rank != 0:
+            return
+        manifest: dict = {}
+        for r in range(self.world):
+            share = os.path.join(partial, f".hashes_rank{r}.json")
+            while not os.path.exists(share):  # written with an atomic rename: complete when present
+                time.sleep(0.05)
+            with open(share) as f:
+                manifest.update(json.load(f))
+        missing = set(files) - set(manifest)
+        if missing:
+            raise CheckpointError(f"checkpoint {partial}: no checksum for {sorted(missing)[:3]}")
+        _write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest})
+        state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
+        _write_json(os.path.join(partial, STATE_FILE), state)
+        for r in range(self.world):
+            os.remove(os.path.join(partial, f".hashes_rank{r}.json"))
+        final = os.path.join(self.root, tag)
+        if os.path.isdir(final):  # the same step saved again (after a rollback): the new one wins
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        with open(os.path.join(self.root, LATEST_FILE + ".tmp"), "w") as f:
+            f.write(tag + "\n")
+        os.replace(os.path.join(self.root, LATEST_FILE + ".tmp"), os.path.join(self.root, LATEST_FILE))
+        _fsync_dir(self.root)
+        self._prune()
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        found = complete_checkpoints(self.root)
+        for _, path in found[: max(0, len(found) - self.keep_last)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- loading --------------------------------------------------------------------------------
 
 def load_state(path: str) -> dict:
     try:

@@ -158,6 +158,22 @@ class TrainerConfig:
     eval_batches: int = 4
     # CPU threads per process; None: cores divided among local ranks.
     cpu_threads: Optional[int] = None
+    # Keep only the newest K checkpoints (0: keep all). The newest is never deleted.
+    keep_last: int = 0
+    # Hash, fsync and commit checkpoints in a background thread (training waits only for the write).
+    async_save: bool = False
+    # Non-finite loss or gradient: skip (skip the update, then roll back after max_nan_skips
+    # consecutive skips, then stop after max_rollbacks) | rollback (at once) | stop.
+    on_nan: str = "skip"
+    max_nan_skips: int = 3
+    max_rollbacks: int = 2
+    # A loss above spike_factor x the mean of the last spike_window losses is logged as a spike.
+    spike_factor: float = 1.5
+    spike_window: int = 50
+    # No step finished for this long: dump every thread's stack and exit non-zero (0: off).
+    watchdog_seconds: float = 1800.0
+    # On SIGUSR1 / SIGTERM / the stop file: save, then `scontrol requeue` the SLURM job.
+    requeue: bool = True
 
 
 @dataclass
@@ -269,6 +285,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(t.grad_accum in (1, derived), "trainer.grad_accum",
                  f"{t.grad_accum} conflicts with trainer.global_batch_size={t.global_batch_size} "
                  f"(which implies {derived})")
+    _require(t.keep_last >= 0, "trainer.keep_last", f"must be >= 0 (0 keeps all), got {t.keep_last}")
+    _require(t.on_nan in ("skip", "rollback", "stop"), "trainer.on_nan",
+             f"unknown policy {t.on_nan!r}; choose skip, rollback or stop")
+    _require(t.max_nan_skips >= 0, "trainer.max_nan_skips", f"must be >= 0, got {t.max_nan_skips}")
+    _require(t.max_rollbacks >= 0, "trainer.max_rollbacks", f"must be >= 0, got {t.max_rollbacks}")
+    _require(t.spike_factor >= 0, "trainer.spike_factor", f"must be >= 0 (0: off), got {t.spike_factor}")
+    _require(t.spike_window > 0, "trainer.spike_window", f"must be positive, got {t.spike_window}")
+    _require(t.watchdog_seconds >= 0, "trainer.watchdog_seconds", f"must be >= 0 (0: off), got {t.watchdog_seconds}")
     _require(t.peak_flops is None or t.peak_flops > 0, "trainer.peak_flops", "must be positive")
     _require(t.cpu_threads is None or t.cpu_threads > 0, "trainer.cpu_threads", "must be positive")
 

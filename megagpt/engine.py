@@ -86,16 +86,58 @@ def use_fused_adamw(setting: bool | None, device_type: str) -> bool:
     return device_type in ("cuda", "cpu")
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, device_type: str) -> torch.optim.Optimizer:
+class GuardedAdamW(torch.optim.AdamW):
+    """torch's AdamW that skips the update when any rank saw a non-finite
+    loss (`loss_ok`, set by the trainer) or holds a non-finite gradient.
+
+    The ranks agree with one all-reduce before anything is updated.  Under
+    ZeRO the optimizer is stepped once per parameter sub-group; the first call
+    of a step decides for all of them (`new_step()` resets).  ZeRO-1..3 also
+    skip a step by themselves when the global gradient norm is not finite."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_ok = True
+        self.skipped = False
+        self._decided = False
+
+    def new_step(self, loss_ok: bool) -> None:
+        self.loss_ok, self.skipped, self._decided = loss_ok, False, False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self._decided:
+            self.skipped = not self._agree_finite()
+            self._decided = True
+        if self.skipped:
+            return None
+        return super().step(closure)
+
+    def _agree_finite(self) -> bool:
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        ok = self.loss_ok
+        if ok and grads:
+            norms = torch._foreach_norm(grads)
+            ok = bool(torch.isfinite(torch.stack(norms)).all())
+        bad = torch.tensor([0.0 if ok else 1.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device_type: str) -> GuardedAdamW:
     """torch.optim.AdamW with decay / no-decay groups; DeepSpeed wraps it
     (ZeRO partitions its state) and drives the learning-rate schedule."""
     o = cfg.optim
-    return torch.optim.AdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=use_fused_adamw(o.fused, device_type))
+    return GuardedAdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                        fused=use_fused_adamw(o.fused, device_type))
 
 
 def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, device_type: str = "cpu"):
-    """Returns (engine, model). The model is built sharded under ZeRO-3."""
+    """Returns (engine, model, optimizer). The model is built sharded under ZeRO-3."""
     import deepspeed
 
     stage3 = cfg.deepspeed.zero_stage == 3
@@ -106,7 +148,7 @@ def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, devic
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.model.compile:
         engine.compile()
-    return engine, model
+    return engine, model, optimizer
 
 
 def init_weights(model: GPT, seed: int, rank: int, sharded: bool) -> None:

@@ -52,6 +52,19 @@ class MetricsSink:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: metrics.jsonl keeps one record per step,
+        the re-run's. (W&B keeps its first record of a step and ignores the
+        re-run's lower step numbers until they pass the last one logged.)"""
+        self.file.close()
+        _truncate_after(self.path, step)
+        self.file = open(self.path, "a", buffering=1)
+        self.log_event({"event": "rollback", "to_step": step})
+
+    def log_event(self, event: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.summary[f"last_{event['event']}"] = event
+
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:

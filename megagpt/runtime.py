@@ -131,3 +131,14 @@ def union_across_ranks(items: list[str]) -> list[str]:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, list(items))
     return sorted(set().union(*gathered))
+
+
+def broadcast_from_main(value):
+    """Rank 0's value (any picklable object) on every rank."""
+    import torch.distributed as dist
+
+    if _group_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -53,7 +53,7 @@ def pretrain(cfg: Config) -> None:
     data = open_training_data(cfg, env, barrier=dist.barrier)
     gcfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
-    engine, model = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
+    engine, model, optimizer = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
     n_params = _count_params(model)
     if env.is_main:
         console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), "
@@ -62,7 +62,11 @@ def pretrain(cfg: Config) -> None:
                 f"ZeRO stage {cfg.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}")
 
     state, consumed = TrainState(), 0
-    resume_from = checkpoint.resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints"))
+    # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
+    resume_from = runtime.broadcast_from_main(
+        _resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints")) if env.is_main else None)
+    if isinstance(resume_from, Exception):
+        raise resume_from
     if resume_from:
         saved = checkpoint.load(engine, resume_from, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
         from megagpt.data.stream import check_resumable
@@ -70,7 +74,8 @@ def pretrain(cfg: Config) -> None:
         consumed = check_resumable(saved["data"], data.mix)
         for source in data.mix.sources:  # shards found bad before the restart add no tokens
             source.bad.update(saved["data"].get("bad_shards", []))
-        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_id=saved.get("wandb_id"))
+        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_id=saved.get("wandb_id"),
+                           **saved.get("counters", {}))
         if env.is_main:
             console(f"resumed from {resume_from} at step {state.step}")
     state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
@@ -85,11 +90,17 @@ def pretrain(cfg: Config) -> None:
                            state.wandb_id, state.step)
     peak = peak_flops(device, cfg.trainer.peak_flops)
     try:
-        Trainer(cfg, env, device, engine, data, batches, state, sink, run_dir, n_params, peak, gcfg).run()
+        trainer = Trainer(cfg, env, device, engine, data, batches, state, sink, run_dir, n_params, peak, gcfg,
+                          optimizer)
+        trainer.run()
     finally:
         batches.close()
         if sink is not None:
             sink.close()
+    if trainer.stopped:
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     if env.is_main:
         console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {run_dir}")
     dist.barrier()
@@ -101,6 +112,15 @@ def pretrain(cfg: Config) -> None:
         console(f"exported to {out} (Hugging Face format)")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _resolve_resume(resume: str, root: str):
+    from megagpt.checkpoint import CheckpointError, resolve_resume
+
+    try:
+        return resolve_resume(resume, root)
+    except CheckpointError as e:  # raised on every rank after the broadcast
+        return e
 
 
 def _count_params(model) -> int:
@@ -157,11 +177,12 @@ def _fail(msg: str) -> None:
 def _hydra_main(dcfg: DictConfig) -> None:
     from megagpt.checkpoint import CheckpointError
     from megagpt.data.shards import DataError
+    from megagpt.trainer import TrainingDiverged
 
     try:
         cfg = OmegaConf.to_object(dcfg)
         pretrain(cfg)
-    except (ConfigError, DataError, CheckpointError, UserError) as e:
+    except (ConfigError, DataError, CheckpointError, UserError, TrainingDiverged) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except ValueError as e:
         if "Traceback" in str(e):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import resource
 import time
@@ -20,9 +21,14 @@ from megagpt.data.source import TrainingData
 from megagpt.data.stream import Batches, val_sequences
 from megagpt.flops import flops_per_token
 from megagpt.metrics import MetricsSink, console, progress_line
+from megagpt.resilience import Faults, SpikeDetector, StopRequest, Watchdog
 from megagpt.runtime import first_error, union_across_ranks
 
 log = logging.getLogger("megagpt")
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite losses the policy (trainer.on_nan) cannot get past."""
 
 
 @dataclass
@@ -31,6 +37,10 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     wandb_id: str | None = None
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
+    rollbacks: int = 0
+    loss_spikes: int = 0
+    skipped_sequences: int = 0  # global sequences passed over by rollbacks
 
 
 def _sum_across_ranks(values, device: torch.device) -> np.ndarray:
@@ -67,8 +77,9 @@ def _read_tokenizer(data: TrainingData) -> bytes | None:
 class Trainer:
     def __init__(self, cfg: Config, env, device: torch.device, engine, data: TrainingData, batches: Batches,
                  state: TrainState, sink: MetricsSink | None, run_dir: str, n_params: int,
-                 peak_flops: float, gcfg):
+                 peak_flops: float, gcfg, optimizer=None):
         self.cfg, self.env, self.device, self.engine = cfg, env, device, engine
+        self.optimizer = optimizer  # engine.GuardedAdamW: skips non-finite updates
         self.data, self.batches, self.state, self.sink = data, batches, state, sink
         self.accum = grad_accum(cfg.trainer, env.world_size)
         self.global_batch = global_batch(cfg.trainer, env.world_size)
@@ -79,6 +90,16 @@ class Trainer:
         self.gcfg = gcfg
         self.tokenizer = _read_tokenizer(data) if env.is_main else None
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        t = cfg.trainer
+        self.checkpointer = checkpoint.Checkpointer(self.ckpt_root, env.rank, env.world_size, device,
+                                                    keep_last=t.keep_last, async_commit=t.async_save)
+        self.stop = StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
+        self.spikes = SpikeDetector(t.spike_factor, t.spike_window)
+        self.faults = Faults(env.rank)
+        self.watchdog: Watchdog | None = None
+        self.saved_step = -1
+        self.stopped: str | None = None  # why the run stopped early, if it did
+        self._consecutive_skips = 0
         self._val: dict[str, list[np.ndarray]] | None = None
         self._grad_norm = float("nan")
 
@@ -100,17 +121,34 @@ class Trainer:
             raise DataError(error)
         return micro
 
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns this rank's mean loss."""
-        engine, total = self.engine, 0.0
+    def train_step(self) -> tuple[float, bool]:
+        """One optimizer step over grad_accum micro-batches; returns (this
+        rank's mean loss, whether the update was skipped for a non-finite
+        loss or gradient on some rank)."""
+        engine, total, loss_ok = self.engine, 0.0, True
+        inject = self.faults.nan(self.state.step + 1, self.batches.consumed)
+        spike = self.state.step + 1 in self.faults.spike_steps
+        self.faults.maybe_hang(self.state.step + 1)
         for x, y in self.fetch():  # (B, T) each
             loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            if inject:
+                loss = loss * float("nan")
+            if spike:
+                loss = loss * 10.0
+            value = loss.detach().float().item()
+            loss_ok = loss_ok and math.isfinite(value)
+            if engine.is_gradient_accumulation_boundary() and self.optimizer is not None:
+                self.optimizer.new_step(loss_ok)  # decided with the other ranks inside the step
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.zero_stage == 0:
                 self._grad_norm = _local_grad_norm(engine.module)  # grads are all-reduced by now
             engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
-            total += loss.detach().float().item()
-        return total / self.accum
+            total += value
+        skipped = bool(self.optimizer is not None and self.optimizer.skipped)
+        if self.cfg.deepspeed.zero_stage > 0:  # ZeRO skips a non-finite global gradient norm by itself
+            norm = engine.get_global_grad_norm()
+            skipped = skipped or (norm is not None and not math.isfinite(float(norm)))
+        return total / self.accum, skipped
 
     # -- validation -----------------------------------------------------------------------
 
@@ -145,31 +183,131 @@ class Trainer:
         cfg, t, st = self.cfg, self.cfg.trainer, self.state
         window_t0, window_steps, loss_acc = time.perf_counter(), 0, 0.0
         wait0, started, first_step = self.batches.wait_time, time.perf_counter(), st.step
+        blocked0 = 0.0
         if t.eval_every and not self.data.val and self.env.is_main:
             log.warning("trainer.eval_every=%d but the data has no validation shards; no val_loss",
                         t.eval_every)
         if self.env.is_main:
             console(f"training steps {st.step + 1}..{t.max_steps}: global batch {self.global_batch} x "
                     f"{cfg.data.seq_len} tokens, {self.accum} accumulation step(s), {self.env.world_size} rank(s)")
-        while st.step < t.max_steps:
-            loss_acc += self.train_step()
-            st.step += 1
-            st.tokens_seen += self.tokens_per_step
-            window_steps += 1
-            record = {}
-            if st.step % t.log_every == 0 or st.step == t.max_steps:
-                now = time.perf_counter()
-                record = self._record(loss_acc, window_steps, now - window_t0, self.batches.wait_time - wait0,
-                                      (t.max_steps - st.step) * (now - started) / (st.step - first_step))
-                window_t0, window_steps, loss_acc, wait0 = time.perf_counter(), 0, 0.0, self.batches.wait_time
-            if t.eval_every and self.data.val and (st.step % t.eval_every == 0 or st.step == t.max_steps):
-                record = {"step": st.step, **record, **self.evaluate()}
-            if record and self.sink is not None:
-                self.sink.log(record)
-                console(progress_line(record, t.max_steps))
-            if st.step % t.save_every == 0 or st.step == t.max_steps:
-                self.save()
+        self.watchdog = Watchdog(t.watchdog_seconds, self.env.rank)
+        try:
+            while st.step < t.max_steps:
+                loss, skipped = self.train_step()
+                st.step += 1
+                st.tokens_seen += self.tokens_per_step
+                # One all-reduce per step: the mean loss, and whether any rank was asked to stop.
+                total_loss, stop_votes = _sum_across_ranks([loss, 1.0 if self.stop.local() else 0.0], self.device)
+                mean_loss = float(total_loss / self.env.world_size)
+                if skipped:
+                    if self._on_nonfinite(mean_loss):
+                        window_t0, window_steps, loss_acc = time.perf_counter(), 0, 0.0
+                        wait0, started, first_step = self.batches.wait_time, time.perf_counter(), st.step
+                        continue
+                else:
+                    self._consecutive_skips = 0
+                    loss_acc += loss
+                    window_steps += 1
+                    if self.spikes.observe(mean_loss):
+                        st.loss_spikes += 1
+                        if self.env.is_main:
+                            log.warning("step %d: loss spike: %.4f is above %.2f x the mean of the last %d steps",
+                                        st.step, mean_loss, t.spike_factor, t.spike_window)
+                self.watchdog.beat()
+                record = {}
+                if (st.step % t.log_every == 0 or st.step == t.max_steps) and window_steps:
+                    now = time.perf_counter()
+                    record = self._record(loss_acc, window_steps, now - window_t0,
+                                          self.batches.wait_time - wait0,
+                                          (t.max_steps - st.step) * (now - started) / max(1, st.step - first_step))
+                    record["save_blocked_sec"] = self.checkpointer.blocked - blocked0
+                    blocked0 = self.checkpointer.blocked
+                    window_t0, window_steps, loss_acc, wait0 = time.perf_counter(), 0, 0.0, self.batches.wait_time
+                if t.eval_every and self.data.val and (st.step % t.eval_every == 0 or st.step == t.max_steps):
+                    record = {"step": st.step, **record, **self.evaluate()}
+                    self.watchdog.beat()
+                if record and self.sink is not None:
+                    self.sink.log(record)
+                    console(progress_line(record, t.max_steps))
+                if stop_votes > 0:
+                    self._stop_and_requeue()
+                    break
+                if st.step % t.save_every == 0 or st.step == t.max_steps:
+                    self.save()
+                    self.watchdog.beat()
+            self.checkpointer.wait()
+        finally:
+            self.watchdog.close()
+            self.stop.restore()
         return st
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def _on_nonfinite(self, mean_loss: float) -> bool:
+        """A skipped update (every rank knows). Returns True after a rollback."""
+        t, st = self.cfg.trainer, self.state
+        st.skipped_steps += 1
+        self._consecutive_skips += 1
+        if self.env.is_main:
+            log.warning("step %d: non-finite loss or gradient (mean loss %s); update skipped (%d in a row)",
+                        st.step, mean_loss, self._consecutive_skips)
+        if t.on_nan == "stop":
+            raise TrainingDiverged(f"step {st.step}: non-finite loss or gradient (trainer.on_nan=stop)")
+        if t.on_nan == "skip" and self._consecutive_skips <= t.max_nan_skips:
+            return False
+        if st.rollbacks >= t.max_rollbacks:
+            raise TrainingDiverged(
+                f"step {st.step}: non-finite loss or gradient persists after {st.rollbacks} rollback(s) "
+                f"(trainer.max_rollbacks={t.max_rollbacks}); stopping")
+        self.rollback()
+        return True
+
+    def rollback(self) -> None:
+        """Back to the newest verified checkpoint; the data stream goes on
+        from where it is, so the window that led here is not seen again."""
+        from megagpt.runtime import broadcast_from_main
+
+        st = self.state
+        self.checkpointer.wait()
+        path = checkpoint.resolve_resume("auto", self.ckpt_root) if self.env.is_main else None
+        path = broadcast_from_main(path)
+        if path is None:
+            raise TrainingDiverged(f"step {st.step}: non-finite loss or gradient and no checkpoint to roll back to")
+        saved = checkpoint.load(self.engine, path, self.env, self.device, self.cfg.trainer.seed,
+                                self.cfg.deepspeed.zero_stage)
+        skipped = self.batches.consumed - int(saved["data"]["consumed"])
+        if self.env.is_main:
+            console(f"rollback: step {st.step} -> step {saved['step']} ({path}); the data stream continues at "
+                    f"sequence {self.batches.consumed}: sequences [{saved['data']['consumed']}, "
+                    f"{self.batches.consumed}) are skipped")
+        st.step, st.tokens_seen = int(saved["step"]), int(saved["tokens_seen"])
+        st.rollbacks += 1
+        st.skipped_sequences += skipped
+        self._consecutive_skips = 0
+        self.saved_step = st.step
+        if self.sink is not None:
+            self.sink.rewind(st.step)
+
+    def _stop_and_requeue(self) -> None:
+        """Every rank agreed to stop: save here, then requeue the SLURM job."""
+        st, reason = self.state, self.stop.local() or "another rank"
+        if self.saved_step != st.step:
+            self.save()
+        self.checkpointer.wait()
+        self.stopped = reason
+        if not self.env.is_main:
+            return
+        if self.stop.stop_file and os.path.exists(self.stop.stop_file):
+            os.remove(self.stop.stop_file)  # honoured: the restarted run must not stop at once
+        job = os.environ.get("SLURM_JOB_ID")
+        requeued = ""
+        if job and self.cfg.trainer.requeue:
+            import subprocess
+
+            r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            requeued = (f"; requeued SLURM job {job}" if r.returncode == 0
+                        else f"; `scontrol requeue {job}` failed: {(r.stderr or r.stdout).strip()}")
+        console(f"megagpt: stop requested ({reason}); checkpoint saved at step {st.step}{requeued}")
 
     def _record(self, loss_acc: float, steps: int, elapsed: float, wait: float, eta: float) -> dict:
         mix = self.batches.mix
@@ -190,6 +328,9 @@ class Trainer:
             "data_skipped_shards": int(sums[2]),
             "memory_gb": _memory_gb(self.device),
             "eta_sec": eta,
+            "skipped_steps": self.state.skipped_steps,
+            "loss_spikes": self.state.loss_spikes,
+            "rollbacks": self.state.rollbacks,
         }
         if len(mix.sources) > 1:  # realized proportions since this process started
             counts = sums[3:]
@@ -211,9 +352,12 @@ class Trainer:
             "world_size": self.env.world_size,
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
             "model": dataclasses.asdict(self.gcfg),
+            "counters": {k: getattr(st, k) for k in ("skipped_steps", "rollbacks", "loss_spikes",
+                                                     "skipped_sequences")},
         }
-        path = checkpoint.save(self.engine, self.ckpt_root, st.step, payload, self.env.rank, self.device,
-                               tokenizer=self.tokenizer)
+        path = self.checkpointer.save(self.engine, st.step, payload, tokenizer=self.tokenizer)
+        self.saved_step = st.step
         if self.env.is_main:
-            console(f"saved checkpoint {path}")
+            console(f"saved checkpoint {path}" + (" (committing in the background)"
+                                                  if self.cfg.trainer.async_save else ""))
         return path
