@@ -278,24 +278,64 @@ def load_state(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from None
 
 
-def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: int) -> dict:
-    """Restore engine and RNG; returns megagpt's state dict. Collective.
-    ZeRO-0 state is whole on every rank and loads on any number of ranks;
-    ZeRO-1..3 shards only on as many ranks as wrote them."""
+def universal_copy(path: str, saved_world: int, world: int) -> str:
+    """The checkpoint at `path` converted (once, by rank 0) to DeepSpeed's
+    universal format, which loads on any number of ranks: ZeRO shards are
+    consolidated per parameter (weights and both Adam moments) and
+    re-partitioned on load.  Returns the directory to load from."""
     root, tag = os.path.split(path.rstrip("/"))
+    out = os.path.join(root, "universal", tag)
+    if not os.path.isfile(os.path.join(out, ".complete")):
+        import subprocess
+        import sys
+
+        log.info("converting %s (%d ranks) to DeepSpeed's universal format for %d ranks", path, saved_world, world)
+        shutil.rmtree(out, ignore_errors=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
+                            "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise CheckpointError(f"trainer.resume: cannot reshard {path} from {saved_world} to {world} ranks "
+                                  f"(DeepSpeed ds_to_universal failed: {tail[0]})")
+        open(os.path.join(out, ".complete"), "w").close()
+    return out
+
+
+def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: int) -> dict:
+    """Restore engine and RNG from the checkpoint at `path`; returns megagpt's
+    state dict. Collective. ZeRO-0 state is whole and loads on any number of
+    ranks; ZeRO-1..3 shards written by another number of ranks are loaded
+    through their universal copy."""
+    import torch.distributed as dist
+
     state = load_state(path)
-    saved_world, rank = state.get("world_size", env.world_size), env.rank
-    if saved_world != env.world_size and zero_stage > 0:
-        raise CheckpointError(
-            f"trainer.resume: {path} holds ZeRO-{zero_stage} shards of {saved_world} ranks and this run has "
-            f"{env.world_size}; resharding ZeRO optimizer state is not supported yet: resume on {saved_world} "
-            "ranks (ZeRO-0 checkpoints resume on any number)")
-    load_path, _ = engine.load_checkpoint(root, tag=tag)
+    saved_world = state.get("world_size", env.world_size)
+    source, universal = path, False
+    if zero_stage > 0 and saved_world != env.world_size:
+        error = None
+        if env.is_main:
+            try:
+                source = universal_copy(path, saved_world, env.world_size)
+            except CheckpointError as e:
+                error = str(e)
+        box = [(source, error)]
+        dist.broadcast_object_list(box, src=0)
+        source, error = box[0]
+        if error:
+            raise CheckpointError(error)
+        universal = True
+    root, tag = os.path.split(source.rstrip("/"))
+    engine._config.load_universal_checkpoint = universal  # read by DeepSpeed at load time only
+    try:
+        load_path, _ = engine.load_checkpoint(root, tag=tag)
+    finally:
+        engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")
-    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_file):
+    rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
+    if os.path.exists(rng_file) and saved_world == env.world_size:
         set_rng_state(torch.load(rng_file, weights_only=True), device)
-    else:  # resumed on more ranks than saved: a fresh stream, still deterministic
-        torch.manual_seed(seed + 1_000_003 * (rank + 1) + state["step"])
+    else:  # resumed on another number of ranks: a fresh stream, still deterministic
+        torch.manual_seed(seed + 1_000_003 * (env.rank + 1) + state["step"])
     return state

@@ -53,6 +53,11 @@ def pretrain(cfg: Config) -> None:
     data = open_training_data(cfg, env, barrier=dist.barrier)
     gcfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
+    # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
+    resume_from = runtime.broadcast_from_main(
+        _resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints")) if env.is_main else None)
+    if isinstance(resume_from, Exception):
+        raise resume_from
     engine, model, optimizer = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
     n_params = _count_params(model)
     if env.is_main:
@@ -62,11 +67,6 @@ def pretrain(cfg: Config) -> None:
                 f"ZeRO stage {cfg.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}")
 
     state, consumed = TrainState(), 0
-    # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
-    resume_from = runtime.broadcast_from_main(
-        _resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints")) if env.is_main else None)
-    if isinstance(resume_from, Exception):
-        raise resume_from
     if resume_from:
         saved = checkpoint.load(engine, resume_from, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
         from megagpt.data.stream import check_resumable

@@ -56,3 +56,34 @@ def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: i
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "megagpt.train", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
+                   log: Path | None = None) -> subprocess.Popen:
+    """Start a torchrun job in its own process group (so a test can kill the
+    whole job, as a node failure would), output to `log`."""
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "megagpt.train", *args]
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """PIDs of the training processes torchrun started (its children)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout
+    return sorted(int(p) for p in out.split())
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The PID of the training process with RANK=rank under a torchrun launcher."""
+    for pid in worker_pids(launcher_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None

@@ -84,23 +84,28 @@ def job_info(job: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
 
 
-def wait_done(job: str, out: Path, timeout: float) -> dict[str, str]:
-    """Poll until the job reaches a final state; return its last `scontrol show job` record."""
+def wait_done(jobs: dict[str, Path], timeout: float) -> dict[str, dict[str, str]]:
+    """Poll the jobs (id -> output file) until each reaches a final state; return
+    each one's final `scontrol show job` record."""
     deadline = time.monotonic() + timeout
-    last: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        info = job_info(job)
-        if not info:
-            break  # purged: `last` holds its final record if we saw one
-        last = info
-        if info.get("JobState") in FINAL_STATES:
-            return info
+    last: dict[str, dict[str, str]] = {job: {} for job in jobs}
+    done: dict[str, dict[str, str]] = {}
+    while len(done) < len(jobs):
+        for job, out in jobs.items():
+            if job in done:
+                continue
+            info = job_info(job)
+            assert info, f"job {job} forgotten by SLURM before a final state was seen ({last[job]}):\n{tail(out)}"
+            last[job] = info
+            if info.get("JobState") in FINAL_STATES:
+                done[job] = info
+        if time.monotonic() > deadline:
+            for job in jobs:
+                subprocess.run(["scancel", job], timeout=30)
+            pytest.fail(f"jobs not done after {timeout:.0f}s: "
+                        + "; ".join(f"{j}: {last[j].get('JobState')}\n{tail(o, 3000)}" for j, o in jobs.items()))
         time.sleep(0.5)
-    else:
-        subprocess.run(["scancel", job], timeout=30)
-        pytest.fail(f"job {job} not done after {timeout:.0f}s ({last.get('JobState')}); output:\n{tail(out)}")
-    assert last.get("JobState") in FINAL_STATES, (job, last, tail(out))
-    return last
+    return done
 
 
 def tail(path: Path, n: int = 6000) -> str:
@@ -118,7 +123,7 @@ def test_two_node_job_runs_to_completion(data_dir, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
     job = submit(tmp_path, out, overrides(data_dir, run_dir, 6))
-    info = wait_done(job, out, timeout=240)
+    info = wait_done({job: out}, timeout=240)[job]
     text = tail(out, 100_000)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-4000:])
     assert "on 2 node(s) x 1 process(es), rendezvous 127.0.0.1:" in text, text[-4000:]
@@ -131,7 +136,7 @@ def test_two_node_job_runs_to_completion(data_dir, tmp_path):
 
 
 def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, tmp_path):
-    steps = 120
+    steps = 60
     ref_dir, ref_out = tmp_path / "ref", tmp_path / "ref.out"
     run_dir, out = tmp_path / "run", tmp_path / "job.out"
     t0 = time.monotonic()
@@ -151,19 +156,22 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, t
     # It stops at a step boundary, requeues itself; start the requeued job without
     # waiting out its begin time (cred_expire).
     deadline = time.monotonic() + 120
+    updates: list = []
     while True:
         info = job_info(job)
         if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
-        if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") != "PENDING":
-            break
-        assert info.get("JobState") not in FINAL_STATES and info, (info, tail(out))
+            r = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True,
+                               text=True, timeout=30)
+            updates.append((round(time.monotonic() - t0, 1), info.get("Reason"), r.returncode, r.stderr.strip()))
+        if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") not in ("PENDING", "COMPLETING"):
+            break  # running again (or already done)
+        assert info.get("JobState") not in FINAL_STATES, (info, tail(out))
         assert time.monotonic() < deadline, (info, tail(out))
         time.sleep(0.3)
     restarted_at = time.monotonic()
 
-    info = wait_done(job, out, timeout=300)
-    ref_info = wait_done(ref, ref_out, timeout=120)
+    final = wait_done({job: out, ref: ref_out}, timeout=300)
+    info, ref_info = final[job], final[ref]
     text = tail(out, 1_000_000)
     assert ref_info["JobState"] == "COMPLETED" and ref_info["ExitCode"] == "0:0", (ref_info, tail(ref_out))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, text[-6000:])
@@ -195,5 +203,6 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, t
     wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
     assert state.get("wandb_id") == wandb_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
+    print("StartTime=now updates:", updates)
     print(f"lifecycle: signal at step {signalled_at}, stop+checkpoint at step {stopped_step}, "
           f"requeued job running after {restarted_at - t0:.1f}s, all done after {time.monotonic() - t0:.1f}s")

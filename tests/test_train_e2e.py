@@ -60,10 +60,10 @@ def test_zero3_two_ranks_train_checkpoint_resume(data_dir, tmp_path):
     assert json.loads((run_dir / "checkpoints/step_16/megagpt_state.json").read_text())["data"]["consumed"] == 128
 
 
-def test_elastic_resume_zero0_two_ranks_to_one_and_zero3_refuses_clearly(data_dir, tmp_path):
+def test_elastic_resume_zero0_two_ranks_to_one(data_dir, tmp_path):
     """ZeRO-0 checkpoints hold the whole optimizer state: a 2-rank run resumes on
     1 rank at the same data position (same global batch via global_batch_size).
-    ZeRO-3 shards cannot be resharded yet: one clear line, not a traceback."""
+    (ZeRO-3 resharding: tests/test_fault_tolerance.py.)"""
     run_dir = tmp_path / "run"
     base = common(data_dir, run_dir, 8) + ["trainer.global_batch_size=8", "logger=none"]
     r = torchrun(base + ["deepspeed=zero0"], cwd=tmp_path)
@@ -76,11 +76,3 @@ def test_elastic_resume_zero0_two_ranks_to_one_and_zero3_refuses_clearly(data_di
     recs = metrics(run_dir)
     assert [x["step"] for x in recs] == [2, 4, 6, 8, 10, 12]
     assert all(x["grad_norm"] > 0 for x in recs)  # computed for ZeRO-0 too
-
-    z3 = tmp_path / "z3"
-    r = torchrun(common(data_dir, z3, 6) + ["logger=none"], cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r1 = torchrun(common(data_dir, z3, 8) + ["logger=none", "trainer.grad_accum=2"], cwd=tmp_path, nproc=1)
-    assert r1.returncode != 0  # torchrun reports a failed child as 1
-    assert [x for x in r1.stderr.splitlines() if x.startswith("megagpt: error")] == [
-        x for x in r1.stderr.splitlines() if "resharding ZeRO optimizer state is not supported" in x]
