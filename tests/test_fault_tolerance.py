@@ -254,3 +254,18 @@ def test_killed_rank_ends_the_job_then_restart_resumes(data_dir, tmp_path):
     r = torchrun(args(data_dir, run_dir, 12), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
+
+
+def test_async_save_commits_verified_checkpoints_and_logs_blocked_time(data_dir, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    r = torchrun(args(data_dir, run_dir, STEPS, "trainer.async_save=true", "trainer.keep_last=3"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(committing in the background)" in r.stdout
+    from megagpt.checkpoint import verify
+
+    for step in (16, 20, 24):
+        assert verify(str(run_dir / "checkpoints" / f"step_{step}")) is None
+    recs = records(run_dir)
+    assert all(x["save_blocked_sec"] >= 0 for x in recs)
+    assert sum(x["save_blocked_sec"] for x in recs) > 0  # the saves' own write time is still counted
+    assert losses(run_dir) == losses(reference)  # saving in the background changes nothing
