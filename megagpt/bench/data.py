@@ -1,4 +1,4 @@
-"""Benchmarks that print megagpt's figures beside a reference, measured in the same run.
+"""`python -m megagpt.bench data`: the data loader against raw reads.
 
     python -m megagpt.bench data [--data DIR] [--seq-len 1024] [--micro-batch 8] [--seconds 5]
 
@@ -186,10 +186,7 @@ def bench_data(args) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m megagpt.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="what", required=True)
+def add_parser(sub) -> None:
     d = sub.add_parser("data", help="loader throughput vs raw reads and training")
     d.add_argument("--data", help="prepared dataset dir (default: the embedded corpus)")
     d.add_argument("--seq-len", type=int, default=1024)
@@ -197,12 +194,4 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--shuffle-buffer", type=int, default=64)
     d.add_argument("--seconds", type=float, default=5.0)
     d.add_argument("--json", help="also write the figures to this file")
-    args = p.parse_args(argv)
-    result = bench_data(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    d.set_defaults(run=bench_data)
