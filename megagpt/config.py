@@ -174,6 +174,10 @@ class TrainerConfig:
     watchdog_seconds: float = 1800.0
     # On SIGUSR1 / SIGTERM / the stop file: save, then `scontrol requeue` the SLURM job.
     requeue: bool = True
+    # Profile steps profile_start+1 .. profile_start+profile_steps with torch.profiler on every
+    # rank; a summary of where the time went goes to <run.dir>/profile/rank<R>.json (0: off).
+    profile_steps: int = 0
+    profile_start: int = 3
 
 
 @dataclass
@@ -293,6 +297,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.spike_factor >= 0, "trainer.spike_factor", f"must be >= 0 (0: off), got {t.spike_factor}")
     _require(t.spike_window > 0, "trainer.spike_window", f"must be positive, got {t.spike_window}")
     _require(t.watchdog_seconds >= 0, "trainer.watchdog_seconds", f"must be >= 0 (0: off), got {t.watchdog_seconds}")
+    _require(t.profile_steps >= 0 and t.profile_start >= 0, "trainer.profile_steps",
+             "profile_steps and profile_start must be >= 0")
     _require(t.peak_flops is None or t.peak_flops > 0, "trainer.peak_flops", "must be positive")
     _require(t.cpu_threads is None or t.cpu_threads > 0, "trainer.cpu_threads", "must be positive")
 

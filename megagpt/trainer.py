@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megagpt import checkpoint
 from megagpt.config import Config, global_batch, grad_accum
@@ -21,6 +22,7 @@ from megagpt.data.source import TrainingData
 from megagpt.data.stream import Batches, val_sequences
 from megagpt.flops import flops_per_token
 from megagpt.metrics import MetricsSink, console, progress_line
+from megagpt.profiling import StepProfiler
 from megagpt.resilience import Faults, SpikeDetector, StopRequest, Watchdog
 from megagpt.runtime import first_error, union_across_ranks
 
@@ -97,6 +99,7 @@ class Trainer:
         self.spikes = SpikeDetector(t.spike_factor, t.spike_window)
         self.faults = Faults(env.rank)
         self.watchdog: Watchdog | None = None
+        self.profiler = StepProfiler(os.path.join(run_dir, "profile"), env.rank, t.profile_start, t.profile_steps)
         self.saved_step = -1
         self.stopped: str | None = None  # why the run stopped early, if it did
         self._consecutive_skips = 0
@@ -129,8 +132,11 @@ class Trainer:
         inject = self.faults.nan(self.state.step + 1, self.batches.consumed)
         spike = self.state.step + 1 in self.faults.spike_steps
         self.faults.maybe_hang(self.state.step + 1)
-        for x, y in self.fetch():  # (B, T) each
-            loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        with record_function("megagpt.data"):
+            micro = self.fetch()
+        for x, y in micro:  # (B, T) each
+            with record_function("megagpt.forward"):
+                loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
             if inject:
                 loss = loss * float("nan")
             if spike:
@@ -139,10 +145,12 @@ class Trainer:
             loss_ok = loss_ok and math.isfinite(value)
             if engine.is_gradient_accumulation_boundary() and self.optimizer is not None:
                 self.optimizer.new_step(loss_ok)  # decided with the other ranks inside the step
-            engine.backward(loss)
+            with record_function("megagpt.backward"):
+                engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.zero_stage == 0:
                 self._grad_norm = _local_grad_norm(engine.module)  # grads are all-reduced by now
-            engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
+            with record_function("megagpt.step"):
+                engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
             total += value
         skipped = bool(self.optimizer is not None and self.optimizer.skipped)
         if self.cfg.deepspeed.zero_stage > 0:  # ZeRO skips a non-finite global gradient norm by itself
@@ -193,8 +201,10 @@ class Trainer:
         self.watchdog = Watchdog(t.watchdog_seconds, self.env.rank)
         try:
             while st.step < t.max_steps:
+                self.profiler.before_step(st.step + 1)
                 loss, skipped = self.train_step()
                 st.step += 1
+                self.profiler.after_step(st.step)
                 st.tokens_seen += self.tokens_per_step
                 # One all-reduce per step: the mean loss, and whether any rank was asked to stop.
                 total_loss, stop_votes = _sum_across_ranks([loss, 1.0 if self.stop.local() else 0.0], self.device)
