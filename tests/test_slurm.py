@@ -31,6 +31,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 def _cluster_problem() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch not on PATH: no SLURM here (start a local cluster with .ci/slurm-up, export SLURM_CONF)"
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.exists(conf):  # sinfo would retry for 60 s
+        return f"SLURM_CONF={conf} does not exist (.ci/slurm-up writes one and prints it)"
     try:
         r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
