@@ -26,3 +26,31 @@ def test_bench_data_prints_side_by_side_figures(tmp_path):
         assert fig[key] > 0
     assert abs(fig["loader_vs_raw"] - fig["loader_tokens_per_sec"] / fig["raw_read_tokens_per_sec"]) < 1e-9
     assert abs(fig["loader_vs_raw_cold"] - fig["loader_cold_tokens_per_sec"] / fig["raw_read_cold_tokens_per_sec"]) < 1e-9
+
+
+def test_bench_train_rows_side_by_side(tmp_path):
+    out = tmp_path / "train.json"
+    r = subprocess.run([sys.executable, "-m", "megagpt.bench", "train", "--layers", "1", "--heads", "2",
+                        "--width", "32", "--seq-len", "16", "--batch", "2", "--vocab", "128", "--rounds", "2",
+                        "--steps", "1", "--warmup", "1", "--no-compile", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fig = json.loads(out.read_text())
+    names = [row["variant"] for row in fig["rows"]]
+    assert names[0].startswith("GPT2LMHeadModel") and len(names) == 4
+    assert all(row["step_sec"] > 0 and row["tokens_per_sec"] > 0 and row["mfu"] > 0 for row in fig["rows"])
+    assert fig["rows"][0]["speedup_vs_peer"] == 1.0
+    # same model shape on both sides: megagpt counts the same parameters as GPT2LMHeadModel
+    assert len({row["params"] for row in fig["rows"]}) == 1
+    assert "GPT2LMHeadModel (sdpa) + torch AdamW" in r.stdout and "vs peer" in r.stdout
+
+
+def test_bench_gpu_says_plainly_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("a GPU is here: the benchmark would run for real")
+    r = subprocess.run([sys.executable, "-m", "megagpt.bench", "gpu"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CUDA device here" in r.stderr
