@@ -80,6 +80,12 @@ def test_bench_memory_zero3_params_per_rank_fall_as_one_over_ranks(tmp_path):
     assert two["params_vs_replicated"] == pytest.approx(0.5, rel=0.1)
     assert two["grad_bytes"] / one["grad_bytes"] == pytest.approx(0.5, rel=0.1)
     assert two["optimizer_state_bytes"] / one["optimizer_state_bytes"] == pytest.approx(0.5, rel=0.1)
+    # Collectives of one step, in model sizes: data parallel all-reduces the gradients once;
+    # ZeRO-3 gathers the parameters (at least once) and reduce-scatters the gradients once.
+    assert rows[(0, 2)]["reduced_vs_model"] == pytest.approx(1.0, rel=0.05)
+    assert rows[(0, 2)]["gathered_vs_model"] == 0
+    assert rows[(3, 2)]["gathered_vs_model"] >= 0.9
+    assert rows[(3, 2)]["reduced_vs_model"] == pytest.approx(1.0, rel=0.05)
     assert "params/replicated" in stdout and "peak RSS" in stdout
 
 

@@ -103,6 +103,40 @@ def grad_bytes(model, engine, stage: int) -> int:
     return sum(_nbytes(p.grad) for p in _unique_params(model) if p.grad is not None)
 
 
+class CommCounter:
+    """Counts the bytes of the collectives torch.distributed is asked for (DeepSpeed
+    calls them through the module, so wrapping its functions sees every one):
+    all_gather: the gathered (full) tensor; reduce_scatter: the full input that is
+    reduced; all_reduce and broadcast: the tensor."""
+
+    KINDS = {"all_gather_into_tensor": ("all_gather", 0), "_all_gather_base": ("all_gather", 0),
+             "all_gather": ("all_gather", 0), "reduce_scatter_tensor": ("reduce_scatter", 1),
+             "_reduce_scatter_base": ("reduce_scatter", 1), "reduce_scatter": ("reduce_scatter", 1),
+             "all_reduce": ("all_reduce", 0), "broadcast": ("broadcast", 0)}
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.bytes = {k: 0 for k, _ in self.KINDS.values()}
+        self.calls = dict.fromkeys(self.bytes, 0)
+        for name, (kind, arg) in self.KINDS.items():
+            if hasattr(dist, name):
+                setattr(dist, name, self._wrap(getattr(dist, name), kind, arg))
+
+    def _wrap(self, fn, kind: str, arg: int):
+        def counted(*args, **kwargs):
+            t = args[arg] if len(args) > arg else next(iter(kwargs.values()), None)
+            n = sum(_nbytes(x) for x in t) if isinstance(t, (list, tuple)) else (_nbytes(t) if t is not None else 0)
+            self.bytes[kind] += n
+            self.calls[kind] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def reset(self) -> None:
+        for k in self.bytes:
+            self.bytes[k], self.calls[k] = 0, 0
+
+
 def worker(argv: list[str]) -> None:
     """One rank under torchrun: build megagpt's engine, run a few steps, write rank<R>.json."""
     p = argparse.ArgumentParser(prog="python -m megagpt.bench.memory --worker")
@@ -115,6 +149,7 @@ def worker(argv: list[str]) -> None:
     p.add_argument("--micro-batch", type=int, required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--override", action="append", default=[])
     a = p.parse_args(argv)
 
     import logging
@@ -139,12 +174,13 @@ def worker(argv: list[str]) -> None:
     overrides = [f"deepspeed=zero{a.stage}", "logger=none", f"model.n_layer={a.n_layer}",
                  f"model.n_head={a.n_head}", f"model.n_embd={a.n_embd}", f"model.vocab_size={a.vocab}",
                  f"data.seq_len={a.seq_len}", f"trainer.micro_batch_size={a.micro_batch}",
-                 f"trainer.max_steps={max(a.steps, 1)}", "optim.warmup_steps=1"]
+                 f"trainer.max_steps={max(a.steps, 1)}", "optim.warmup_steps=1", *a.override]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     validate(cfg, env.world_size)
     device = torch.device("cpu")
     threads = runtime.set_cpu_threads(env, cfg.trainer.cpu_threads)
+    comm = CommCounter()  # before DeepSpeed's comm backend starts: it keeps references to the functions
     runtime.init_distributed(env, "gloo", device, cfg.deepspeed.timeout_minutes)
     baseline = _rss_now()
     gcfg = build_model_config(cfg, a.vocab, resolve_backend("auto", "cpu"))
@@ -154,6 +190,7 @@ def worker(argv: list[str]) -> None:
     gen = torch.Generator().manual_seed(env.rank)
     grads, losses, t0 = 0, [], time.perf_counter()
     for step in range(a.steps):
+        comm.reset()  # the last step's collectives are kept (the first one also traces, under ZeRO-3)
         x = torch.randint(0, a.vocab, (a.micro_batch, a.seq_len + 1), generator=gen)
         optimizer.new_step(True)
         loss = engine(x[:, :-1], x[:, 1:])
@@ -165,7 +202,8 @@ def worker(argv: list[str]) -> None:
               **measure_state(model, optimizer, engine, a.stage), "grad_bytes": grads,
               "rss_baseline_bytes": baseline, "rss_after_build_bytes": after_build,
               "rss_end_bytes": _rss_now(), "peak_rss_bytes": _rss_peak(), "losses": losses,
-              "seconds_per_step": (time.perf_counter() - t0) / max(1, a.steps)}
+              "seconds_per_step": (time.perf_counter() - t0) / max(1, a.steps),
+              "comm_bytes_last_step": dict(comm.bytes), "comm_calls_last_step": dict(comm.calls)}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{env.rank}.json"), "w") as f:
         json.dump(record, f)
@@ -181,7 +219,7 @@ def run_job(args, stage: int, ranks: int, root: str) -> list[dict]:
     torchrun(["-m", "megagpt.bench.memory", "--worker", f"--stage={stage}", f"--n-layer={args.n_layer}",
               f"--n-head={args.n_head}", f"--n-embd={args.n_embd}", f"--vocab={args.vocab}",
               f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}", f"--steps={args.steps}",
-              f"--out={out}"], ranks, out + ".log", args.timeout, threads)
+              f"--out={out}", *(f"--override={o}" for o in args.override)], ranks, out + ".log", args.timeout, threads)
     recs = []
     for r in range(ranks):
         with open(os.path.join(out, f"rank{r}.json")) as f:
@@ -206,6 +244,11 @@ def bench_memory(args) -> dict:
                                            + r["master_param_bytes"] for r in recs)
             row["peak_rss_above_baseline_bytes"] = max(r["peak_rss_bytes"] - r["rss_baseline_bytes"] for r in recs)
             row["model_param_bytes"] = recs[0]["model_param_bytes"]
+            row["comm_bytes_per_step"] = recs[0]["comm_bytes_last_step"]
+            row["comm_calls_per_step"] = recs[0]["comm_calls_last_step"]
+            row["gathered_vs_model"] = row["comm_bytes_per_step"]["all_gather"] / row["model_param_bytes"]
+            row["reduced_vs_model"] = (row["comm_bytes_per_step"]["reduce_scatter"]
+                                       + row["comm_bytes_per_step"]["all_reduce"]) / row["model_param_bytes"]
             row["n_params"] = recs[0]["n_params"]
             row["params_vs_replicated"] = row["param_bytes"] / row["model_param_bytes"]
             row["partition_vs_replicated"] = row["param_partition_bytes"] / row["model_param_bytes"]
@@ -214,24 +257,30 @@ def bench_memory(args) -> dict:
             print(f"  ZeRO-{stage} x {ranks}: {row['job_seconds']:.0f} s", flush=True)
     n_params = rows[0]["n_params"]
     full = rows[0]["model_param_bytes"]
-    result = {"model": {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd,
-                        "vocab": args.vocab, "n_params": n_params, "param_bytes": full},
+    model = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "vocab": args.vocab,
+             "n_params": n_params, "param_bytes": full}
+    result = {"overrides": args.override, "model": model,
               "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps,
               "cores": os.cpu_count(), "load_average_before": list(load),
               "load_average_after": list(os.getloadavg()), "run_root": root, "rows": rows}
+    if args.override:
+        print("overrides: " + " ".join(args.override))
     print(f"model: {n_params / 1e6:.1f}M parameters ({args.n_layer} layers, width {args.n_embd}, vocab "
           f"{args.vocab}), fp32: {full / MB:,.0f} MB of parameters; seq_len {args.seq_len}, micro-batch "
           f"{args.micro_batch}, {args.steps} steps; per rank, the most loaded rank; MB = 2^20 bytes")
     print(f"{'stage':<7} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} "
-          f"{'peak RSS':>9} {'RSS-base':>9} {'params/replicated':>18} {'1/W':>6}")
+          f"{'peak RSS':>9} {'RSS-base':>9} {'params/replicated':>18} {'1/W':>6} {'gathered':>8} {'reduced':>7}")
     for row in rows:
         print(f"ZeRO-{row['zero_stage']:<2} {row['ranks']:>5} {row['param_bytes'] / MB:>8,.0f} "
               f"{row['grad_bytes'] / MB:>8,.0f} {row['optimizer_state_bytes'] / MB:>8,.0f} "
               f"{row['model_state_bytes'] / MB:>8,.0f} {row['peak_rss_bytes'] / MB:>9,.0f} "
               f"{row['peak_rss_above_baseline_bytes'] / MB:>9,.0f} {row['params_vs_replicated']:>18.3f} "
-              f"{1 / row['ranks'] if row['zero_stage'] == 3 else 1:>6.3f}")
+              f"{1 / row['ranks'] if row['zero_stage'] == 3 else 1:>6.3f} {row['gathered_vs_model']:>7.2f}x "
+              f"{row['reduced_vs_model']:>6.2f}x")
     print("params: partition + small parameters kept whole (persistence threshold); state = params + grads "
-          "+ optimizer (+ master copies); RSS-base: peak RSS minus the RSS before the model was built")
+          "+ optimizer (+ master copies); RSS-base: peak RSS minus the RSS before the model was built;\n"
+          "gathered / reduced: bytes all-gathered / reduced (reduce-scatter + all-reduce) by rank 0 in the last step, "
+          "in model sizes (a 1-rank group still calls the collectives)")
     return result
 
 
@@ -246,6 +295,8 @@ def add_parser(sub) -> None:
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     m.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
+    m.add_argument("--override", action="append", default=[],
+                   help="extra config key=value for every job, e.g. deepspeed.reduce_bucket_size=5000000")
     m.add_argument("--out", help="keep the jobs' outputs here (default: a new temp dir)")
     m.add_argument("--timeout", type=float, default=1200, help="seconds per job")
     m.add_argument("--json", help="also write the figures to this file")

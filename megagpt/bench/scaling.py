@@ -123,7 +123,7 @@ def run_setup(args, stage: str, nproc: int, peak: float, root: str) -> dict:
     ]
     if args.data:
         overrides += ["data=webdataset", f"data.urls={args.data}"]
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     torchrun(["-m", "megagpt.train", *overrides], nproc, run_dir + ".log", args.timeout, threads)
     elapsed = time.perf_counter() - t0
     records = [r for r in _read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "tokens_per_sec" in r]
@@ -148,7 +148,7 @@ def run_setup(args, stage: str, nproc: int, peak: float, root: str) -> dict:
         "memory_gb_rank0": max(r["memory_gb"] for r in records),
         "final_loss": records[-1]["loss"],
         "profile": profiles,
-        "job_seconds": elapsed,
+        "job_seconds": elapsed, "load_average_1min_before": load0, "load_average_1min_after": os.getloadavg()[0],
     }
 
 
@@ -190,17 +190,21 @@ def bench_scaling(args) -> dict:
           f"{peak / 1e9:.1f} GFLOP/s; medians over {args.steps} steps after {args.warmup} warm-up; "
           f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"{'setup':<18} {'thr':>3} {'tokens/s':>9} {'MFU':>6} {'vs 1p':>6} {'effic.':>6} {'step s':>7} | "
-          f"{'rank0 per step (s):':<19} {'compute':>7} {'all_gath':>8} {'reduce':>7} {'data':>6} {'optim':>6}")
+          f"{'rank0, profiled (s/step):':<25} {'wall':>6} {'compute':>7} {'all_gath':>8} {'reduce':>7} "
+          f"{'data':>6} {'optim':>6}")
     for row in rows:
         b = row["breakdown"].get("rank0")
-        tail = (f"{'':<19} {b['compute']:>7.3f} {b['all_gather']:>8.3f} {b['reduce']:>7.3f} "
+        tail = (f"{'':<25} {b['wall']:>6.3f} {b['compute']:>7.3f} {b['all_gather']:>8.3f} {b['reduce']:>7.3f} "
                 f"{b['data_wait']:>6.3f} {b['optimizer']:>6.3f}") if b else "(no profile)"
         print(f"{row['setup']:<18} {row['threads_per_process']:>3} {row['tokens_per_sec']:>9,.0f} "
               f"{row['mfu'] * 100:>5.1f}% {row['vs_1_process']:>6.2f} {row['scaling_efficiency']:>6.2f} "
               f"{row['step_time']:>7.3f} | {tail}")
     print("efficiency = tok/s / (processes x tok/s of 1 process). The 1-process job uses both cores "
           "(2 threads), so 2 processes add no hardware: 0.5 is parity; vs 1p is the plain ratio. "
-          "reduce = reduce_scatter + all_reduce (gloo reduces ZeRO gradients with all_reduce).")
+          "reduce = reduce_scatter + all_reduce (gloo reduces ZeRO gradients with all_reduce). "
+          "The breakdown is of the profiled steps (torch.profiler on: slower than the timed ones).")
+    print("load average (1 min) before/after each job: " + ", ".join(
+        f"{r['setup']} {r['load_average_1min_before']:.2f}/{r['load_average_1min_after']:.2f}" for r in rows))
     return result
 
 
