@@ -122,6 +122,10 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 10_000
+    # Gathered parameters kept between forward and backward (elements): lower them to
+    # save memory at the cost of gathering again in backward (DeepSpeed's defaults).
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
     timeout_minutes: int = 30
 
 

@@ -37,6 +37,8 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
     if ds.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
                     stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_max_live_parameters=ds.stage3_max_live_parameters,
+                    stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
                     # Checkpoints hold the ZeRO shards; export consolidates them offline.
                     stage3_gather_16bit_weights_on_model_save=False)
     return {

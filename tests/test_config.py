@@ -126,6 +126,10 @@ def test_deepspeed_config():
     assert ds["train_batch_size"] == 16
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage == 3
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1_000_000_000
+    small = deepspeed_config(make_cfg("deepspeed.stage3_max_live_parameters=1000",
+                                      "deepspeed.stage3_max_reuse_distance=10"), 2, "cpu")["zero_optimization"]
+    assert (small["stage3_max_live_parameters"], small["stage3_max_reuse_distance"]) == (1000, 10)
     assert "optimizer" not in ds  # megagpt builds torch's AdamW itself (build_optimizer)
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
     assert ds["scheduler"]["params"]["total_num_steps"] == 77
