@@ -311,7 +311,13 @@ class Trainer:
             os.remove(self.stop.stop_file)  # honoured: the restarted run must not stop at once
         job = os.environ.get("SLURM_JOB_ID")
         requeued = ""
-        if job and self.cfg.trainer.requeue:
+        request = os.environ.get("MEGAGPT_REQUEUE_FILE")
+        if job and self.cfg.trainer.requeue and request:
+            # slurm/pretrain.sh requeues once srun has ended (every rank exited cleanly).
+            with open(request, "w") as f:
+                f.write(f"{st.step}\n")
+            requeued = f"; the batch script will requeue SLURM job {job}"
+        elif job and self.cfg.trainer.requeue:
             import subprocess
 
             r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)

@@ -44,8 +44,12 @@ RDZV_HOST="${MEGAGPT_RDZV_HOST:-$(hostname)}"
 RDZV_PORT="${MEGAGPT_RDZV_PORT:-$((29500 + SLURM_JOB_ID % 1000))}"
 PYTHON="${MEGAGPT_PYTHON:-python3}"
 export MEGAGPT_STOP_FILE="${MEGAGPT_STOP_FILE:-${SLURM_SUBMIT_DIR:-$PWD}/.megagpt-stop-${SLURM_JOB_ID}}"
+# Rank 0 asks for a requeue through this file once the stop checkpoint is
+# saved; this script requeues after srun has ended, so no rank is killed
+# while it shuts down.
+export MEGAGPT_REQUEUE_FILE="${MEGAGPT_STOP_FILE}.requeue"
 # A stop request belongs to the run that got it: a requeued run starts without one.
-rm -f -- "${MEGAGPT_STOP_FILE}"
+rm -f -- "${MEGAGPT_STOP_FILE}" "${MEGAGPT_REQUEUE_FILE}"
 
 echo "megagpt: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${NNODES} node(s) x ${NPROC} process(es)," \
     "rendezvous ${RDZV_HOST}:${RDZV_PORT}, stop file ${MEGAGPT_STOP_FILE}"
@@ -93,4 +97,9 @@ while :; do
     fi
 done
 echo "megagpt: srun exited with status ${status}"
+if [ -f "${MEGAGPT_REQUEUE_FILE}" ]; then
+    rm -f -- "${MEGAGPT_REQUEUE_FILE}" "${MEGAGPT_STOP_FILE}"
+    echo "megagpt: requeueing job ${SLURM_JOB_ID} (it resumes from the stop checkpoint)"
+    scontrol requeue "${SLURM_JOB_ID}"
+fi
 exit "${status}"

@@ -61,6 +61,7 @@ touch "$SRUN_STARTED"
 trap 'echo "srun got a signal" >> "$SRUN_LOG"; exit 99' USR1 TERM
 for _ in $(seq 600); do [ -e "$MEGAGPT_STOP_FILE" ] && break; sleep 0.05; done
 sleep 1
+echo 12 > "$MEGAGPT_REQUEUE_FILE"  # rank 0: checkpoint saved, please requeue
 exit 7
 """
 
@@ -71,6 +72,9 @@ def test_slurm_script_on_signal_creates_stop_file_and_waits_for_srun(tmp_path, s
     fake.mkdir()
     (fake / "srun").write_text(CHECKPOINTING_SRUN)
     (fake / "srun").chmod(0o755)
+    scontrol_log = tmp_path / "scontrol.log"
+    (fake / "scontrol").write_text(f'#!/bin/bash\necho "$@" >> "{scontrol_log}"\n')
+    (fake / "scontrol").chmod(0o755)
     log, started = tmp_path / "srun.log", tmp_path / "started"
     stop_file = tmp_path / ".megagpt-stop-4242"
     stop_file.touch()  # left over from the run before a requeue: must not stop this one
@@ -95,6 +99,10 @@ def test_slurm_script_on_signal_creates_stop_file_and_waits_for_srun(tmp_path, s
             p.kill()
     assert p.returncode == 7, (out, err)  # srun's status, not 128+signal
     assert time.monotonic() - t0 >= 0.9  # it waited for srun to finish
-    assert stop_file.exists()
+    assert not stop_file.exists()  # cleared with the requeue
     assert log.read_text().splitlines() == [str(stop_file)]  # exported, absent at start, srun not signalled
     assert f"got SIG{sig.name[3:]}: stop requested" in out and "srun exited with status 7" in out
+    # rank 0 asked for a requeue: the script requeues once srun has ended, and clears both files
+    assert scontrol_log.read_text().split() == ["requeue", "4242"]
+    assert out.index("srun exited with status 7") < out.index("requeueing job 4242")
+    assert not (tmp_path / ".megagpt-stop-4242.requeue").exists()
