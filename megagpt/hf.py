@@ -19,6 +19,12 @@ import torch
 from megagpt.model.gpt import FAMILIES, GPT, GPTConfig
 
 
+# gpt2 block: (megagpt module, GPT2 module, weight stored transposed there: Conv1D is (in, out)).
+_GPT2_BLOCK = (("ln_1", "ln_1", False), ("ln_2", "ln_2", False),
+               ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
+               ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))
+
+
 def to_hf(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
     """megagpt state dict -> the transformers class's state dict (fp32, contiguous)."""
     out = {}
@@ -28,9 +34,7 @@ def to_hf(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
         out["transformer.wpe.weight"] = sd["wpe.weight"]
         for i in range(c.n_layer):
             p, q = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs, transpose in (("ln_1", "ln_1", False), ("ln_2", "ln_2", False),
-                                            ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
-                                            ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)):
+            for ours, theirs, transpose in _GPT2_BLOCK:
                 w = sd[p + ours + ".weight"]
                 out[q + theirs + ".weight"] = w.t() if transpose else w
                 # GPT-2 always has biases; a bias-free megagpt model exports zeros.
@@ -66,9 +70,7 @@ def from_hf(hf: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor
         sd["wpe.weight"] = hf["transformer.wpe.weight"]
         for i in range(c.n_layer):
             p, q = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs, transpose in (("ln_1", "ln_1", False), ("ln_2", "ln_2", False),
-                                            ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
-                                            ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True)):
+            for ours, theirs, transpose in _GPT2_BLOCK:
                 w = hf[q + theirs + ".weight"]
                 sd[p + ours + ".weight"] = w.t() if transpose else w
                 if c.bias:
