@@ -25,10 +25,23 @@ _GPT2_BLOCK = (("ln_1", "ln_1", False), ("ln_2", "ln_2", False),
                ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))
 
 
+def _llama_block(c: GPTConfig) -> list[tuple[str, tuple[str, ...], list[int] | None]]:
+    """llama block: (megagpt tensor, the LlamaForCausalLM tensors it holds, the
+    row sizes it splits into). Fused here, separate there: q/k/v and gate/up."""
+    H, KV, D, F = c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden
+    table = [("ln_1.weight", ("input_layernorm.weight",), None),
+             ("ln_2.weight", ("post_attention_layernorm.weight",), None)]
+    for kind in ("weight", "bias") if c.bias else ("weight",):
+        table += [(f"attn.qkv.{kind}", tuple(f"self_attn.{x}_proj.{kind}" for x in "qkv"), [H * D, KV * D, KV * D]),
+                  (f"attn.proj.{kind}", (f"self_attn.o_proj.{kind}",), None),
+                  (f"mlp.fc.{kind}", (f"mlp.gate_proj.{kind}", f"mlp.up_proj.{kind}"), [F, F]),
+                  (f"mlp.proj.{kind}", (f"mlp.down_proj.{kind}",), None)]
+    return table
+
+
 def to_hf(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
     """megagpt state dict -> the transformers class's state dict (fp32, contiguous)."""
     out = {}
-    H, KV, D, F = c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden
     if c.family == "gpt2":
         out["transformer.wte.weight"] = sd["wte.weight"]
         out["transformer.wpe.weight"] = sd["wpe.weight"]
@@ -45,18 +58,9 @@ def to_hf(sd: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor]:
         out["model.embed_tokens.weight"] = sd["wte.weight"]
         for i in range(c.n_layer):
             p, q = f"blocks.{i}.", f"model.layers.{i}."
-            out[q + "input_layernorm.weight"] = sd[p + "ln_1.weight"]
-            out[q + "post_attention_layernorm.weight"] = sd[p + "ln_2.weight"]
-            for kind in ("weight", "bias") if c.bias else ("weight",):
-                qw, kw, vw = sd[p + "attn.qkv." + kind].split([H * D, KV * D, KV * D])
-                out[q + "self_attn.q_proj." + kind] = qw
-                out[q + "self_attn.k_proj." + kind] = kw
-                out[q + "self_attn.v_proj." + kind] = vw
-                out[q + "self_attn.o_proj." + kind] = sd[p + "attn.proj." + kind]
-                gate, up = sd[p + "mlp.fc." + kind].split([F, F])
-                out[q + "mlp.gate_proj." + kind] = gate
-                out[q + "mlp.up_proj." + kind] = up
-                out[q + "mlp.down_proj." + kind] = sd[p + "mlp.proj." + kind]
+            for ours, theirs, sizes in _llama_block(c):
+                parts = sd[p + ours].split(sizes) if sizes else (sd[p + ours],)
+                out.update({q + name: part for name, part in zip(theirs, parts)})
         out["model.norm.weight"] = sd["ln_f.weight"]
     out["lm_head.weight"] = sd["wte.weight"] if c.tie_embeddings else sd["lm_head.weight"]
     return {k: v.detach().float().contiguous() for k, v in out.items()}
@@ -82,15 +86,8 @@ def from_hf(hf: dict[str, torch.Tensor], c: GPTConfig) -> dict[str, torch.Tensor
         sd["wte.weight"] = hf["model.embed_tokens.weight"]
         for i in range(c.n_layer):
             p, q = f"blocks.{i}.", f"model.layers.{i}."
-            sd[p + "ln_1.weight"] = hf[q + "input_layernorm.weight"]
-            sd[p + "ln_2.weight"] = hf[q + "post_attention_layernorm.weight"]
-            for kind in ("weight", "bias") if c.bias else ("weight",):
-                a = q + "self_attn."
-                sd[p + "attn.qkv." + kind] = torch.cat([hf[a + "q_proj." + kind], hf[a + "k_proj." + kind],
-                                                        hf[a + "v_proj." + kind]])
-                sd[p + "attn.proj." + kind] = hf[a + "o_proj." + kind]
-                sd[p + "mlp.fc." + kind] = torch.cat([hf[q + "mlp.gate_proj." + kind], hf[q + "mlp.up_proj." + kind]])
-                sd[p + "mlp.proj." + kind] = hf[q + "mlp.down_proj." + kind]
+            for ours, theirs, _ in _llama_block(c):
+                sd[p + ours] = torch.cat([hf[q + name] for name in theirs])
         sd["ln_f.weight"] = hf["model.norm.weight"]
     sd["lm_head.weight"] = hf.get("lm_head.weight", sd["wte.weight"])
     return {k: v.contiguous() for k, v in sd.items()}
