@@ -20,10 +20,13 @@ import sys
 import time
 
 
-def _raw_read_rate(paths: list[str], tokens: int, seconds: float) -> float:
-    """Stream tokens/s of reading the shard files' bytes (page cache warm)."""
+def _raw_read_rate(paths: list[str], tokens: int, seconds: float, cold: bool = False) -> float:
+    """Stream tokens/s of reading the shard files' bytes: from the page cache,
+    or (cold) with the files evicted before each pass."""
     rates, deadline = [], time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(rates) < 3:
+        if cold:
+            _evict(paths)
         t0 = time.perf_counter()
         for p in paths:
             with open(p, "rb") as f:
@@ -41,20 +44,6 @@ def _evict(paths: list[str]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def _raw_cold_rate(paths: list[str], tokens: int, seconds: float) -> float:
-    """Stream tokens/s of reading the shard files' bytes, evicted before each pass."""
-    rates, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(rates) < 3:
-        _evict(paths)
-        t0 = time.perf_counter()
-        for p in paths:
-            with open(p, "rb") as f:
-                while f.read(1 << 22):
-                    pass
-        rates.append(tokens / (time.perf_counter() - t0))
-    return statistics.median(rates)
 
 
 def _loader_cold_rate(make_mix, paths: list[str], tokens: int, micro: int, seq_len: int, seconds: float) -> float:
@@ -158,7 +147,7 @@ def bench_data(args) -> dict:
     raw = _raw_read_rate(paths, tokens, args.seconds)
     wds_rate = _webdataset_rate(paths, tokens, args.seconds)
     loader = _loader_rate(make_mix(), args.micro_batch, args.seq_len, args.seconds)
-    raw_cold = _raw_cold_rate(paths, tokens, args.seconds)
+    raw_cold = _raw_read_rate(paths, tokens, args.seconds, cold=True)
     loader_cold = _loader_cold_rate(make_mix, paths, tokens, args.micro_batch, args.seq_len, args.seconds)
     train = _training_rate(ds.vocab_size, min(args.seq_len, 256), args.micro_batch)
     result = {
