@@ -35,6 +35,21 @@ def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: in
     return out
 
 
+def make_two_sources(root: Path) -> tuple[Path, Path]:
+    """Two prepared datasets for mixtures: the second (upper-cased texts, its own
+    shard size) tokenized with the first one's tokenizer, so they share a vocabulary."""
+    from megagpt.data.prepare import prepare
+
+    a = make_dataset(root / "a", n_docs=60, docs_per_shard=6, seed=1)
+    src = root / "b" / "src"
+    src.mkdir(parents=True)
+    for i, t in enumerate(make_texts(40, seed=2)):
+        (src / f"{i}.txt").write_text(t.upper())
+    b = root / "b" / "data"
+    prepare([str(src)], str(b), tokenizer=str(a / "tokenizer.json"), docs_per_shard=5, log=None)
+    return a, b
+
+
 def stream_tokens_of_shard(path: Path, dtype: str, eod: int) -> np.ndarray:
     """All tokens a shard adds to a stream (documents + EOD each), read directly from the tar."""
     import tarfile

@@ -13,7 +13,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from helpers import make_dataset
+from helpers import make_two_sources
 from megagpt.data.shards import DataError, open_dataset
 from megagpt.data.stream import Batches, Mixture, ShardStreams, mix_counts, rank_sequences, val_sequences
 
@@ -22,19 +22,7 @@ L = 16
 
 @pytest.fixture(scope="module")
 def two_sets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("more")
-    a = make_dataset(root / "a", n_docs=60, docs_per_shard=6, seed=1)
-    # Second source tokenized with the first one's tokenizer: one vocabulary for a mixture.
-    from megagpt.data.prepare import prepare
-    from helpers import make_texts
-
-    src = root / "b" / "src"
-    src.mkdir(parents=True)
-    for i, t in enumerate(make_texts(40, seed=2)):
-        (src / f"{i}.txt").write_text(t.upper())
-    b = root / "b" / "data"
-    prepare([str(src)], str(b), tokenizer=str(a / "tokenizer.json"), docs_per_shard=5, log=None)
-    return a, b
+    return make_two_sources(tmp_path_factory.mktemp("more"))
 
 
 def mk(path, S=4, **kw):

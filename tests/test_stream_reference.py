@@ -11,7 +11,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from helpers import make_dataset, make_texts
+from helpers import make_two_sources
 from megagpt.data.shards import DataError, open_dataset
 from megagpt.data.stream import Batches, Mixture, ShardStreams, rank_sequences, stream_windows_taken
 
@@ -106,17 +106,7 @@ def ref_batches(mix: Mixture, rank: int, world: int, micro: int, consumed: int, 
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    from megagpt.data.prepare import prepare
-
-    root = tmp_path_factory.mktemp("ref")
-    a = make_dataset(root / "a", n_docs=60, docs_per_shard=6, seed=1)
-    src = root / "b" / "src"
-    src.mkdir(parents=True)
-    for i, t in enumerate(make_texts(40, seed=2)):
-        (src / f"{i}.txt").write_text(t.upper())
-    b = root / "b" / "data"
-    prepare([str(src)], str(b), tokenizer=str(a / "tokenizer.json"), docs_per_shard=5, log=None)
-    return a, b
+    return make_two_sources(tmp_path_factory.mktemp("ref"))
 
 
 def make_mix(paths, weights, buffer, period=7, S=4, seed=5, seq_len=L, **kw):
