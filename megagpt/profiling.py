@@ -58,9 +58,6 @@ class StepProfiler:
 
 def summarize(events, wall: float, steps: int) -> dict:
     """Seconds per step: wall, the loop's phases, each kind of collective, and compute."""
-    if os.environ.get("MEGAGPT_PROFILE_NAMES"):
-        names = sorted(((e.cpu_time_total, e.key) for e in events), reverse=True)[:60]
-        print("\n".join(f"{t / 1e3:10.1f} ms  {k}" for t, k in names), flush=True)
     phase = {p: 0.0 for p in PHASES}
     comm = {k: 0.0 for k in COLLECTIVES}
     # The backends' own events (gloo:all_gather, nccl:all_reduce...) hold the
