@@ -68,6 +68,16 @@ def committed(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"step_{step}" / "megagpt_state.json").exists()
 
 
+def newest_committed(run_dir: Path) -> int:
+    steps = [int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/megagpt_state.json")]
+    return max(steps, default=0)
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def test_verified_checkpoints_layout(reference):
     ckpts = reference / "checkpoints"
     steps = sorted(int(p.name.split("_")[1]) for p in ckpts.glob("step_*"))
@@ -112,11 +122,18 @@ def test_bitwise_resume_after_sigkill_twice(data_dir, reference, tmp_path):
     """SIGKILL the whole job at a random moment, twice; the restarted runs
     reproduce the uninterrupted losses to the last bit, no step logged twice."""
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
-    rng = random.Random(os.getpid())
+    seed = os.getpid()
+    rng = random.Random(seed)
     for kill_after in (8, 16):
         job = torchrun_popen(args(data_dir, run_dir, STEPS, "trainer.keep_last=2"), cwd=tmp_path, log=log)
-        wait_for(lambda: committed(run_dir, kill_after), 240, job, f"checkpoint step_{kill_after}")
-        time.sleep(rng.uniform(0.0, 2.0))  # anywhere in the next steps, a save included
+        # the kill lands anywhere in the four steps after a checkpoint (a save
+        # included), bounded by progress rather than by time so that a fast
+        # machine cannot finish the run before the kill (seed printed on failure)
+        target = kill_after + rng.randint(0, 3)
+        wait_for(lambda: newest_committed(run_dir) >= kill_after and logged_steps(run_dir) >= target, 240, job,
+                 f"checkpoint step_{kill_after} and step {target} (seed {seed})")
+        time.sleep(rng.uniform(0.0, 0.15))
+        assert job.poll() is None, f"the run ended before the kill (seed {seed})"
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
     r = torchrun(args(data_dir, run_dir, STEPS, "trainer.keep_last=2"), cwd=tmp_path)
