@@ -19,7 +19,7 @@ from megagpt import checkpoint
 from megagpt.config import Config, global_batch, grad_accum
 from megagpt.data.shards import DataError
 from megagpt.data.source import TrainingData
-from megagpt.data.stream import Batches, val_sequences
+from megagpt.data.stream import Batches, make_reader, val_sequences
 from megagpt.flops import flops_per_token
 from megagpt.metrics import MetricsSink, console, progress_line
 from megagpt.profiling import StepProfiler
@@ -108,13 +108,14 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------
 
-    def fetch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This step's micro-batches. A data error on any rank stops every rank
-        with the same message (agreed before any compute of the step)."""
+    def fetch(self) -> list[torch.Tensor]:
+        """This step's micro-batches, (B, T + 1) windows each. A data error on any
+        rank stops every rank with the same message (agreed before any compute
+        of the step)."""
         micro, error = [], None
         try:
             for _ in range(self.accum):
-                micro.append(self.batches.next())
+                micro.append(self.batches.next_windows())
         except DataError as e:
             error = f"rank {self.env.rank}: {e}"
         except Exception as e:  # noqa: BLE001 - a loader crash must not leave the other ranks waiting
@@ -134,9 +135,10 @@ class Trainer:
         self.faults.maybe_hang(self.state.step + 1)
         with record_function("megagpt.data"):
             micro = self.fetch()
-        for x, y in micro:  # (B, T) each
+        for windows in micro:  # (B, T + 1) int32: one host-to-device copy, inputs and targets are views of it
+            windows = windows.to(self.device, non_blocking=True).long()
             with record_function("megagpt.forward"):
-                loss = engine(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                loss = engine(windows[:, :-1], windows[:, 1:])
             if inject:
                 loss = loss * float("nan")
             if spike:
@@ -166,7 +168,7 @@ class Trainer:
         t, mb = self.cfg.trainer, self.cfg.trainer.micro_batch_size
         if self._val is None:
             self._val = {name: val_sequences(ds, self.cfg.data.seq_len, self.env.rank, self.env.world_size,
-                                             t.eval_batches * mb)
+                                             t.eval_batches * mb, reader=make_reader(self.cfg.data.verify))
                          for name, ds in self.data.val}
         local = []  # this rank's mean loss per source
         self.engine.eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 from megagpt.data.prepare import MANIFEST, prepare
 
 # Bump when the corpus recipe or shard format changes so old caches are not reused.
-EMBEDDED_VERSION = 2  # 2: validation split (val_docs)
+EMBEDDED_VERSION = 3  # 2: validation split (val_docs); 3: xxh3_128 checksums
 MIN_SHARDS = 16  # the trainer splits shards across up to 16 streams
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"})
 

@@ -41,6 +41,8 @@ __all__ = ["MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read
 
 STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a change means starting over
 MANIFEST = "manifest.json"
+DEFAULT_DOCS_PER_SHARD = 2000
+DEFAULT_SHARD_BYTES = 64 << 20
 TOKENIZER_FILE = "tokenizer.json"
 PROG = "megagpt.data.prepare"
 
@@ -114,8 +116,8 @@ def prepare(
     *,
     tokenizer: str | None = None,
     vocab_size: int = 8192,
-    docs_per_shard: int = 2000,
-    shard_bytes: int = 64 << 20,
+    docs_per_shard: int = DEFAULT_DOCS_PER_SHARD,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
     text_field: str = "text",
     log: Log | None = print,
     workers: int | None = None,
@@ -250,8 +252,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", required=True, metavar="DIR")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or HF tokenizer folder (default: train BPE)")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size when training (default 8192)")
-    ap.add_argument("--docs-per-shard", type=int, default=2000)
-    ap.add_argument("--shard-bytes", type=int, default=64 << 20, help="max token bytes per shard (default 64 MiB)")
+    ap.add_argument("--docs-per-shard", type=int, default=DEFAULT_DOCS_PER_SHARD)
+    ap.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="max token bytes per shard (default 64 MiB)")
     ap.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
     ap.add_argument(
         "--workers", type=int, help="processes reading and tokenizing (default: all cores; fewer for small inputs)"

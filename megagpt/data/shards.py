@@ -1,11 +1,12 @@
 """Prepared datasets: the manifest, shard URLs, and reading one shard whole.
 
 A shard is fetched whole (local file, `http(s)://`, or `pipe:COMMAND` through
-webdataset's `gopen`), checked against the manifest (size, sha256), and parsed
-with webdataset's tar iterator, every document checked (whole tokens of the
-manifest's dtype, ids inside the vocabulary) *before* any of it is used.  A bad
-shard therefore fails as a unit: under `data.on_error=skip` it is dropped
-whole and never half-used.
+webdataset's `gopen`), checked against the manifest (size, and xxh3_128 or
+sha256), its tar headers indexed all at once (webdataset's tar iterator for
+anything but plain ustar), its documents moved together in place, and every
+document checked (whole tokens of the manifest's dtype, ids inside the
+vocabulary) *before* any of it is used.  A bad shard therefore fails as a
+unit: under `data.on_error=skip` it is dropped whole and never half-used.
 
 `pipe:` URLs run shell commands: they are trusted operator input, like the
 rest of the config.
@@ -22,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
+
+from megagpt.data.buffers import BufferPool
 
 
 FORMAT = "megagpt-shards"
@@ -64,6 +67,7 @@ class Shard:
     stored_tokens: int
     nbytes: int | None = None
     sha256: str | None = None
+    xxh3: str | None = None  # xxh3_128, the fast checksum (manifests written since it existed)
 
     @property
     def stream_tokens(self) -> int:  # tokens it adds to a stream: one EOD per document
@@ -123,7 +127,7 @@ def _parent(url: str) -> str:
 
 
 def _entry(url: str, e: dict) -> Shard:
-    return Shard(url, int(e["documents"]), int(e["tokens"]), e.get("bytes"), e.get("sha256"))
+    return Shard(url, int(e["documents"]), int(e["tokens"]), e.get("bytes"), e.get("sha256"), e.get("xxh3_128"))
 
 
 def open_dataset(urls, manifest: str | None = None) -> Dataset:
@@ -168,117 +172,216 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
                    f"{mbase}/{tok}")
 
 
-def read_shard(shard: Shard, dtype: str, vocab_size: int, eod_id: int) -> np.ndarray:
+VERIFY = ("fast", "sha256")
+
+
+def read_shard(shard: Shard, dtype: str, vocab_size: int, eod_id: int, verify: str = "fast") -> np.ndarray:
     """The tokens a shard adds to a stream: every document followed by the EOD
     token, as one array of the manifest's dtype. Raises DataError naming the
     shard and position if anything is wrong."""
-    return parse_shard(shard, fetch_shard(shard), dtype, vocab_size, eod_id)
+    return parse_shard(shard, fetch_shard(shard, verify), dtype, vocab_size, eod_id)
 
 
-def fetch_shard(shard: Shard) -> bytes:
-    """A shard's bytes, checked against the manifest's size and sha256 (the
-    part of reading that runs without the GIL: I/O and hashing)."""
+_POOL = BufferPool(keep=3)  # shard buffers: compacted in place, freed when the stream moves on
+
+
+def _read_local(path: str) -> np.ndarray:
+    with open(path, "rb", buffering=0) as f:
+        buf = _POOL.empty(os.fstat(f.fileno()).st_size, np.uint8)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    return buf[:got]
+
+
+def advise(shard: Shard) -> None:
+    """Ask the kernel to start reading a local shard into the page cache
+    (posix_fadvise WILLNEED): the disk works ahead while no thread waits."""
+    if is_local(shard.url) and hasattr(os, "posix_fadvise"):
+        try:
+            fd = os.open(shard.url, os.O_RDONLY)
+        except OSError:
+            return  # the read itself reports it
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
+def fetch_shard(shard: Shard, verify: str = "fast") -> np.ndarray:
+    """A shard's bytes as a writable uint8 array, checked against the
+    manifest's size and checksum.  verify="fast" checks the manifest's
+    xxh3_128 where it has one (~10 GB/s) and sha256 otherwise; "sha256"
+    always checks sha256 (~1 GB/s).  I/O and hashing leave the GIL free."""
     try:
-        raw = read_bytes(shard.url)
+        if is_local(shard.url):
+            buf = _read_local(shard.url)
+        else:
+            data = read_bytes(shard.url)
+            buf = _POOL.empty(len(data), np.uint8)
+            buf[:] = np.frombuffer(data, np.uint8)
     except Exception as e:  # noqa: BLE001 - missing file, HTTP 404, failed pipe command...
         raise DataError(f"shard {shard.url}: cannot read: {type(e).__name__}: {e}") from None
-    if shard.nbytes is not None and len(raw) != shard.nbytes:
-        raise DataError(f"shard {shard.url}: {len(raw)} bytes, manifest says {shard.nbytes} (truncated?)")
-    if shard.sha256 and hashlib.sha256(raw).hexdigest() != shard.sha256:
+    if shard.nbytes is not None and len(buf) != shard.nbytes:
+        raise DataError(f"shard {shard.url}: {len(buf)} bytes, manifest says {shard.nbytes} (truncated?)")
+    if verify == "fast" and shard.xxh3:
+        if xxh3_hex(buf) != shard.xxh3:
+            raise DataError(f"shard {shard.url}: xxh3_128 mismatch with the manifest (corrupt or replaced)")
+    elif shard.sha256 and hashlib.sha256(buf).hexdigest() != shard.sha256:
         raise DataError(f"shard {shard.url}: sha256 mismatch with the manifest (corrupt or replaced)")
-    return raw
+    return buf
 
 
-def parse_shard(shard: Shard, raw: bytes, dtype: str, vocab_size: int, eod_id: int) -> np.ndarray:
-    """The tokens of a fetched, verified shard (see read_shard)."""
+def xxh3_hex(data) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+def parse_shard(shard: Shard, raw, dtype: str, vocab_size: int, eod_id: int) -> np.ndarray:
+    """The tokens of a fetched, verified shard (see read_shard).  `raw` is
+    compacted in place when it is a writable uint8 array."""
     np_dtype = np.dtype(dtype).newbyteorder("<")
-    members, failure = _ustar_members(raw), None
-    if members is None:  # anything but plain ustar (pax, GNU long names): webdataset's iterator
-        import webdataset as wds
-
-        members = []
-        try:
-            for m in wds.tariterators.tar_file_iterator(io.BytesIO(raw)):
-                members.append((m["fname"], m["data"]))
-        except Exception as e:  # noqa: BLE001 - tarfile.ReadError and friends: after the documents before it
-            failure = e
-    docs = [(fname, data) for fname, data in members if fname.endswith(".tokens")]
+    buf = raw if isinstance(raw, np.ndarray) and raw.flags.writeable else np.frombuffer(raw, np.uint8).copy()
+    index, failure = _ustar_index(buf), None
+    if index is None:  # anything but plain ustar (pax, GNU long names): webdataset's iterator
+        buf, index, failure = _general_index(buf)
+    starts, sizes, names = index
     # Every document is checked in order, as if one at a time: the first bad one names itself.
-    whole = next((k for k, (_, data) in enumerate(docs) if len(data) % np_dtype.itemsize), len(docs))
-    tokens = _join(docs[:whole], np_dtype, eod_id)
+    odd = np.flatnonzero(sizes % np_dtype.itemsize)
+    whole = int(odd[0]) if len(odd) else len(sizes)
+    tokens = _compact(buf, starts[:whole], sizes[:whole], np_dtype, eod_id)
     if len(tokens) and int(tokens.max()) >= vocab_size:  # one pass; the slow one only to name the document
-        for k, (fname, data) in enumerate(docs[:whole]):
-            ids = np.frombuffer(data, dtype=np_dtype)
-            if len(ids) and int(ids.max()) >= vocab_size:
-                raise DataError(f"shard {shard.url}, document {k} ({fname}): token id {int(ids.max())} "
+        at = 0
+        for k, n in enumerate((sizes[:whole] // np_dtype.itemsize).tolist()):
+            top = int(tokens[at : at + n].max()) if n else 0
+            if top >= vocab_size:
+                raise DataError(f"shard {shard.url}, document {k} ({names(k)}): token id {top} "
                                 f">= vocab_size {vocab_size} (wrong dtype?)")
-    if whole < len(docs):
-        fname, data = docs[whole]
-        raise DataError(f"shard {shard.url}, document {whole} ({fname}): {len(data)} bytes is not "
+            at += n + 1
+    if whole < len(sizes):
+        raise DataError(f"shard {shard.url}, document {whole} ({names(whole)}): {int(sizes[whole])} bytes is not "
                         f"a whole number of {dtype} tokens (wrong dtype?)")
     if failure is not None:
-        raise DataError(f"shard {shard.url}, after document {len(docs)}: {type(failure).__name__}: {failure}")
-    toks = len(tokens) - len(docs)
-    if (len(docs), toks) != (shard.documents, shard.stored_tokens):
-        raise DataError(f"shard {shard.url}: holds {len(docs)} documents / {toks} tokens, manifest says "
+        raise DataError(f"shard {shard.url}, after document {len(sizes)}: {type(failure).__name__}: {failure}")
+    toks = len(tokens) - len(sizes)
+    if (len(sizes), toks) != (shard.documents, shard.stored_tokens):
+        raise DataError(f"shard {shard.url}: holds {len(sizes)} documents / {toks} tokens, manifest says "
                         f"{shard.documents} / {shard.stored_tokens}")
     return tokens
 
 
-def _join(docs: list, np_dtype: np.dtype, eod_id: int) -> np.ndarray:
-    """The documents' tokens, each followed by eod_id, in one array (one copy)."""
+def _compact(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray, np_dtype: np.dtype, eod_id: int) -> np.ndarray:
+    """The documents buf[start : start + size], each followed by eod_id, moved
+    together at the front of buf (in place: no new buffer to fault in) and
+    returned as tokens.  Documents only ever move towards the front."""
     size = np_dtype.itemsize
-    lengths = np.array([len(data) // size for _, data in docs], dtype=np.int64)
-    out = np.empty(int(lengths.sum()) + len(docs), dtype=np_dtype)
-    dest, at = memoryview(out.view(np.uint8)), 0
-    for (_, data), n in zip(docs, lengths.tolist()):
-        dest[at : at + n * size] = data
-        at += (n + 1) * size
-    out[np.cumsum(lengths + 1) - 1] = eod_id
+    lengths = sizes // size
+    ends = np.cumsum(lengths + 1)  # token index after each document's EOD
+    dest = (ends - lengths - 1) * size
+    view = memoryview(buf)  # a memoryview copies overlapping ranges correctly, ~4x faster per call than numpy
+    for d, s, n in zip(dest.tolist(), starts.tolist(), sizes.tolist()):
+        if d != s:
+            view[d : d + n] = view[s : s + n]
+    total = int(ends[-1]) if len(ends) else 0
+    out = buf[: total * size].view(np_dtype)
+    out[ends - 1] = eod_id
     return out
 
 
-def _ustar_members(raw: bytes) -> list[tuple[str, memoryview]] | None:
-    """(name, data) of a plain ustar archive's regular files, parsed straight
-    from the bytes without copying (tarfile's stream mode costs ~100 us a
-    member, this ~2 us); None if the archive uses anything else, so the caller
-    falls back to the general reader. Header checksums are verified, all at
-    once at the end."""
-    view, out, off, n = memoryview(raw), [], 0, len(raw)
-    heads, stored_sums = [], []
-    while off + 512 <= n:
-        header = raw[off : off + 512]
-        if header.count(0) == 512:  # end-of-archive marker
-            return out if _checksums_ok(raw, heads, stored_sums) else None
-        try:
-            stored = int(header[148:156].rstrip(b"\0 ").decode() or "0", 8)
-            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
-        except ValueError:
-            return None
-        heads.append(off)
-        stored_sums.append(stored)
-        kind = header[156:157]
-        if kind not in (b"0", b"\0", b"5"):
-            return None
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
-        if prefix:
-            name = f"{prefix}/{name}"
-        start = off + 512
-        if start + size > n:
-            return None  # truncated: let the general reader name the error
-        if kind != b"5":
-            out.append((name, view[start : start + size]))
-        off = start + (size + 511) // 512 * 512
-    return None  # no end marker: truncated
+_MAGIC = np.frombuffer(b"ustar", dtype=np.uint8)
+_SUFFIX = np.frombuffer(b".tokens", dtype=np.uint8)
 
 
-def _checksums_ok(raw: bytes, heads: list[int], stored: list[int]) -> bool:
-    """Every header's checksum: the sum of its bytes, the checksum field counted as spaces.
-    Headers start on 512-byte blocks, so they are rows of the archive seen as (blocks, 512)."""
-    if not heads:
-        return True
-    blocks = np.frombuffer(raw, dtype=np.uint8, count=len(raw) // 512 * 512).reshape(-1, 512)
-    h = blocks[np.asarray(heads) // 512]
-    sums = h.sum(axis=1, dtype=np.int64) - h[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
-    return bool((sums == np.asarray(stored, dtype=np.int64)).all())
+def _ustar_index(buf: np.ndarray):
+    """(starts, sizes, names) of the `.tokens` members of a plain ustar archive,
+    found with whole-array operations instead of a walk member by member
+    (~0.1 us a member, against ~100 us in tarfile's stream mode); None if the
+    archive uses anything else, so that the caller uses the general reader.
+
+    Every 512-byte block carrying the ustar magic is a candidate header; the
+    candidates are the archive's headers exactly when the first is at 0, each
+    one's size leads to the next, and the last leads to an end-of-archive
+    block.  A data block that happens to look like a header breaks that chain
+    and sends the shard to the general reader, never to a wrong parse.
+    Header checksums are verified too."""
+    n = len(buf) // 512
+    blocks = buf[: n * 512].reshape(n, 512)
+    if n and not blocks[0].any():  # an empty archive
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), _no_names
+    heads = np.flatnonzero(blocks[:, 257] == _MAGIC[0])  # one byte of each block first: cheap
+    heads = heads[(blocks[heads, 257:262] == _MAGIC).all(axis=1)]
+    if not len(heads) or heads[0] != 0:
+        return None
+    h = blocks[heads]  # (members, 512): the headers
+    kind = h[:, 156]
+    if not np.isin(kind, (0, ord("0"), ord("5"))).all():  # regular files and directories only
+        return None
+    sizes, stored = _octal(h[:, 124:136]), _octal(h[:, 148:156])
+    if sizes is None or stored is None:
+        return None
+    after = heads + 1 + (sizes + 511) // 512  # the block after each member's data
+    if (after[:-1] != heads[1:]).any() or after[-1] >= n or blocks[after[-1]].any():
+        return None
+    sums = np.add.reduce(h, axis=1, dtype=np.uint32).astype(np.int64) - \
+        np.add.reduce(h[:, 148:156], axis=1, dtype=np.uint32) + 8 * 32
+    if (sums != stored).any():
+        return None
+    name = h[:, :100]
+    nul = name == 0
+    length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
+    tail = np.clip(length[:, None] - len(_SUFFIX) + np.arange(len(_SUFFIX)), 0, 99)
+    is_doc = (kind != ord("5")) & (length >= len(_SUFFIX)) & \
+        (np.take_along_axis(name, tail, axis=1) == _SUFFIX).all(axis=1)
+    docs = np.flatnonzero(is_doc)
+    doc_heads = h[docs]
+    return (heads[docs] + 1) * 512, sizes[docs], lambda k: _header_name(doc_heads[k].tobytes())
+
+
+def _no_names(k: int) -> str:
+    raise IndexError(k)
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode(errors="replace")
+    prefix = header[345:500].split(b"\0", 1)[0].decode(errors="replace") if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _octal(fields: np.ndarray) -> np.ndarray | None:
+    """Numeric header fields (rows of ASCII octal digits, padded with NULs or
+    spaces) as int64; None if any is something else (e.g. base-256)."""
+    f = fields.astype(np.int64)
+    digit = (f >= ord("0")) & (f <= ord("7"))
+    if not (digit | (f == 0) | (f == 32)).all():
+        return None
+    begun = np.maximum.accumulate(digit, axis=1)
+    if (np.maximum.accumulate(begun & ~digit, axis=1) & digit).any():  # digits, a gap, digits again
+        return None
+    value = np.zeros(len(f), dtype=np.int64)
+    for j in range(f.shape[1]):
+        value = np.where(digit[:, j], value * 8 + f[:, j] - ord("0"), value)
+    return value
+
+
+def _general_index(buf: np.ndarray):
+    """Any tar webdataset reads (pax, GNU): a new buffer holding the `.tokens`
+    members one after another, its index (like _ustar_index's), and the error
+    that stopped the reading, if one did (after the members before it)."""
+    import webdataset as wds
+
+    names, datas, failure = [], [], None
+    try:
+        for m in wds.tariterators.tar_file_iterator(io.BytesIO(buf)):
+            if m["fname"].endswith(".tokens"):
+                names.append(m["fname"])
+                datas.append(m["data"])
+    except Exception as e:  # noqa: BLE001 - tarfile.ReadError and friends: after the documents before it
+        failure = e
+    sizes = np.array([len(d) for d in datas], dtype=np.int64)
+    joined = np.frombuffer(bytearray(b"".join(datas)), dtype=np.uint8)
+    starts = np.cumsum(sizes) - sizes
+    return joined, (starts, sizes, names.__getitem__), failure

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from megagpt.data.shards import Dataset, DataError, open_dataset
-from megagpt.data.stream import Mixture, ShardStreams, default_num_streams
+from megagpt.data.stream import Mixture, ShardStreams, default_num_streams, make_reader
 
 
 @dataclass
@@ -77,7 +77,8 @@ def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> T
     if n % env.world_size:
         raise DataError(f"data.num_streams={n} is not divisible by the number of ranks ({env.world_size})")
     streams = [ShardStreams(ds, n, d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
-                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, name=name)
+                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, name=name,
+                            reader=make_reader(d.verify))
                for name, _, ds in sets]
     mix = Mixture(streams, [w for _, w, _ in sets], period=d.mix_period, names=[n for n, _, _ in sets])
     return TrainingData(mix, [(name, ds) for name, _, ds in sets if ds.val_shards])

@@ -29,7 +29,7 @@ one window at a time.  A stream's windows over one contiguous token buffer are
 a strided view (stride seq_len, length seq_len + 1); a shuffle block is one
 fancy index with its permutation; a mixture block scatters each source's share
 with the schedule's index arrays; a rank's sequences interleave its streams by
-strided slices, cast to int64 in the same copy.  Each stream reads its next
+strided slices, cast to int32 in the same copy.  Each stream reads its next
 shard (fetch, sha256, parse, check) in a background thread while the current
 one is cut into windows; a read's error surfaces only where the stream reaches
 that shard, so what is yielded, and when an error stops it, is exactly as if
@@ -48,14 +48,74 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from megagpt.data.shards import Dataset, DataError, Shard, fetch_shard, parse_shard, read_shard
+from megagpt.data.buffers import BufferPool
+from megagpt.data.shards import VERIFY, Dataset, DataError, Shard, advise, read_shard
 
 log = logging.getLogger("megagpt")
 ShardReader = Callable[[Shard, Dataset], np.ndarray]
 
 
-def default_reader(shard: Shard, ds: Dataset) -> np.ndarray:
-    return read_shard(shard, ds.dtype, ds.vocab_size, ds.eod_id)
+def make_reader(verify: str = "fast") -> ShardReader:
+    """The reader of prepared shards, checking each against the manifest's
+    xxh3_128 ("fast", sha256 where the manifest has no xxh3_128) or sha256."""
+    if verify not in VERIFY:
+        raise DataError(f"data.verify: unknown check {verify!r}; choose one of {', '.join(VERIFY)}")
+
+    def reader(shard: Shard, ds: Dataset) -> np.ndarray:
+        return read_shard(shard, ds.dtype, ds.vocab_size, ds.eod_id, verify)
+
+    return reader
+
+
+default_reader = make_reader()
+
+
+_GOLDEN, _MUL1, _MUL2, _MASK = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, (1 << 64) - 1
+_U = {k: np.uint64(v) for k, v in (("golden", _GOLDEN), ("m1", _MUL1), ("m2", _MUL2), (30, 30), (27, 27), (31, 31))}
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array, in place (wrapping arithmetic)."""
+    x ^= x >> _U[30]
+    x *= _U["m1"]
+    x ^= x >> _U[27]
+    x *= _U["m2"]
+    x ^= x >> _U[31]
+    return x
+
+
+def _key_hash(key) -> int:
+    h = np.zeros(1, dtype=np.uint64)
+    for k in key:
+        h = _splitmix((h ^ np.uint64(k & _MASK)) + _U["golden"])
+    return int(h[0])
+
+
+def permutations(n: int, key: Sequence[int], last: Sequence[int]) -> np.ndarray:
+    """Row j: a permutation of range(n) that is a fixed function of the
+    integers (*key, last[j]): the order of n SplitMix64 hashes of (key, last[j], i).
+    Many at once (one call per 64 shuffle blocks, ~1 us a block, where seeding
+    a numpy Generator per block cost ~50 us)."""
+    h = _splitmix((np.asarray(last, dtype=np.int64).astype(np.uint64) ^ np.uint64(_key_hash(key))) + _U["golden"])
+    x = h[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _U["golden"]
+    return np.argsort(_splitmix(x), axis=1, kind="stable")
+
+
+def permutation(n: int, *key: int) -> np.ndarray:
+    """A permutation of range(n) that is a fixed function of the integers in `key`."""
+    return permutations(n, key[:-1], [key[-1]])[0]
+
+
+class _Blocks:
+    """permutation(n, *key, block) for increasing blocks, made 64 at a time."""
+
+    def __init__(self, n: int, *key: int):
+        self.n, self.key, self.first, self.rows = n, key, 0, np.empty((0, n), dtype=np.int64)
+
+    def __call__(self, block: int) -> np.ndarray:
+        if not self.first <= block < self.first + len(self.rows):
+            self.first, self.rows = block, permutations(self.n, self.key, np.arange(block, block + 64))
+        return self.rows[block - self.first]
 
 
 def default_num_streams(n_shards: int, world_size: int, preferred: int = 16) -> int:
@@ -176,11 +236,12 @@ class ShardStreams:
         self.read_ahead = read_ahead  # read each stream's next shard in a background thread
         self.bad: set[str] = set(bad)  # shards skipped as bad: they add no tokens
         self.skipped = 0  # shards skipped by this process
+        self._primed: dict[tuple[int, int, int], _Prefetch] = {}  # (stream, epoch, place): first reads
         self.dtype = np.dtype(ds.dtype).newbyteorder("<")
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         n = len(self.shards)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+        order = permutation(n, self.seed, 0x5A4D, epoch) if self.shuffle else np.arange(n)
         return [int(i) for i in order[stream :: self.S]]
 
     def _tokens(self, shard: Shard) -> int:
@@ -207,6 +268,7 @@ class ShardStreams:
                     live += self._tokens(shard) > 0
                     continue
                 job = ahead[1] if ahead is not None and ahead[0] == (epoch, place) else None
+                job = job or self._primed.pop((stream, epoch, place), None)
                 ahead = self._read_next(stream, epoch, order, place) if self.read_ahead else None
                 tokens = self._read(shard, job)
                 if tokens is None:
@@ -233,27 +295,47 @@ class ShardStreams:
                                 f"(bad: {sorted(self.bad)[:3]}...)")
             epoch += 1
 
+    def prime(self, stream: int, start: int) -> None:
+        """Start reading, in the background, the shard where chunks(stream,
+        start) will begin, so that a rank's streams fetch their first shards
+        together rather than one after another when it starts or resumes."""
+        if not self.read_ahead:
+            return
+        skip, epoch = (start - start % self.buffer) * self.L, 0  # chunks() starts at its block's first window
+        while True:
+            live = False
+            for place, idx in enumerate(self.shards_of(stream, epoch)):
+                tokens = self._tokens(self.shards[idx])
+                live = live or tokens > 0
+                if skip >= tokens:
+                    skip -= tokens
+                    continue
+                if (stream, epoch, place) not in self._primed:
+                    self._primed[(stream, epoch, place)] = _Prefetch(self.reader, self.shards[idx], self.ds)
+                return
+            if not live:
+                return  # chunks() reports it
+            epoch += 1
+
     def _read_next(self, stream: int, epoch: int, order: list[int], place: int):
-        """Start reading the shard this stream will read after order[place]:
-        with the default reader only fetch and verify it (I/O and sha256, which
-        leave the GIL free), parsing it when the stream gets there."""
+        """Start reading the shard this stream will read after order[place]
+        (fetch, checksum, index, compact and check: mostly I/O and numpy, which
+        leave the GIL free for the thread that cuts and batches windows)."""
+        job = None
         for e, later in ((epoch, order[place + 1 :]), (epoch + 1, self.shards_of(stream, epoch + 1))):
             first = place + 1 if e == epoch else 0
             for p, idx in enumerate(later, start=first):
                 shard = self.shards[idx]
                 if self._tokens(shard) > 0:
-                    if self.reader is default_reader:
-                        return (e, p), _Prefetch(fetch_shard, shard)
-                    return (e, p), _Prefetch(self.reader, shard, self.ds)
-        return None
+                    if job is not None:  # and the one after it: the kernel reads it meanwhile
+                        advise(shard)
+                        return job
+                    job = (e, p), _Prefetch(self.reader, shard, self.ds)
+        return job
 
     def _read(self, shard: Shard, job: _Prefetch | None = None) -> np.ndarray | None:
         try:
-            if job is None:
-                return self.reader(shard, self.ds)
-            if self.reader is default_reader:
-                return parse_shard(shard, job.result(), self.ds.dtype, self.ds.vocab_size, self.ds.eod_id)
-            return job.result()
+            return self.reader(shard, self.ds) if job is None else job.result()
         except DataError as e:
             if self.on_error == "raise":
                 raise
@@ -269,13 +351,14 @@ class ShardStreams:
             yield from self.raw_chunks(stream, start)
             return
         block = start // B
+        perms = _Blocks(B, self.seed, 0x5EED, stream)
         raw = _Taker(((c,) for c in self.raw_chunks(stream, block * B)), (self.empty(),))
         first = start - block * B
         while True:
             (items,) = raw.take(B)
             if len(items) < B:  # a read failed inside this block: nothing of it is yielded
                 raise raw.error
-            perm = np.random.default_rng([self.seed, stream, block, 0x5EED]).permutation(B)
+            perm = perms(block)
             yield items[perm[first:]]
             first, block = 0, block + 1
 
@@ -317,14 +400,28 @@ class Mixture:
         self.S, self.L, self.seed = sources[0].S, sources[0].L, sources[0].seed
         self.dtype = np.result_type(*(s.dtype for s in self.sources))
 
-    def schedule(self, stream: int, block: int) -> np.ndarray:
+    def schedule(self, stream: int, block: int, orders: _Blocks | None = None) -> np.ndarray:
+        """Which source each window of mixing block `block` of `stream` comes from."""
         places = np.repeat(np.arange(len(self.sources)), self.counts)
         if len(self.sources) == 1:
             return places
-        return np.random.default_rng([self.seed, stream, block, 0x313]).permutation(places)
+        return places[(orders or _Blocks(len(places), self.seed, 0x313, stream))(block)]
 
     def empty(self) -> tuple[np.ndarray, np.ndarray]:
         return np.empty((0, self.L + 1), dtype=self.dtype), np.empty(0, dtype=np.int64)
+
+    def _starts(self, stream: int, start: int) -> list[int]:
+        """Where each source's chunks begin for chunks(stream, start)."""
+        if len(self.sources) == 1:
+            return [start]
+        block, first = divmod(start, self.period)
+        sched = self.schedule(stream, block)
+        return [block * n + int((sched[:first] == i).sum()) for i, n in enumerate(self.counts)]
+
+    def prime(self, stream: int, start: int) -> None:
+        """Start the first shard reads of chunks(stream, start) in the background."""
+        for src, at in zip(self.sources, self._starts(stream, start)):
+            src.prime(stream, at)
 
     def chunks(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(windows, source indices) for windows start, start+1, ... of mixed stream
@@ -335,10 +432,10 @@ class Mixture:
             return
         P = self.period
         block, first = divmod(start, P)
-        sched = self.schedule(stream, block)
-        its = [_Taker(((c,) for c in src.chunks(stream, block * n + int((sched[:first] == i).sum()))),
-                      (src.empty(),))
-               for i, (src, n) in enumerate(zip(self.sources, self.counts))]
+        orders = _Blocks(P, self.seed, 0x313, stream)
+        sched = self.schedule(stream, block, orders)
+        its = [_Taker(((c,) for c in src.chunks(stream, at)), (src.empty(),))
+               for src, at in zip(self.sources, self._starts(stream, start))]
         while True:
             places = sched[first:].astype(np.int64)
             out = np.empty((len(places), self.L + 1), dtype=self.dtype)
@@ -355,7 +452,7 @@ class Mixture:
                 raise error
             yield out, places
             block, first = block + 1, 0
-            sched = self.schedule(stream, block)
+            sched = self.schedule(stream, block, orders)
 
     def windows(self, stream: int, start: int) -> Iterator[tuple[np.ndarray, int]]:
         """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
@@ -398,16 +495,19 @@ class RankReader:
             raise DataError(f"data position {consumed} is not a multiple of the number of ranks ({world})")
         self.mix, self.rank, self.world = mix, rank, world
         self.streams = list(range(rank, S, world))  # sequence g comes from stream g % S
+        for s in self.streams:  # every stream's first shard read at once, in the background
+            mix.prime(s, stream_windows_taken(consumed, s, S))
         self.its = [_Taker(mix.chunks(s, stream_windows_taken(consumed, s, S)), mix.empty()) for s in self.streams]
         self.g = consumed + rank  # the next global sequence of this rank
         self.error: BaseException | None = None
+        self._pool = BufferPool(keep=6)  # the arrays take() fills, used again once released
 
     def take(self, n: int, dtype=None) -> tuple[np.ndarray, np.ndarray]:
         if self.error is not None:
             raise self.error
         m = len(self.its)
         j0 = (self.g % self.mix.S - self.rank) // self.world  # stream index of the first one
-        out = np.empty((n, self.mix.L + 1), dtype=dtype or self.mix.dtype)
+        out = self._pool.empty((n, self.mix.L + 1), dtype or self.mix.dtype)
         src = np.empty(n, dtype=np.int64)
         end = n
         for j, it in enumerate(self.its):
@@ -443,20 +543,27 @@ class Batches:
 
     The thread makes `group` micro-batches at a time (about `group_tokens`
     tokens) and queues them together; `prefetch` micro-batches (rounded up to
-    whole groups) wait ahead.  state_dict() is the position of what the
-    trainer has *taken*, not of what the thread has read ahead, so a
-    checkpoint never skips prefetched data.
+    whole groups) wait ahead.  A micro-batch is one (micro_batch, seq_len + 1)
+    int32 tensor of windows: inputs are [:, :-1], targets [:, 1:], so that a
+    host-to-device copy moves one contiguous block of half the bytes of
+    int64; the trainer widens it to int64 on the device (cross-entropy's
+    targets must be int64).  state_dict() is the
+    position of what the trainer has *taken*, not of what the thread has read
+    ahead, so a checkpoint never skips prefetched data.
     """
 
     def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, consumed: int = 0,
-                 prefetch: int = 4, group_tokens: int = 1 << 17):
+                 prefetch: int = 4, group_tokens: int = 1 << 19):
         self.mix, self.rank, self.world, self.micro_batch = mix, rank, world, micro_batch
         self.start = consumed
         self.taken = 0  # sequences this rank has handed to the trainer
         self.wait_time = 0.0  # seconds the trainer spent waiting for data
-        self.source_counts = np.zeros(len(mix.sources), dtype=np.int64)  # taken, per source
         self.group = max(1, min(64, group_tokens // (micro_batch * (mix.L + 1))))
-        self._ready: collections.deque = collections.deque()
+        n_src = len(mix.sources)
+        self._blocks: Sequence[torch.Tensor] = ()  # the group being handed out
+        self._counts = np.zeros((1, n_src), dtype=np.int64)  # its sources, cumulative per micro-batch
+        self._at = 0  # micro-batches of it handed out
+        self._before = np.zeros(n_src, dtype=np.int64)  # sources taken in earlier groups
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, -(-prefetch // self.group)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._fill, name="megagpt-data", daemon=True)
@@ -466,19 +573,22 @@ class Batches:
     def consumed(self) -> int:
         return self.start + self.taken * self.world
 
+    @property
+    def source_counts(self) -> np.ndarray:
+        """Sequences taken so far from each source."""
+        return self._before + (self._counts[self._at - 1] if self._at else 0)
+
     def _fill(self) -> None:
         try:
             reader = RankReader(self.mix, self.rank, self.world, self.start)
-            M, n = self.micro_batch, self.group * self.micro_batch
+            M, n, n_src = self.micro_batch, self.group * self.micro_batch, len(self.mix.sources)
             while not self._stop.is_set():
-                wins, srcs = reader.take(n, np.int64)  # (n, T + 1), cast in the gather's copy
+                wins, srcs = reader.take(n, np.int32)  # (n, T + 1), cast in the gather's copy
                 full = len(wins) // M  # a failed read: the micro-batches before it, then the error
-                batch = torch.from_numpy(wins[: full * M])
-                counts = np.zeros((full, len(self.source_counts)), dtype=np.int64)
-                np.add.at(counts, (np.arange(full * M) // M, srcs[: full * M]), 1)
-                group = list(zip(batch[:, :-1].split(M), batch[:, 1:].split(M), counts))
-                if group:
-                    self._put(group)
+                if full:
+                    which = np.arange(full * M) // M * n_src + srcs[: full * M]
+                    counts = np.bincount(which, minlength=full * n_src).reshape(full, n_src).cumsum(axis=0)
+                    self._put((torch.from_numpy(wins[: full * M]).split(M), counts))
                 if len(wins) < n:
                     raise reader.error
         except BaseException as e:  # surfaced to the trainer on its next take
@@ -492,20 +602,25 @@ class Batches:
             except queue.Full:
                 continue
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (micro_batch, seq_len) int64."""
-        if not self._ready:
+    def next_windows(self) -> torch.Tensor:
+        """The next micro-batch: (micro_batch, seq_len + 1) int32 windows."""
+        if self._at == len(self._blocks):
             t0 = time.perf_counter()
             item = self._queue.get()
             self.wait_time += time.perf_counter() - t0
             if isinstance(item, BaseException):
                 self._queue.put(item)  # every later take fails the same way
                 raise item
-            self._ready.extend(item)
-        x, y, counts = self._ready.popleft()
+            self._before = self.source_counts
+            (self._blocks, self._counts), self._at = item, 0
+        self._at += 1
         self.taken += self.micro_batch
-        self.source_counts += counts
-        return x, y
+        return self._blocks[self._at - 1]
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of the next micro-batch, each (micro_batch, seq_len) int32."""
+        t = self.next_windows()
+        return t[:, :-1], t[:, 1:]
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, **self.mix.layout(), "bad_shards": self.mix.bad}
