@@ -248,7 +248,7 @@ def parse_shard(shard: Shard, raw, dtype: str, vocab_size: int, eod_id: int) -> 
     buf = raw if isinstance(raw, np.ndarray) and raw.flags.writeable else np.frombuffer(raw, np.uint8).copy()
     index, failure = _ustar_index(buf), None
     if index is None:  # anything but plain ustar (pax, GNU long names): webdataset's iterator
-        buf, index, failure = _general_index(buf)
+        buf, index, failure = _general_index(buf, np_dtype.itemsize)
     starts, sizes, names = index
     # Every document is checked in order, as if one at a time: the first bad one names itself.
     odd = np.flatnonzero(sizes % np_dtype.itemsize)
@@ -367,21 +367,25 @@ def _octal(fields: np.ndarray) -> np.ndarray | None:
     return value
 
 
-def _general_index(buf: np.ndarray):
+def _general_index(buf: np.ndarray, gap: int):
     """Any tar webdataset reads (pax, GNU): a new buffer holding the `.tokens`
-    members one after another, its index (like _ustar_index's), and the error
-    that stopped the reading, if one did (after the members before it)."""
+    members one after another with `gap` bytes after each (the room for its
+    EOD token, so that _compact moves nothing), its index (like
+    _ustar_index's), and the error that stopped the reading, if one did
+    (after the members before it)."""
     import webdataset as wds
 
     names, datas, failure = [], [], None
-    try:
-        for m in wds.tariterators.tar_file_iterator(io.BytesIO(buf)):
+    try:  # skip_meta=None: members under __x__/ count as on the fast path
+        for m in wds.tariterators.tar_file_iterator(io.BytesIO(buf), skip_meta=None):
             if m["fname"].endswith(".tokens"):
                 names.append(m["fname"])
                 datas.append(m["data"])
     except Exception as e:  # noqa: BLE001 - tarfile.ReadError and friends: after the documents before it
         failure = e
     sizes = np.array([len(d) for d in datas], dtype=np.int64)
-    joined = np.frombuffer(bytearray(b"".join(datas)), dtype=np.uint8)
-    starts = np.cumsum(sizes) - sizes
-    return joined, (starts, sizes, names.__getitem__), failure
+    starts = np.cumsum(sizes + gap) - sizes - gap
+    out = _POOL.empty(int(sizes.sum()) + gap * len(datas), np.uint8)
+    for at, data in zip(starts.tolist(), datas):
+        out[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return out, (starts, sizes, names.__getitem__), failure

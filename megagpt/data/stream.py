@@ -30,10 +30,12 @@ a strided view (stride seq_len, length seq_len + 1); a shuffle block is one
 fancy index with its permutation; a mixture block scatters each source's share
 with the schedule's index arrays; a rank's sequences interleave its streams by
 strided slices, cast to int32 in the same copy.  Each stream reads its next
-shard (fetch, sha256, parse, check) in a background thread while the current
-one is cut into windows; a read's error surfaces only where the stream reaches
-that shard, so what is yielded, and when an error stops it, is exactly as if
-every shard were read on demand.
+shard (fetch, checksum, index, pack, check) in a background thread while the
+current one is cut into windows, and a rank's streams start their first reads
+together; a read's error surfaces only where the stream reaches that shard, so
+what is yielded, and when an error stops it, is exactly as if every shard
+were read on demand.  The permutations are SplitMix64 hash orders
+(`permutation`), made 64 blocks at a time.
 """
 
 from __future__ import annotations
