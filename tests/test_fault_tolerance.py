@@ -53,14 +53,14 @@ def reference(data_dir, tmp_path_factory):
     return root / "run"
 
 
-def wait_for(predicate, timeout: float, proc=None, what: str = "") -> None:
+def wait_for(predicate, timeout: float, proc=None, what: str = "", poll: float = 0.2) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"job ended (code {proc.returncode}) before {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -127,12 +127,13 @@ def test_bitwise_resume_after_sigkill_twice(data_dir, reference, tmp_path):
     for kill_after in (8, 16):
         job = torchrun_popen(args(data_dir, run_dir, STEPS, "trainer.keep_last=2"), cwd=tmp_path, log=log)
         # the kill lands anywhere in the four steps after a checkpoint (a save
-        # included), bounded by progress rather than by time so that a fast
-        # machine cannot finish the run before the kill (seed printed on failure)
+        # included), bounded by progress rather than by time (polled every
+        # 20 ms) so that a fast machine cannot finish the run before the kill
+        # (seed printed on failure)
         target = kill_after + rng.randint(0, 3)
         wait_for(lambda: newest_committed(run_dir) >= kill_after and logged_steps(run_dir) >= target, 240, job,
-                 f"checkpoint step_{kill_after} and step {target} (seed {seed})")
-        time.sleep(rng.uniform(0.0, 0.15))
+                 f"checkpoint step_{kill_after} and step {target} (seed {seed})", poll=0.02)
+        time.sleep(rng.uniform(0.0, 0.05))  # within the step, or a save
         assert job.poll() is None, f"the run ended before the kill (seed {seed})"
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
