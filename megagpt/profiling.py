@@ -6,7 +6,8 @@ name (all_gather, reduce_scatter, all_reduce, broadcast) among the profiled
 ops.  The summary attributes each collective to communication and the rest
 of forward / backward to compute, per step, in seconds.  (On gloo, ZeRO's
 gradient reduction shows as all_reduce; the loop's own small all-reduces
-for agreement and metrics are counted there too.)
+for agreement and metrics are counted there too, but only collectives inside
+forward / backward are taken out of compute.)
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class StepProfiler:
             return
         wall = time.perf_counter() - self.t0
         self.prof.__exit__(None, None, None)
-        summary = summarize(self.prof.key_averages(), wall, self.steps)
+        summary = summarize(self.prof.events(), wall, self.steps)
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"rank{self.rank}.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -57,28 +58,37 @@ class StepProfiler:
 
 
 def summarize(events, wall: float, steps: int) -> dict:
-    """Seconds per step: wall, the loop's phases, each kind of collective, and compute."""
+    """Seconds per step: wall, the loop's phases, each kind of collective, and
+    compute.  `events`: the profiler's raw events (each with its time range).
+
+    compute is forward + backward less the collectives that ran *inside*
+    them (ZeRO-3's parameter gathers, the gradient reduction); the loop's own
+    collectives between phases (agreement on errors, metrics) are not
+    subtracted, so that time a rank spends waiting there for a slower one
+    never hides its compute."""
     phase = {p: 0.0 for p in PHASES}
     comm = {k: 0.0 for k in COLLECTIVES}
+    inside = 0.0
+    spans = []  # (start, end) of every forward / backward range, in microseconds
+    for e in events:
+        if e.name in phase:
+            phase[e.name] += e.cpu_time_total / 1e6  # microseconds -> seconds, summed over calls
+            if e.name in ("megagpt.forward", "megagpt.backward"):
+                spans.append((e.time_range.start, e.time_range.end))
     # The backends' own events (gloo:all_gather, nccl:all_reduce...) hold the
     # time of the collective; the c10d:: ops around them only enqueue it.
-    backend = [e for e in events if e.key.lower().startswith(("gloo:", "nccl:"))]
-    comm_events = backend or [e for e in events if e.key.lower().startswith("c10d::")]
-    for e in events:
-        if e.key in phase:
-            phase[e.key] += e.cpu_time_total / 1e6  # microseconds -> seconds, summed over calls
-    for e in comm_events:
-        low = e.key.lower()
+    backend = [e for e in events if e.name.lower().startswith(("gloo:", "nccl:"))]
+    for e in backend or [e for e in events if e.name.lower().startswith("c10d::")]:
+        low = e.name.lower()
         for kind, keys in COLLECTIVES.items():
             if any(k in low for k in keys):
                 comm[kind] += e.cpu_time_total / 1e6
+                if kind != "broadcast" and any(a <= e.time_range.start and e.time_range.end <= b for a, b in spans):
+                    inside += e.cpu_time_total / 1e6
                 break
     per = {k: v / steps for k, v in phase.items()}
     comm_per = {k: v / steps for k, v in comm.items()}
     fwd_bwd = per["megagpt.forward"] + per["megagpt.backward"]
-    # Collectives inside forward/backward (ZeRO-3's parameter gathers, the
-    # gradient reduction: reduce-scatter, or all-reduce on gloo) are communication.
-    inside = min(fwd_bwd, comm_per["all_gather"] + comm_per["reduce_scatter"] + comm_per["all_reduce"])
     return {
         "steps": steps,
         "wall_per_step": wall / steps,
@@ -90,5 +100,5 @@ def summarize(events, wall: float, steps: int) -> dict:
         "reduce_scatter": comm_per["reduce_scatter"],
         "all_reduce": comm_per["all_reduce"],
         "broadcast": comm_per["broadcast"],
-        "compute": max(0.0, fwd_bwd - inside),
+        "compute": max(0.0, fwd_bwd - min(fwd_bwd, inside / steps)),
     }

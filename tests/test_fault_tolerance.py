@@ -69,8 +69,9 @@ def committed(run_dir: Path, step: int) -> bool:
 
 
 def newest_committed(run_dir: Path) -> int:
-    steps = [int(p.parent.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*/megagpt_state.json")]
-    return max(steps, default=0)
+    """The newest committed checkpoint's step (step_N.partial holds its state file before the rename)."""
+    names = [p.parent.name for p in (run_dir / "checkpoints").glob("step_*/megagpt_state.json")]
+    return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
 
 
 def logged_steps(run_dir: Path) -> int:
