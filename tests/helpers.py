@@ -22,8 +22,9 @@ def make_texts(n_docs: int, seed: int = 0, min_words: int = 5, max_words: int = 
 
 
 def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: int = 0,
-                 vocab_size: int = 300) -> Path:
-    """Write text files, prepare them into shards under root/data, return that dir."""
+                 vocab_size: int = 300, val_docs: int = 0) -> Path:
+    """Write text files, prepare them into shards under root/data (val_docs of
+    them held out as validation shards), return that dir."""
     from megagpt.data.prepare import prepare
 
     src = root / "src"
@@ -31,7 +32,8 @@ def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: in
     for i, text in enumerate(make_texts(n_docs, seed)):
         (src / f"{i:05d}.txt").write_text(text)
     out = root / "data"
-    prepare([str(src)], str(out), vocab_size=vocab_size, docs_per_shard=docs_per_shard, log=None)
+    prepare([str(src)], str(out), vocab_size=vocab_size, docs_per_shard=docs_per_shard, val_docs=val_docs,
+            log=None)
     return out
 
 

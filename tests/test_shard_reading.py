@@ -26,7 +26,7 @@ import pytest
 import torch
 import xxhash
 
-from helpers import make_dataset, make_texts, make_two_sources
+from helpers import make_dataset, make_two_sources
 from megagpt.data.buffers import BufferPool
 from megagpt.data.shards import (DataError, Shard, _ustar_index, fetch_shard, open_dataset, parse_shard,
                                  read_shard)
@@ -390,14 +390,7 @@ def test_manifest_without_xxh3_falls_back_to_sha256(data_copy):
 
 
 def test_prepare_records_xxh3_and_sha256_of_every_shard(tmp_path):
-    from megagpt.data.prepare import prepare
-
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, t in enumerate(make_texts(30, seed=9)):
-        (src / f"{i}.txt").write_text(t)
-    out = tmp_path / "data"
-    prepare([str(src)], str(out), vocab_size=300, docs_per_shard=5, val_docs=10, log=None)
+    out = make_dataset(tmp_path, n_docs=30, docs_per_shard=5, seed=9, val_docs=10)
     man = json.loads((out / "manifest.json").read_text())
     entries = man["shards"] + man["val_shards"]
     assert man["shards"] and man["val_shards"]

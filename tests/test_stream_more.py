@@ -13,7 +13,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from helpers import make_two_sources
+from helpers import make_dataset, make_two_sources
 from megagpt.data.shards import DataError, open_dataset
 from megagpt.data.stream import Batches, Mixture, ShardStreams, mix_counts, rank_sequences, val_sequences
 
@@ -236,15 +236,7 @@ def test_pipe_urls_read_through_a_command(two_sets):
 # -- validation ------------------------------------------------------------------------------
 
 def test_val_sequences_fixed_disjoint_and_equal_per_rank(tmp_path):
-    from megagpt.data.prepare import prepare
-    from helpers import make_texts
-
-    src = tmp_path / "src"
-    src.mkdir()
-    for i, t in enumerate(make_texts(50, seed=5)):
-        (src / f"{i}.txt").write_text(t)
-    out = tmp_path / "data"
-    prepare([str(src)], str(out), vocab_size=300, docs_per_shard=5, val_docs=10, log=None)
+    out = make_dataset(tmp_path, n_docs=50, docs_per_shard=5, seed=5, val_docs=10)
     ds = open_dataset(str(out))
     assert ds.val_shards
     r0 = val_sequences(ds, L, 0, 2, 6)
