@@ -93,6 +93,11 @@ def pretrain(cfg: Config) -> None:
         trainer = Trainer(cfg, env, device, engine, data, batches, state, sink, run_dir, n_params, peak, gcfg,
                           optimizer)
         trainer.run()
+    except _user_errors() as e:
+        # Said before the clean-up below: it can take seconds, and once one rank
+        # has exited, the launcher terminates the others (SIGTERM) mid-way.
+        _say(e)
+        raise
     finally:
         batches.close()
         if sink is not None:
@@ -167,23 +172,39 @@ def _setup_logging(main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
-def _fail(msg: str) -> None:
-    rank = os.environ.get("RANK", "0")
-    print(f"megagpt: error (rank {rank}): {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def _hydra_main(dcfg: DictConfig) -> None:
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What is reported as one line and exit code 2 (imported late: train's import stays light)."""
     from megagpt.checkpoint import CheckpointError
     from megagpt.data.shards import DataError
     from megagpt.trainer import TrainingDiverged
 
+    return ConfigError, DataError, CheckpointError, UserError, TrainingDiverged
+
+
+def _error_line(msg: str) -> None:
+    print(f"megagpt: error (rank {os.environ.get('RANK', '0')}): {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(msg: str) -> None:
+    _error_line(msg)
+    sys.exit(2)
+
+
+def _say(e: BaseException) -> None:
+    """Print e's one-line report now, once (the exit comes later, in _hydra_main)."""
+    if not getattr(e, "_megagpt_said", False):
+        _error_line(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        e._megagpt_said = True
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def _hydra_main(dcfg: DictConfig) -> None:
     try:
         cfg = OmegaConf.to_object(dcfg)
         pretrain(cfg)
-    except (ConfigError, DataError, CheckpointError, UserError, TrainingDiverged) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except _user_errors() as e:
+        _say(e)
+        sys.exit(2)
     except ValueError as e:
         if "Traceback" in str(e):
             raise
