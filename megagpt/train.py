@@ -182,7 +182,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _error_line(msg: str) -> None:
-    print(f"megagpt: error (rank {os.environ.get('RANK', '0')}): {msg}", file=sys.stderr, flush=True)
+    # One write() of the whole line: the ranks share the launcher's stderr and
+    # often fail at the same moment; print() writes the text and the newline
+    # separately, so two ranks' lines could run into one.
+    sys.stderr.write(f"megagpt: error (rank {os.environ.get('RANK', '0')}): {msg}\n")
+    sys.stderr.flush()
 
 
 def _fail(msg: str) -> None:

@@ -4,6 +4,7 @@ the CLI's one-line errors, and the DeepSpeed config built from it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -159,3 +160,20 @@ def test_deepspeed_config_global_batch():
     ds = deepspeed_config(cfg, 2, "cpu")
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 32
+
+
+def test_error_lines_of_ranks_failing_together_stay_whole(tmp_path):
+    """Ranks share the launcher's stderr and often fail at the same moment: each
+    error line goes out in one write, so two lines never run into one."""
+    code = ("import os, sys; from megagpt.train import _error_line\n"
+            "for i in range(3000): _error_line(f'step {i}: ' + 'x' * 150)\n")
+    r, w = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=w, env={**os.environ, "RANK": str(k)})
+             for k in (0, 1)]
+    os.close(w)
+    with os.fdopen(r) as f:
+        lines = f.read().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(lines) == 6000
+    bad = [x for x in lines if not re.fullmatch(r"megagpt: error \(rank [01]\): step \d+: x{150}", x)]
+    assert not bad, bad[:3]
