@@ -33,19 +33,22 @@ def read_env() -> Env:
     return Env(rank, world, local_rank, local_world)
 
 
-def default_run_dir(env: Env, environ=os.environ) -> str:
+def default_run_dir(env: Env, environ=os.environ, point: int | None = None) -> str:
     """An output directory every rank derives alike: from the SLURM job (stable
     across requeues) or the torchrun run id; never from a rank's own clock,
-    except for a lone process, which has no one to disagree with."""
+    except for a lone process, which has no one to disagree with.  `point`:
+    the job number in a Hydra multirun whose points run one after another in
+    this process (each gets its own directory)."""
+    suffix = "" if point is None else f"-{point}"
     if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"outputs/slurm-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+        return f"outputs/slurm-{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"  # a job per point
     if environ.get("SLURM_JOB_ID"):
-        return f"outputs/slurm-{environ['SLURM_JOB_ID']}"
+        return f"outputs/slurm-{environ['SLURM_JOB_ID']}{suffix}"
     run_id = environ.get("TORCHELASTIC_RUN_ID", "")
     if run_id and run_id != "none":
-        return f"outputs/torchrun-{run_id[:12]}"
+        return f"outputs/torchrun-{run_id[:12]}{suffix}"
     if env.world_size == 1:
-        return f"outputs/local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        return f"outputs/local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
     raise ValueError("run.dir: not set and no shared job id (SLURM_JOB_ID, TORCHELASTIC_RUN_ID) "
                      "to derive it from; set run.dir=PATH")
 

@@ -24,7 +24,9 @@ class UserError(Exception):
     """Bad config, data or checkpoint: reported as one line, exit code 2."""
 
 
-def pretrain(cfg: Config) -> None:
+def pretrain(cfg: Config, point: int | None = None) -> None:
+    """One training job. `point`: its number in a Hydra multirun run in this
+    process (the default run.dir then differs per point)."""
     import torch.distributed as dist
 
     from megagpt import checkpoint, runtime
@@ -38,7 +40,7 @@ def pretrain(cfg: Config) -> None:
     env = runtime.read_env()
     _setup_logging(env.is_main)
     validate(cfg, env.world_size)  # before any heavy work, on every rank
-    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env))
+    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
     device = runtime.device_for(env)
     attention = resolve_backend(cfg.model.attention, device.type)
     runtime.set_cpu_threads(env, cfg.trainer.cpu_threads)
@@ -104,7 +106,6 @@ def pretrain(cfg: Config) -> None:
             sink.close()
     if trainer.stopped:
         dist.barrier()
-        dist.destroy_process_group()
         return
     if env.is_main:
         console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {run_dir}")
@@ -116,7 +117,6 @@ def pretrain(cfg: Config) -> None:
                      cfg.export.max_shard_bytes)
         console(f"exported to {out} (Hugging Face format)")
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def _resolve_resume(resume: str, root: str):
@@ -205,7 +205,7 @@ def _say(e: BaseException) -> None:
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         cfg = OmegaConf.to_object(dcfg)
-        pretrain(cfg)
+        pretrain(cfg, _multirun_point())
     except _user_errors() as e:
         _say(e)
         sys.exit(2)
@@ -213,6 +213,17 @@ def _hydra_main(dcfg: DictConfig) -> None:
         if "Traceback" in str(e):
             raise
         _fail(str(e).splitlines()[0])
+
+
+def _multirun_point() -> int | None:
+    """This job's number when Hydra's `-m` runs the points in this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    return hc.job.num if hc.mode == RunMode.MULTIRUN else None
 
 
 def precheck(argv: list[str]) -> None:
@@ -254,6 +265,13 @@ def main() -> None:
     register()
     precheck(sys.argv[1:])
     _hydra_main()
+    # The process group outlives each job: Hydra's `-m` without a launcher runs
+    # the sweep's points one after another in this process, and DeepSpeed keeps
+    # its groups from the first point (it cannot be initialized a second time).
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -92,3 +92,19 @@ def test_model_compile_through_the_engine_matches_eager(data_dir, tmp_path):
     assert len(runs[True]) == 4
     for a, b in zip(runs[False], runs[True]):
         assert abs(a - b) <= 1e-4 * abs(a), (runs[False], runs[True])
+
+
+def test_hydra_multirun_runs_each_point_in_its_own_run_dir(data_dir, tmp_path):
+    """`-m` without a launcher: the points run one after another in the same
+    two processes (one process group, one DeepSpeed set-up), each in its own
+    default run.dir, none resuming another's checkpoint."""
+    args = [a for a in common(data_dir, tmp_path, 4) if not a.startswith(("run.dir=", "optim.lr="))]
+    r = torchrun(["-m", *args, "logger=none", "optim.lr=3e-3,1e-3"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted((tmp_path / "outputs").glob("torchrun-*"))
+    assert [p.name[-2:] for p in runs] == ["-0", "-1"], runs
+    assert "resumed from" not in r.stdout
+    for run, lr in zip(runs, (3e-3, 1e-3)):
+        assert [x["step"] for x in metrics(run)] == [2, 4]
+        assert f"lr: {lr}" in (run / "config.yaml").read_text()
+        assert (run / "checkpoints" / "step_4").is_dir()
