@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,17 @@ def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: i
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "megagpt.train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    # On a timeout the workers go too, not only torchrun (orphaned, a hung
+    # job's ranks would hold cores for the rest of the test run).
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_job(p)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
@@ -92,6 +103,20 @@ def worker_pids(launcher_pid: int) -> list[int]:
     """PIDs of the training processes torchrun started (its children)."""
     out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout
     return sorted(int(p) for p in out.split())
+
+
+def kill_job(job: subprocess.Popen) -> None:
+    """SIGKILL a torchrun job whole, as a node failure would: torchrun and every
+    worker.  torchrun starts each worker in a session of its own, so killing
+    torchrun's process group alone leaves the workers running, orphaned."""
+    workers = worker_pids(job.pid)
+    os.killpg(job.pid, signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # the worker and anything it started
+        except ProcessLookupError:
+            pass
+    job.wait()
 
 
 def worker_pid(launcher_pid: int, rank: int) -> int | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import make_dataset, torchrun, torchrun_popen, worker_pid
+from helpers import kill_job, make_dataset, torchrun, torchrun_popen, worker_pid
 
 STEPS = 24
 
@@ -136,8 +136,7 @@ def test_bitwise_resume_after_sigkill_twice(data_dir, reference, tmp_path):
                  f"checkpoint step_{kill_after} and step {target} (seed {seed})", poll=0.02)
         time.sleep(rng.uniform(0.0, 0.05))  # within the step, or a save
         assert job.poll() is None, f"the run ended before the kill (seed {seed})"
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        kill_job(job)
     r = torchrun(args(data_dir, run_dir, STEPS, "trainer.keep_last=2"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
