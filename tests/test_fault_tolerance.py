@@ -6,9 +6,11 @@ crashed rank."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -249,12 +251,21 @@ def test_on_nan_stop(data_dir, tmp_path):
 
 def test_watchdog_ends_a_hung_job_then_restart_resumes(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    t0 = time.time()
     r = torchrun(args(data_dir, run_dir, 12, "trainer.watchdog_seconds=8"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_HANG": "1:6"}, timeout=240)
-    assert r.returncode != 0 and time.time() - t0 < 200
+                 env_extra={"MEGAGPT_FAULT_HANG": "1:6"}, timeout=300)
+    ended = time.time()
+    assert r.returncode != 0
     err = r.stderr
     assert "watchdog: no progress for" in err and "Python stacks of every thread" in err
+    # Timed from the hang (its log line's timestamp), not from the launch, whose
+    # set-up time depends on the machine: 8 s of no progress, checked every 2 s,
+    # then torchrun's teardown.
+    hang = re.search(r"^(\S+ \S+) WARNING megagpt: fault injection: rank 1 hangs at step 6", err, re.M)
+    assert hang, err[-3000:]
+    hung_at = datetime.datetime.strptime(hang.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    assert ended - hung_at < 90, (ended - hung_at, err[-3000:])
+    idle = [int(x) for x in re.findall(r"watchdog: no progress for (\d+) s", err)]
+    assert idle and all(8 <= x <= 30 for x in idle), idle
     assert "maybe_hang" in err  # the hung rank's stack names where it is stuck
     r = torchrun(args(data_dir, run_dir, 12), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
