@@ -212,7 +212,8 @@ def _hydra_main(dcfg: DictConfig) -> None:
     except ValueError as e:
         if "Traceback" in str(e):
             raise
-        _fail(str(e).splitlines()[0])
+        _say(e)
+        sys.exit(2)
 
 
 def _multirun_point() -> int | None:

@@ -66,13 +66,19 @@ def stream_tokens_of_shard(path: Path, dtype: str, eod: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
-             timeout: int = 300) -> subprocess.CompletedProcess:
+def _torchrun_job(args: list[str], env_extra: dict | None, nproc: int) -> tuple[list[str], dict]:
+    """The command line and environment of a torchrun job of megagpt.train."""
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "megagpt.train", *args]
+    return cmd, env
+
+
+def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
+             timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd, env = _torchrun_job(args, env_extra, nproc)
     # On a timeout the workers go too, not only torchrun (orphaned, a hung
     # job's ranks would hold cores for the rest of the test run).
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -88,13 +94,9 @@ def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: i
 
 def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
                    log: Path | None = None) -> subprocess.Popen:
-    """Start a torchrun job in its own process group (so a test can kill the
-    whole job, as a node failure would), output to `log`."""
-    env = dict(os.environ)
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
-    env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megagpt.train", *args]
+    """Start a torchrun job in its own process group, output to `log`
+    (kill_job ends it whole, as a node failure would)."""
+    cmd, env = _torchrun_job(args, env_extra, nproc)
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
