@@ -296,10 +296,45 @@ def universal_copy(path: str, saved_world: int, world: int) -> str:
                            capture_output=True, text=True)
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            if "universal_checkpoint_info" in tail[0]:  # written before build_engine recorded it
+                raise CheckpointError(f"trainer.resume: cannot reshard {path} from {saved_world} to {world} ranks: "
+                                      "it was written without DeepSpeed's universal-checkpoint info (by an older "
+                                      f"megagpt); resume it on {saved_world} ranks")
             raise CheckpointError(f"trainer.resume: cannot reshard {path} from {saved_world} to {world} ranks "
                                   f"(DeepSpeed ds_to_universal failed: {tail[0]})")
         open(os.path.join(out, ".complete"), "w").close()
     return out
+
+
+def _repair_stage3_universal_load(engine, universal_dir: str) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`),
+    which made a resharded run drift from its first update on:
+
+    - It stores one and the same `step` tensor in the state of every
+      parameter group.  torch's AdamW increments each group's step in place,
+      so with two groups the shared count went up twice per update and the
+      second group's bias correction ran one step ahead, then two, ...
+    - It copies the checkpoint's group-0 hyperparameters into every group,
+      assuming they are all the same.  megagpt's groups differ in
+      weight_decay (decay: optim.weight_decay; biases and norm gains: 0), so
+      the no-decay group came back decaying.
+
+    The converted checkpoint records every group (zero/optimizer_state.pt).
+    ZeRO-1/2 universal loads read each group on its own and need neither."""
+    inner = engine.optimizer.optimizer  # the wrapped torch AdamW
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()  # one count per group
+    # DeepSpeed pickles its loss scaler into this file (weights_only cannot read
+    # it); DeepSpeed's own loader has just read the same file the same way.
+    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(inner.param_groups):
+        raise CheckpointError(f"checkpoint {universal_dir}: {len(saved)} optimizer parameter groups, "
+                              f"the model has {len(inner.param_groups)}")
+    for group, saved_group in zip(inner.param_groups, saved):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
 
 
 def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: int) -> dict:
@@ -333,6 +368,8 @@ def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: in
         engine._config.load_universal_checkpoint = False
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")
+    if universal and zero_stage == 3:
+        _repair_stage3_universal_load(engine, source)
     rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
     if os.path.exists(rng_file) and saved_world == env.world_size:
         set_rng_state(torch.load(rng_file, weights_only=True), device)

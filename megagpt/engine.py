@@ -147,6 +147,13 @@ def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, devic
         model = GPT(gcfg)
     init_weights(model, cfg.trainer.seed, rank, stage3)
     optimizer = build_optimizer(cfg, model, device_type)
+    # Saved into every checkpoint, this marks it convertible to DeepSpeed's
+    # universal format (resharding to another number of ranks): without it
+    # ds_to_universal refuses ZeRO-1/2 checkpoints.  megagpt has no tensor or
+    # pipeline parallelism, so there are no patterns to declare.
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
+
+    model.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if cfg.model.compile:
         engine.compile()
