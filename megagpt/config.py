@@ -223,6 +223,51 @@ def register() -> None:
     cs.store(group="trainer", name="base_trainer", node=TrainerConfig)
 
 
+def unknown_key_error(full_key: str, schema: type | None) -> ConfigError:
+    """The one line for a key the schema does not have, the same whichever way
+    it came in (a plain override, `+key=`, `++key=`, a preset file)."""
+    import dataclasses
+    import difflib
+
+    parent, _, key = full_key.rpartition(".")
+    owner = schema.__name__ if isinstance(schema, type) else "the config"
+    hint = ""
+    if dataclasses.is_dataclass(schema):
+        close = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(schema)], n=1)
+        if close:
+            hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
+    return ConfigError(f"{full_key}: unknown key ({owner} has no setting {key!r}{hint})")
+
+
+def check_known_keys(node: Any, path: str = "") -> None:
+    """Raise ConfigError for the first key of a composed config that is not in
+    the schema.  Hydra rejects an unknown `key=value`, but `+key=value` and
+    `++key=value` add the key to the structured config and OmegaConf carries
+    it along unread: a typo such as `+trainer.max_step=100` would leave the
+    default in force without a word.  Hydra's own node (`hydra`) is not ours
+    to check."""
+    import dataclasses
+
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            check_known_keys(node._get_node(i), f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        if not path and key == "hydra":
+            continue
+        full_key = f"{path}.{key}" if path else str(key)
+        if known is not None and key not in known:
+            raise unknown_key_error(full_key, schema)
+        if known is not None:  # free-form values (e.g. data.urls: Any) are not walked
+            check_known_keys(node._get_node(key), full_key)
+
+
 ATTENTION = ("auto", "flash_attn", "sdpa", "eager")
 FAMILIES = ("gpt2", "llama")
 

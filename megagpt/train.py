@@ -13,8 +13,9 @@ import warnings
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from megagpt.config import Config, ConfigError, register, validate
+from megagpt.config import Config, ConfigError, check_known_keys, register, unknown_key_error, validate
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 log = logging.getLogger("megagpt")
@@ -204,6 +205,7 @@ def _say(e: BaseException) -> None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
+        check_known_keys(dcfg)
         cfg = OmegaConf.to_object(dcfg)
         pretrain(cfg, _multirun_point())
     except _user_errors() as e:
@@ -240,12 +242,19 @@ def precheck(argv: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
             cfg = compose(config_name="config", overrides=argv)
+            check_known_keys(cfg)
             OmegaConf.to_object(cfg)
+    except ConfigError as e:
+        _fail(str(e))
     except (HydraException, OmegaConfBaseException) as e:
         _fail(_one_line(e))
 
 
 def _one_line(e: BaseException) -> str:
+    cause = e.__cause__ or e.__context__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
+        # An unknown key: the same line as for one added with `+` (check_known_keys).
+        return str(unknown_key_error(cause.full_key, getattr(cause, "object_type", None)))
     parts = [str(e).splitlines()[0].strip()]
     if getattr(e, "override", None):  # Hydra could not parse this override
         parts = [f"cannot parse override {e.override!r}: {parts[0]} "
@@ -265,7 +274,26 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
     register()
     precheck(sys.argv[1:])
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        # A reported error (exit code 2).  Leave without the interpreter's
+        # finalization: a gloo worker thread may still be releasing the tensors
+        # of the last collective, and once finalization has begun it aborts the
+        # process (SIGABRT, "terminate called without an active exception";
+        # seen in 1 of 4 runs failing right after a broadcast), so torchrun
+        # would report a crash instead of the one line and exit code 2.
+        _end_process_group()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
+    _end_process_group()
+
+
+def _end_process_group() -> None:
     # The process group outlives each job: Hydra's `-m` without a launcher runs
     # the sweep's points one after another in this process, and DeepSpeed keeps
     # its groups from the first point (it cannot be initialized a second time).

@@ -106,15 +106,63 @@ def test_cli_one_line_error(tmp_path, args, key):
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_error_two_ranks(tmp_path):
-    p, _ = _run_cli(tmp_path, ["model.n_embd=130"],
-                    launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "megagpt.train"))
+@pytest.mark.parametrize("args, key", [
+    (["model.n_embd=130"], "model.n_embd"),
+    (["+trainer.no_such_key=1"], "trainer.no_such_key"),
+])
+def test_cli_error_two_ranks(tmp_path, args, key):
+    p, elapsed = _run_cli(tmp_path, args,
+                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                    "-m", "megagpt.train"))
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("megagpt: error")]
     for rank in (0, 1):
-        assert any(f"(rank {rank})" in ln and "model.n_embd" in ln for ln in errors), p.stderr
+        assert any(f"(rank {rank})" in ln and key in ln for ln in errors), p.stderr
     assert not (tmp_path / "outputs").exists()
+    assert elapsed < 60
+
+
+# A key the schema does not have is refused however it is added: Hydra itself
+# refuses `key=value`, but `+key=value` / `++key=value` add it to the structured
+# config, where it would be carried along unread (a typo silently ignored).
+UNKNOWN = "unknown key (TrainerConfig has no setting 'no_such_key')"
+TYPO = "unknown key (TrainerConfig has no setting 'max_step'; did you mean trainer.max_steps?)"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+    (["+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+    (["++trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+    (["trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+    (["+trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+    (["++trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+    (["+nosuch.key=1"], "nosuch: unknown key (Config has no setting 'nosuch')"),
+    (["data=mixture", "+data.sources=[{name:a,urls:/d,wieght:2}]"], "wieght: unknown key (SourceConfig"),
+    (["-m", "+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),  # a sweep: checked in each job
+])
+def test_unknown_key_is_the_same_line_with_or_without_plus(tmp_path, args, line):
+    p, elapsed = _run_cli(tmp_path, args)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, p.stderr
+    assert lines and lines[-1].startswith(f"megagpt: error (rank 0): {line}"), p.stderr
+    assert [ln for ln in lines if ln.startswith("megagpt: error")] == [lines[-1]]
+    assert elapsed < 30
+    assert not (tmp_path / "cache").exists()  # stopped before any data was prepared
+
+
+def test_known_keys_pass_and_hydra_keys_are_not_checked():
+    from megagpt.config import check_known_keys
+
+    megagpt.config.register()
+    with initialize_config_dir(config_dir=megagpt.train.CONF_DIR, version_base=None):
+        dcfg = compose("config", overrides=["+hydra.job.env_set.FOO=1", "data=mixture",
+                                            "data.sources=[{name:a,urls:/d,weight:2}]", "data.urls=[a,b]",
+                                            "model=llama-1b", "trainer.max_steps=3"], return_hydra_config=True)
+        assert dcfg.hydra.job.env_set.FOO == "1"
+        check_known_keys(dcfg)  # no error: every key is the schema's, and hydra.* is Hydra's
+        dcfg = compose("config", overrides=["+trainer.no_such_key=1"])
+    with pytest.raises(ConfigError, match=r"^trainer\.no_such_key: unknown key"):
+        check_known_keys(dcfg)
 
 
 # --- deepspeed_config --------------------------------------------------------
