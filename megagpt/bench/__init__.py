@@ -1,6 +1,7 @@
 """Benchmarks that print megagpt's figures beside a reference, measured in the same run.
 
     python -m megagpt.bench data      the data loader against raw reads of the same shards
+    python -m megagpt.bench prepare   prepare's tokens/s per worker on Parquet against tokenizers' encode_batch
     python -m megagpt.bench train     megagpt's training step against transformers' GPT2LMHeadModel (CPU)
     python -m megagpt.bench scaling   ZeRO-3 vs ZeRO-0 over 2 processes vs 1 process, where the time goes
     python -m megagpt.bench memory    per-rank memory of ZeRO-0 and ZeRO-3 as ranks grow

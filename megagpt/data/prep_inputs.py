@@ -1,20 +1,23 @@
 """Inputs of ``megagpt.data.prepare``: finding files, cutting them into units of work,
 and the work itself (parse, pick the split, tokenize), run in a pool of processes.
+The formats are read and parsed in ``prep_formats``; URLs and ``pipe:`` commands are
+opened in ``prep_sources``.
 
 Everything that decides the output (document order, positions, split) is a function of
 the input bytes alone, never of how the work is cut or how many processes do it, so the
-shards are identical for any number of workers.
+shards are identical for any number of workers: a document's position is its input's
+index and its line, row or member number there, whatever unit carried it.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
+import http.client
 import multiprocessing
 import os
 import signal
+import tarfile
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,25 +29,17 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 from tokenizers import Tokenizer
 
+from megagpt.data.prep_formats import InputError, Unit, read_units, unit_texts
 from megagpt.data.prep_progress import Progress
+from megagpt.data.prep_sources import Input, as_inputs, is_url
 
 # Input bytes per task: ~0.3 s of tokenizing, so many cores stay balanced while the
 # per-task overhead (pickling, IPC) stays far below the work.
 CHUNK_BYTES = 1 << 19
 
-Pos = tuple[int, int]  # (file index, line); a whole text file is line 0, JSONL lines count from 1
-
-
-class Unit(NamedTuple):
-    """A whole text file (``data is None``: the worker reads it) or a run of whole JSONL lines."""
-
-    file: int
-    path: str
-    first_line: int
-    last_line: int
-    data: bytes | None
-    size: int
-    error: str | None = None  # a read error, raised when the unit is processed so errors come in input order
+# (input index, position in it): a whole text file is 0, JSONL lines count from 1, Parquet
+# rows and tar members from 0 (see prep_formats).
+Pos = tuple[int, int]
 
 
 class Job(NamedTuple):
@@ -77,10 +72,14 @@ def _walk(root: Path) -> list[Path]:
     ]
 
 
-def find_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Expand files, directories (recursively) and glob patterns into a sorted, de-duplicated file list."""
-    found: dict[str, Path] = {}
+def find_inputs(inputs: Sequence[str]) -> list[Path | str]:
+    """Expand files, directories (recursively) and glob patterns into a sorted, de-duplicated
+    list; URLs and ``pipe:`` commands are kept as given (sorted among the files by their text)."""
+    found: dict[str, Path | str] = {}
     for spec in inputs:
+        if is_url(spec):
+            found.setdefault(spec, spec)
+            continue
         path = Path(spec)
         if path.is_file():
             matches = [path]
@@ -99,35 +98,39 @@ def find_inputs(inputs: Sequence[str]) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
-def _is_jsonl(path: Path) -> bool:
-    return path.name.endswith((".jsonl", ".jsonl.gz"))
+# What reading an input can raise besides InputError: a missing file, a failed download or
+# command, a truncated or corrupt gzip / zstd / tar stream.
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, EOFError, zlib.error, tarfile.TarError, http.client.HTTPException,
+)
 
 
-def iter_units(files: Sequence[Path], chunk: int | None = None) -> Iterator[Unit]:
-    """Units of all files in order. JSONL is read here (cheap; gzip cannot be split anyway)
-    and cut at line ends; parsing it, and reading text files, is left to the workers."""
+def _read_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from zstandard import ZstdError
+    except ImportError:  # only a .zst input needs it (check_readers says so)
+        return _READ_ERRORS
+    return (*_READ_ERRORS, ZstdError)
+
+
+def iter_units(files: Sequence[Path | str | Input], chunk: int | None = None) -> Iterator[Unit]:
+    """Units of all inputs in order. Reading and cutting happen here (streams cannot be
+    split); parsing, and reading local text files, is left to the workers. A read error
+    becomes a unit that raises it, after the units before it, and ends the inputs."""
     chunk = chunk or CHUNK_BYTES
-    for i, path in enumerate(files):
-        if not _is_jsonl(path):
-            try:
-                size = path.stat().st_size
-            except OSError:
-                size = 0  # the worker's read reports it
-            yield Unit(i, str(path), 0, 0, None, size)
-            continue
-        line = 1
+    read_errors = _read_errors()
+    for i, inp in enumerate(as_inputs(files)):
+        at = 0
         try:
-            with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-                while data := f.read(chunk):
-                    if not data.endswith(b"\n"):
-                        data += f.readline()
-                    n = data.count(b"\n")
-                    last = line + n - 1 if data.endswith(b"\n") else line + n
-                    yield Unit(i, str(path), line, last, data, len(data))
-                    line += n
-        except (OSError, EOFError, zlib.error) as e:  # EOFError: truncated .gz; zlib.error: corrupt deflate data
-            yield Unit(i, str(path), line, line, None, 0, f"cannot read {path}: {e}")
+            for unit in read_units(i, inp, chunk):
+                at = unit.last_line
+                yield unit
+        except InputError as e:
+            yield Unit(i, inp.name, at, at, None, 0, str(e))
             return  # nothing after an error is used
+        except read_errors as e:
+            yield Unit(i, inp.name, at, at, None, 0, f"cannot read {inp.name}: {e}")
+            return
 
 
 def iter_tasks(units: Iterable[Unit], chunk: int | None = None) -> Iterator[list[Unit]]:
@@ -145,39 +148,9 @@ def iter_tasks(units: Iterable[Unit], chunk: int | None = None) -> Iterator[list
         yield task
 
 
-def unit_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
-    """``(line, text)`` of the unit's non-empty documents; errors name the file and line."""
-    if u.error:
-        raise ValueError(u.error)
-    if u.data is None:
-        try:
-            # Bytes + explicit decode keeps the text exact (no newline translation).
-            text = Path(u.path).read_bytes().decode("utf-8", errors="replace")
-        except OSError as e:
-            raise ValueError(f"cannot read {u.path}: {e}") from None
-        if text:
-            yield 0, text
-        return
-    for lineno, raw in enumerate(u.data.split(b"\n"), start=u.first_line):
-        line = raw.decode("utf-8", errors="replace").strip()
-        if not line:  # tolerate blank lines, e.g. a trailing newline
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{u.path}:{lineno}: malformed JSON line ({e.msg})") from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            raise ValueError(f"{u.path}:{lineno}: missing field {text_field!r}")
-        text = obj[text_field]
-        if not isinstance(text, str):
-            raise ValueError(f"{u.path}:{lineno}: field {text_field!r} is {type(text).__name__}, not a string")
-        if text:
-            yield lineno, text
-
-
-def iter_documents(files: Sequence[Path], text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield ``(file_index, text)`` for every non-empty document, in file order (in this process)."""
-    for u in iter_units(files):
+def iter_documents(files: Sequence[Path | str | Input], text_field: str = "text") -> Iterator[tuple[int, str]]:
+    """Yield ``(file_index, text)`` for every non-empty document, in input order (in this process)."""
+    for u in iter_units(as_inputs(files, text_field)):
         for _, text in unit_texts(u, text_field):
             yield u.file, text
 
@@ -290,7 +263,7 @@ class Pool:
             self._ex.shutdown(wait=True, cancel_futures=True)
 
 
-def val_threshold(pool: Pool, files: Sequence[Path], count: int, job: Job, prog: Progress) -> int:
+def val_threshold(pool: Pool, files: Sequence[Path | str | Input], count: int, job: Job, prog: Progress) -> int:
     """Split-hash bound below which exactly ``count`` documents fall: the ``count`` smallest hashes."""
     best = np.empty(0, np.uint64)
     pending: list[np.ndarray] = []

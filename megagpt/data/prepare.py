@@ -1,6 +1,15 @@
-"""Turn text / JSONL files into webdataset tar shards of pre-tokenized documents.
+"""Turn text / JSONL / Parquet / webdataset tar files into webdataset tar shards of pre-tokenized documents.
 
     python -m megagpt.data.prepare --input corpus/ more.jsonl.gz --output data/mycorpus --val-fraction 0.01
+    python -m megagpt.data.prepare --input https://host/fineweb-000.parquet 'pipe:curl -s https://host/x.jsonl.zst' ...
+
+Inputs are read by their name's ending: ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.zst`` (a
+document per line: ``--text-field`` of its object), ``.parquet`` (a document per row:
+the ``--text-field`` column; needs pyarrow), ``.tar`` / ``.tar.gz`` / ``.tgz``
+(webdataset samples: the ``.txt`` member, else the ``--text-field`` of the ``.json``
+member), anything else a whole file as one document. An input may be an ``http(s)://``
+URL or a ``pipe:COMMAND`` (its format: the ending of the command's last word); see
+``prep_formats`` and ``prep_sources``.
 
 Each sample holds one document's token ids (no EOD; the reader appends it). The
 directory is complete once ``manifest.json`` exists: it is written last, and every
@@ -23,6 +32,7 @@ from tokenizers import Tokenizer
 
 from megagpt.data.prep_inputs import CHUNK_BYTES, Job, Pool, cpu_count, find_inputs, iter_documents, val_threshold
 from megagpt.data.prep_progress import Progress, clearing
+from megagpt.data.prep_sources import Input, as_inputs, check_readers, identity
 from megagpt.data.shards import FORMAT, VERSION, check_manifest
 from megagpt.data.shardwriter import (
     SPLITS,
@@ -53,17 +63,20 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _fingerprint(files: Sequence[Path], options: dict) -> tuple[str, int]:
-    """Hash of the options and every input's path, size and mtime; and the total input size."""
+# An input of unknown size (a pipe:, a URL without Content-Length) counts as this much
+# when picking the number of workers: corpora are big, so all cores.
+UNKNOWN_INPUT_BYTES = 1 << 30
+
+
+def _fingerprint(files: Sequence[Input], options: dict) -> tuple[str, int]:
+    """Hash of the options and every input's identity (a file's path, size and mtime; a
+    URL's metadata; a command's text: see prep_sources.identity); and the total input size."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     total = 0
-    for p in files:
-        try:
-            st = p.stat()
-        except OSError as e:
-            raise ValueError(f"cannot read {p}: {e}") from None
-        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        total += st.st_size
+    for inp in files:
+        line, size = identity(inp)
+        h.update(line.encode())
+        total += UNKNOWN_INPUT_BYTES if size is None else size
     return h.hexdigest(), total
 
 
@@ -143,7 +156,8 @@ def prepare(
         raise ValueError(f"need 0 <= val_fraction < 1 and val_docs >= 0, got {val_fraction} and {val_docs}")
     if val_fraction and val_docs:
         raise ValueError("give val_fraction or val_docs, not both")
-    files = find_inputs(inputs)
+    files = as_inputs(find_inputs(inputs), text_field)
+    check_readers(files)
     say(f"{len(files)} input files")
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,13 +262,14 @@ def read_manifest(dir_or_file: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, directories or globs")
+    ap.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="files, directories, globs, http(s):// URLs or 'pipe:COMMAND' (format: by the name's ending)")
     ap.add_argument("--output", required=True, metavar="DIR")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or HF tokenizer folder (default: train BPE)")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size when training (default 8192)")
     ap.add_argument("--docs-per-shard", type=int, default=DEFAULT_DOCS_PER_SHARD)
     ap.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="max token bytes per shard (default 64 MiB)")
-    ap.add_argument("--text-field", default="text", help="JSONL field holding the text (default 'text')")
+    ap.add_argument("--text-field", default="text", help="JSON field or Parquet column of the text (default 'text')")
     ap.add_argument(
         "--workers", type=int, help="processes reading and tokenizing (default: all cores; fewer for small inputs)"
     )

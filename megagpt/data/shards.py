@@ -14,13 +14,16 @@ rest of the config.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
 import json
 import os
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -92,16 +95,52 @@ def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
-def read_bytes(url: str) -> bytes:
-    if is_local(url):
-        with open(url, "rb") as f:
-            return f.read()
-    if url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=120) as r:
-            return r.read()
-    from webdataset import gopen
+class _Command:
+    """The output of a ``pipe:`` command (webdataset's ``Pipe``); a failed command reads
+    as an ``OSError`` that says its exit status, rather than webdataset's internals."""
 
-    with gopen(url) as f:  # pipe:, and the other schemes webdataset knows
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._pipe.read(n)
+        except OSError:
+            raise OSError(f"the command exited with status {self._pipe.status}") from None
+
+    def close(self) -> None:
+        try:
+            self._pipe.close()
+        except OSError:
+            raise OSError(f"the command exited with status {self._pipe.status}") from None
+
+
+@contextlib.contextmanager
+def open_url(url: str, timeout: float = 120) -> Iterator[BinaryIO]:
+    """A binary stream of a local file, an http(s) URL (urllib; `timeout` seconds
+    without data fail the read) or a ``pipe:`` command and the other schemes
+    webdataset's ``gopen`` knows.  Closing a ``pipe:`` stream checks the
+    command's exit status, except when the reading stopped early: a command cut
+    off mid-write may exit non-zero, and that must not hide what stopped it."""
+    if is_local(url):
+        stream = open(url, "rb")
+    elif url.startswith(("http://", "https://")):
+        stream = urllib.request.urlopen(url, timeout=timeout)
+    else:
+        from webdataset import gopen
+
+        stream = _Command(gopen(url))
+    try:
+        yield stream  # type: ignore[misc]
+    except BaseException:
+        with contextlib.suppress(Exception):
+            stream.close()
+        raise
+    stream.close()
+
+
+def read_bytes(url: str) -> bytes:
+    with open_url(url) as f:
         return f.read()
 
 
