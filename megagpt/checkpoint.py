@@ -13,7 +13,8 @@ committed checkpoint and changes only after the rename.
 On resume the newest checkpoint is verified against its manifest; a damaged
 one (truncated, altered, a file missing) is reported, renamed
 `step_<N>.damaged`, and the previous one is tried.  `keep_last` prunes old
-checkpoints after each commit, never the newest.
+checkpoints after each commit: it keeps the highest steps, and never the one
+just committed.
 
 With `async_commit`, hashing and committing run in a background thread, so
 training waits only for DeepSpeed's own write.
@@ -242,14 +243,18 @@ class Checkpointer:
             f.write(tag + "\n")
         os.replace(os.path.join(self.root, LATEST_FILE + ".tmp"), os.path.join(self.root, LATEST_FILE))
         _fsync_dir(self.root)
-        self._prune()
+        self._prune(keep=final)
 
-    def _prune(self) -> None:
+    def _prune(self, keep: str) -> None:
+        """Keep the `keep_last` highest steps, and always `keep`, the one just
+        committed: after `trainer.resume=never` or a resume from an older PATH
+        the run.dir may hold higher steps of an earlier run."""
         if self.keep_last <= 0:
             return
         found = complete_checkpoints(self.root)
         for _, path in found[: max(0, len(found) - self.keep_last)]:
-            shutil.rmtree(path, ignore_errors=True)
+            if os.path.abspath(path) != os.path.abspath(keep):
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_json(path: str, obj) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import shlex
 import shutil
 import threading
 from itertools import islice
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import make_dataset, make_two_sources
-from megagpt.data.shards import DataError, open_dataset
+from megagpt.data.shards import DataError, open_dataset, read_bytes, read_shard
 from megagpt.data.stream import Batches, Mixture, ShardStreams, mix_counts, rank_sequences, val_sequences
 
 L = 16
@@ -231,6 +232,65 @@ def test_pipe_urls_read_through_a_command(two_sets):
     piped = replace(ds.shards[0], url=f"pipe:cat {ds.shards[0].url}")
     np.testing.assert_array_equal(read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
                                   read_shard(ds.shards[0], ds.dtype, ds.vocab_size, ds.eod_id))
+
+
+# A stand-in for `aws s3 cp SRC -`: the command's file is not its last word.
+FAKE_AWS = """#!/bin/sh
+[ "$1" = cp ] && [ "$3" = - ] || { echo "usage: $0 cp SRC -" >&2; exit 2; }
+exec cat -- "$2"
+"""
+
+
+@pytest.fixture(scope="module")
+def s3_like(tmp_path_factory):
+    """(the fake `aws` command, a prepared dataset with validation shards in a
+    directory whose name has a space)."""
+    root = tmp_path_factory.mktemp("s3")
+    data = make_dataset(root, n_docs=30, docs_per_shard=5, seed=5, val_docs=6).rename(root / "my corpus")
+    aws = root / "aws"
+    aws.write_text(FAKE_AWS)
+    aws.chmod(0o755)
+    return aws, data
+
+
+def s3_cp(aws, path) -> str:
+    return f"pipe:{aws} cp {shlex.quote(str(path))} -"
+
+
+def test_pipe_urls_whose_command_goes_on_after_the_shard(s3_like):
+    aws, data = s3_like
+    local = open_dataset(str(data))
+    assert local.val_shards
+    n = len(local.shards)
+    url = s3_cp(aws, data / f"shard-{{000000..{n - 1:06d}}}.tar")  # the manifest, val shards, tokenizer: beside it
+    for ds in (open_dataset(url), open_dataset(url, manifest=s3_cp(aws, data / "manifest.json"))):
+        assert [s.url for s in ds.shards] == [s3_cp(aws, s.url) for s in local.shards]
+        assert [s.url for s in ds.val_shards] == [s3_cp(aws, s.url) for s in local.val_shards]
+        assert ds.tokenizer_url == s3_cp(aws, data / "tokenizer.json")
+        assert ds.fingerprint() == local.fingerprint()  # the same shards, fetched another way
+        for piped, plain in zip(ds.shards + ds.val_shards, local.shards + local.val_shards):
+            np.testing.assert_array_equal(read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
+                                          read_shard(plain, ds.dtype, ds.vocab_size, ds.eod_id))
+        assert read_bytes(ds.tokenizer_url) == (data / "tokenizer.json").read_bytes()
+    remote = Mixture([ShardStreams(open_dataset(url), 4, L, seed=3, shuffle_buffer=4)], [1.0])
+    plain = Mixture([ShardStreams(local, 4, L, seed=3, shuffle_buffer=4)], [1.0])
+    assert same(order(remote, 2, 0, 120), order(plain, 2, 0, 120))
+
+
+def test_pipe_url_keeps_what_the_shell_expands(s3_like, monkeypatch):
+    aws, data = s3_like
+    monkeypatch.setenv("CORPUS", str(data))
+    ds = open_dataset(f'pipe:{aws} cp "$CORPUS"/shard-000001.tar - 2>/dev/null')
+    assert ds.tokenizer_url == f'pipe:{aws} cp "$CORPUS"/tokenizer.json - 2>/dev/null'
+    assert read_bytes(ds.tokenizer_url) == (data / "tokenizer.json").read_bytes()
+
+
+def test_pipe_url_without_a_tar_word_is_a_one_line_error(s3_like):
+    aws, data = s3_like
+    url = s3_cp(aws, data / "latest")
+    with pytest.raises(DataError) as e:
+        open_dataset(url)
+    assert str(e.value) == f"data.urls: {url} has no word ending in .tar, so the shard it fetches is unknown"
 
 
 # -- validation ------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ vocabulary) *before* any of it is used.  A bad shard therefore fails as a
 unit: under `data.on_error=skip` it is dropped whole and never half-used.
 
 `pipe:` URLs run shell commands: they are trusted operator input, like the
-rest of the config.
+rest of the config.  A command's shard is its last word ending in `.tar`, not
+always its last word (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`); the
+files beside it (manifest, validation shards, tokenizer) are fetched by the
+same command with that word's file name replaced.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,7 +92,7 @@ class Dataset:
     tokenizer_url: str
 
     def fingerprint(self) -> str:
-        names = "\n".join(f"{os.path.basename(s.url)}:{s.stored_tokens}" for s in self.shards)
+        names = "\n".join(f"{shard_name(s.url)}:{s.stored_tokens}" for s in self.shards)
         return hashlib.sha256(names.encode()).hexdigest()[:16]
 
 
@@ -165,6 +170,64 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
+def _basename(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+# A word of a shell command as written: quoted strings, escaped and plain characters up to unquoted whitespace.
+_SHELL_WORD = re.compile(r"""(?:'[^']*'|"(?:\\.|[^"\\])*"|\\.|[^ \t\r\n'"\\])+""", re.S)
+
+
+def _file_word(url: str, suffix: str) -> tuple[str, re.Match, str]:
+    """A ``pipe:`` command, the word naming the file it fetches (the last whose
+    basename ends in `suffix`) as written, and that word's value.  The file is
+    not always the last word (`aws s3 cp s3://bucket/x.tar -` ends in "-")."""
+    command = url[len("pipe:"):]
+    try:
+        shlex.split(command)  # unbalanced quotes, a dangling backslash
+    except ValueError as e:
+        raise DataError(f"data.urls: cannot split the command of {url}: {e}") from None
+    for word in reversed(list(_SHELL_WORD.finditer(command))):
+        value = shlex.split(word.group())[0]
+        if _basename(value).endswith(suffix):
+            return command, word, value
+    raise DataError(f"data.urls: {url} has no word ending in {suffix}, so the shard it fetches is unknown")
+
+
+def shard_name(url: str) -> str:
+    """A shard's name in the manifest: its basename, or for a ``pipe:`` command the
+    basename of its last word that ends in `.tar`."""
+    if url.startswith("pipe:"):
+        return _basename(_file_word(url, ".tar")[2])
+    return _basename(url)
+
+
+def beside(url: str, name: str, suffix: str = ".tar") -> str:
+    """The URL of file `name` in the same place as the file at `url` (a shard when
+    suffix is `.tar`).  For a ``pipe:`` command: the same command with the file
+    word's basename replaced.  Every other word is kept as written, and so is the
+    rest of the file word where it can be, so that what the shell expands
+    (`$BUCKET`, `~`) or reads as syntax (`|`, `2>/dev/null`) still is."""
+    if not url.startswith("pipe:"):
+        return f"{_parent(url)}/{name}"
+    command, word, value = _file_word(url, suffix)
+    return "pipe:" + command[: word.start()] + _renamed(word.group(), value, name) + command[word.end():]
+
+
+def _renamed(raw: str, value: str, name: str) -> str:
+    """The shell word written `raw` (read as `value`) with its basename replaced by
+    `name`: as written where the basename is there verbatim, else quoted anew."""
+    old = _basename(value)
+    new_value = value[: len(value) - len(old)] + name
+    at = raw.rfind(old)
+    if at >= 0:
+        candidate = raw[:at] + name + raw[at + len(old):]
+        with contextlib.suppress(ValueError):  # a name with a quote in it
+            if shlex.split(candidate) == [new_value]:
+                return candidate
+    return shlex.quote(new_value)  # the basename was written escaped, or quoted in pieces
+
+
 def _entry(url: str, e: dict) -> Shard:
     return Shard(url, int(e["documents"]), int(e["tokens"]), e.get("bytes"), e.get("sha256"), e.get("xxh3_128"))
 
@@ -175,7 +238,10 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
     expanded = _expand(urls)
     if len(expanded) == 1 and (os.path.isdir(expanded[0]) or expanded[0].endswith("/")):
         base = expanded[0].rstrip("/")
-        manifest = manifest or f"{base}/manifest.json"
+
+        def near(name: str) -> str:  # a file of the prepared dir
+            return f"{base}/{name}"
+
         expanded = []
     elif not expanded:
         raise DataError(f"data.urls: no shards in {urls!r}")
@@ -184,8 +250,12 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"data.urls: {missing[0]} does not exist{more}")
-        base = _parent(expanded[0])
-        manifest = manifest or f"{base}/manifest.json"
+        first = expanded[0]
+
+        def near(name: str) -> str:  # a file beside the first shard, fetched the way it is
+            return beside(first, name)
+
+    manifest = manifest or near("manifest.json")
     try:
         man = json.loads(read_bytes(manifest))
     except Exception as e:  # noqa: BLE001 - any failure to fetch or parse is the same user error
@@ -194,21 +264,27 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
         check_manifest(man, manifest)
     except ValueError as e:
         raise DataError(f"data.manifest: {e}") from None
-    mbase = _parent(manifest)
     by_name = {s["name"]: s for s in man["shards"]}
     if not expanded:
-        expanded = [f"{base}/{s['name']}" for s in man["shards"]]
+        expanded = [near(s["name"]) for s in man["shards"]]
     shards = []
     for url in expanded:
-        name = url.rsplit("/", 1)[-1]
+        name = shard_name(url)
         if name not in by_name:
             raise DataError(f"data.urls: shard {url} is not listed in {manifest}")
         shards.append(_entry(url, by_name[name]))
-    vbase = base if expanded else mbase
-    val = tuple(_entry(f"{vbase}/{e['name']}", e) for e in man.get("val_shards", []))
-    tok = man.get("tokenizer", "tokenizer.json")
-    return Dataset(tuple(shards), val, man["dtype"], int(man["vocab_size"]), int(man["eod_id"]),
-                   f"{mbase}/{tok}")
+    val = tuple(_entry(near(e["name"]), e) for e in man.get("val_shards", []))
+    tokenizer = _tokenizer_url(manifest, man.get("tokenizer", "tokenizer.json"), near)
+    return Dataset(tuple(shards), val, man["dtype"], int(man["vocab_size"]), int(man["eod_id"]), tokenizer)
+
+
+def _tokenizer_url(manifest: str, name: str, near) -> str:
+    """The tokenizer is beside the manifest; a ``pipe:`` manifest whose command
+    names no `.json` file cannot say where, so look beside the shards then."""
+    try:
+        return beside(manifest, name, ".json")
+    except DataError:
+        return near(name)
 
 
 VERIFY = ("fast", "sha256")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from megagpt.data.shards import Dataset, DataError, open_dataset
+from megagpt.data.shards import Dataset, DataError, open_dataset, read_bytes
 from megagpt.data.stream import Mixture, ShardStreams, default_num_streams, make_reader
 
 
@@ -58,11 +60,49 @@ def _datasets(cfg, env, barrier) -> list[tuple[str, float, Dataset]]:
 
 
 def _check_compatible(sets: Sequence[tuple[str, float, Dataset]]) -> None:
-    first = sets[0][2]
+    """All sources must share one tokenizer: the same vocabulary and EOD id, and
+    the same tokenizer.json wherever a source has one (two tokenizers of one
+    size still give their ids different meanings)."""
+    first_name, _, first = sets[0]
     for name, _, ds in sets[1:]:
         if (ds.vocab_size, ds.eod_id) != (first.vocab_size, first.eod_id):
-            raise DataError(f"data.sources: {name} was tokenized differently from {sets[0][0]} "
+            raise DataError(f"data.sources: {name} was tokenized differently from {first_name} "
                             f"(vocab {ds.vocab_size} vs {first.vocab_size}); use one tokenizer for all")
+    if len(sets) > 1:
+        _check_same_tokenizer_file(sets)
+
+
+def _check_same_tokenizer_file(sets: Sequence[tuple[str, float, Dataset]]) -> None:
+    """Compare each source's tokenizer.json with the first one that can be read;
+    a source without one is left to the vocabulary check.  Each file is read
+    once, however many sources share it (it may be a remote fetch)."""
+    digests: dict[str, str | None] = {}
+    first: tuple[str, str, str] | None = None  # (source name, url, digest) of the first tokenizer found
+    for name, _, ds in sets:
+        if ds.tokenizer_url not in digests:
+            digests[ds.tokenizer_url] = _tokenizer_digest(ds.tokenizer_url)
+        digest = digests[ds.tokenizer_url]
+        if digest is None:
+            continue
+        if first is None:
+            first = (name, ds.tokenizer_url, digest)
+        elif digest != first[2]:
+            raise DataError(f"data.sources: {name} and {first[0]} were prepared with different tokenizers "
+                            f"({ds.tokenizer_url} and {first[1]} differ); prepare every source with one --tokenizer")
+
+
+def _tokenizer_digest(url: str) -> str | None:
+    """sha256 of a tokenizer.json as canonical JSON (key order and whitespace do
+    not change what it encodes), or None if there is none to read."""
+    try:
+        raw = read_bytes(url)
+    except Exception:  # noqa: BLE001 - missing file, HTTP 404, failed pipe command: no tokenizer to compare
+        return None
+    try:
+        raw = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        pass  # not JSON: compare the bytes as they are
+    return hashlib.sha256(raw).hexdigest()
 
 
 def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> TrainingData:
