@@ -155,6 +155,12 @@ def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, devic
 
     model.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # DeepSpeed's WarmupCosineLR starts at iteration -1, learning rate 0, and
+    # the engine steps it after each optimizer step: step 1 would not learn at
+    # all, and step k would run at the schedule's point k - 2.  One step here
+    # puts step k at point k - 1: step 1 at lr / warmup_steps, the last step at
+    # lr * min_lr_ratio.  (A resume loads the schedule's own state over this.)
+    engine.lr_scheduler.step()
     if cfg.model.compile:
         engine.compile()
     return engine, model, optimizer

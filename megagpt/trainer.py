@@ -105,6 +105,7 @@ class Trainer:
         self._consecutive_skips = 0
         self._val: dict[str, list[np.ndarray]] | None = None
         self._grad_norm = float("nan")
+        self._lr = float("nan")  # the learning rate of the last update
 
     # -- one step -------------------------------------------------------------------------
 
@@ -149,6 +150,8 @@ class Trainer:
                 self.optimizer.new_step(loss_ok)  # decided with the other ranks inside the step
             with record_function("megagpt.backward"):
                 engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():
+                self._lr = float(engine.get_lr()[0])  # this update's; stepping moves the schedule on
             if engine.is_gradient_accumulation_boundary() and self.cfg.deepspeed.zero_stage == 0:
                 self._grad_norm = _local_grad_norm(engine.module)  # grads are all-reduced by now
             with record_function("megagpt.step"):
@@ -335,7 +338,7 @@ class Trainer:
         record = {
             "step": self.state.step,
             "loss": float(sums[0] / W),
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": self._lr,
             "grad_norm": self._grad_norm if self.cfg.deepspeed.zero_stage == 0
             else float(self.engine.get_global_grad_norm() or float("nan")),
             "tokens_per_sec": tps,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import kill_job, make_dataset, torchrun, torchrun_popen, worker_pid
+from helpers import check_reference, kill_job, make_dataset, torchrun, torchrun_popen, worker_pid
 
 STEPS = 24
 
@@ -80,6 +80,18 @@ def newest_committed(run_dir: Path) -> int:
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return path.read_text().count("\n") if path.exists() else 0
+
+
+def test_learning_rate_schedule_as_the_steps_ran_it(reference):
+    """The logged lr is the one each update used: step 1 already learns at
+    lr / warmup_steps (DeepSpeed's schedule would start it at 0), the last step
+    runs at lr * min_lr_ratio, and the schedule peaks at lr in between."""
+    lrs = [r["lr"] for r in records(reference)]
+    assert len(lrs) == STEPS
+    assert lrs[0] == pytest.approx(3e-3 / 2, rel=1e-9)
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1, rel=1e-9)
+    assert max(lrs) == pytest.approx(3e-3, rel=0.01) and lrs.index(max(lrs)) <= 3
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # cosine decay after the warmup
 
 
 def test_verified_checkpoints_layout(reference):
@@ -202,12 +214,30 @@ def test_nan_skip_then_spike_counted(data_dir, tmp_path):
     assert all(x["loss"] == x["loss"] for x in recs)  # no NaN got into the weights
 
 
-def test_nan_rollback_skips_the_bad_window(data_dir, tmp_path):
-    """Steps 6-8 read a bad window ([40, 64) in global sequences): two skips,
-    then a rollback to step 4; the stream continues at 64 and the run finishes."""
+@pytest.fixture(scope="module")
+def rollback_run(data_dir, tmp_path_factory):
+    """Steps 6-8 read a bad window ([40, 64) in global sequences)."""
+    tmp_path = tmp_path_factory.mktemp("rollback")
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, run_dir, 12, "trainer.max_nan_skips=2"), cwd=tmp_path,
                  env_extra={"MEGAGPT_FAULT_NAN": "1:40-64"})
+    return run_dir, r
+
+
+def test_losses_match_the_recorded_reference(reference, rollback_run):
+    """The uninterrupted run and the rollback run log the losses the code
+    logged before the training loop was rebuilt, bit for bit (the SIGKILL,
+    stop and damaged-checkpoint runs equal the uninterrupted one, bit for bit)."""
+    run_dir, r = rollback_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_reference("fault_tolerance/uninterrupted", losses(reference))
+    check_reference("fault_tolerance/nan_rollback", losses(run_dir))
+
+
+def test_nan_rollback_skips_the_bad_window(rollback_run):
+    """Two skips, then a rollback to step 4; the stream continues at 64 and
+    the run finishes."""
+    run_dir, r = rollback_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert "rollback: step 8 -> step 4" in r.stdout and "sequences [32, 64) are skipped" in r.stdout
     recs = records(run_dir)
@@ -252,6 +282,7 @@ def test_watchdog_ends_a_hung_job_then_restart_resumes(data_dir, tmp_path):
     idle = [int(x) for x in re.findall(r"watchdog: no progress for (\d+) s", err)]
     assert idle and all(8 <= x <= 30 for x in idle), idle
     assert "maybe_hang" in err  # the hung rank's stack names where it is stuck
+    assert re.search(r"exitcode\s*:\s*70\b", err), err[-3000:]  # the watchdog's own exit code
     r = torchrun(args(data_dir, run_dir, 12), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_4 at step 4" in r.stdout
