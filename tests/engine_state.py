@@ -9,7 +9,9 @@ element for element.
 
     torchrun --nproc_per_node=N tests/engine_state.py OUT_PREFIX CKPT [CKPT ...] -- key=value ...
 
-writes OUT_PREFIX<i>.pt (rank 0) for the i-th checkpoint.
+writes OUT_PREFIX<i>.pt (rank 0) for the i-th checkpoint, and OUT_PREFIXinit.pt:
+the weights as the engine initialised them, beside the plain model's own
+initialisation (no DeepSpeed).
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def _group_states(engine, inner, zero_stage: int):
     for i, group in enumerate(inner.param_groups):
         for p in group["params"]:
             yield i, inner.state.get(p, {})
+
+
+def full_weights(model, zero_stage: int) -> dict:
+    """The fp32 weights the optimizer updates, whole, by name (before any step).
+    Collective under ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return {name: (p.detach() if zero_stage == 0 else safe_get_full_fp32_param(p)).float().cpu().clone()
+            for name, p in model.named_parameters()}
 
 
 def full_state(engine, model, zero_stage: int) -> dict:
@@ -92,6 +103,16 @@ def main(argv: list[str]) -> None:
     gcfg = build_model_config(cfg, data.vocab_size, resolve_backend(cfg.model.attention, device.type), data.eod_id)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
     engine, model, _ = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
+    # The weights as initialised under this sharding, and (rank 0) those of the
+    # plain model initialised without DeepSpeed: they must be the same.
+    weights = full_weights(model, cfg.deepspeed.zero_stage)
+    if env.is_main:
+        from megagpt.model.gpt import GPT
+
+        plain = GPT(gcfg)
+        plain.init_weights(cfg.trainer.seed)
+        torch.save({"engine": weights, "plain": {n: p.detach().clone() for n, p in plain.named_parameters()}},
+                   f"{out_prefix}init.pt")
     for i, path in enumerate(checkpoints):
         checkpoint.load(engine, path, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
         state = full_state(engine, model, cfg.deepspeed.zero_stage)

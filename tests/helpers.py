@@ -131,3 +131,41 @@ def worker_pid(launcher_pid: int, rank: int) -> int | None:
         if f"RANK={rank}".encode() in env:
             return pid
     return None
+
+
+# -- reference losses from an earlier version of the code ------------------------
+# tests/fixtures/reference_losses.json holds the losses some end-to-end runs
+# logged with the code as it was before the training loop was rebuilt (commit
+# recorded in the file).  The same runs must log the same losses, bit for bit,
+# on the same kind of CPU: floating-point kernels differ between CPU
+# generations (AVX2 / AVX-512), so on another kind the comparison is skipped,
+# with the reason.  MEGAGPT_RECORD_REFERENCE=1 records instead of comparing.
+REFERENCE_FILE = REPO / "tests" / "fixtures" / "reference_losses.json"
+
+
+def _cpu_kind() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def check_reference(name: str, losses: dict[int, float]) -> None:
+    import json
+
+    import pytest
+
+    if os.environ.get("MEGAGPT_RECORD_REFERENCE") == "1":
+        data = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.exists() else {"runs": {}}
+        data["cpu"] = _cpu_kind()
+        data["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                        text=True).stdout.strip()
+        data["runs"][name] = {str(k): v for k, v in sorted(losses.items())}
+        REFERENCE_FILE.parent.mkdir(exist_ok=True)
+        REFERENCE_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        return
+    data = json.loads(REFERENCE_FILE.read_text())
+    expected = {int(k): v for k, v in data["runs"][name].items()}
+    if data["cpu"] != _cpu_kind():
+        pytest.skip(f"reference losses were recorded on a {data['cpu']} CPU, this one is {_cpu_kind()}")
+    assert losses == expected, {s: (losses.get(s), expected.get(s)) for s in sorted(set(losses) | set(expected))
+                                if losses.get(s) != expected.get(s)}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, _torchrun_job, make_dataset, torchrun
+from helpers import REPO, _torchrun_job, check_reference, make_dataset, torchrun
 
 STEPS, RESUME_AT = 20, 10
 # Resumed-vs-uninterrupted may differ by at most this many times what a run
@@ -87,6 +87,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 def stage_runs(request, data_dir, tmp_path_factory):
     """For one ZeRO stage: uninterrupted runs on 2 and on 1 rank(s), each
     resumed from the other's step-10 checkpoint, and the loaded states."""
+    import torch
+
     stage, root = request.param, tmp_path_factory.mktemp(f"zero{request.param}")
     runs = {"two": root / "two", "one": root / "one", "two_to_one": root / "two_to_one",
             "one_to_two": root / "one_to_two"}
@@ -98,7 +100,20 @@ def stage_runs(request, data_dir, tmp_path_factory):
     on_one = dump_states(data_dir, stage, 1, [ckpt_one, ckpt_two], root / "on_one_")
     on_two = dump_states(data_dir, stage, 2, [ckpt_two, ckpt_one], root / "on_two_")
     states = {"two": (on_two[0], on_one[1]), "one": (on_one[0], on_two[1])}  # (as written, resharded)
-    return {"stage": stage, "runs": runs, "states": states, "logs": (r21, r12)}
+    inits = {n: torch.load(root / f"on_{n}_init.pt", weights_only=True) for n in ("one", "two")}
+    return {"stage": stage, "runs": runs, "states": states, "inits": inits, "logs": (r21, r12)}
+
+
+def test_weights_start_the_same_for_any_stage_and_number_of_ranks(stage_runs):
+    """The sharded initialisation (one generator walking the modules, rank 0
+    writing each gathered module) gives the plain model's own weights, bit for
+    bit, on 1 and on 2 ranks."""
+    import torch
+
+    for ranks, init in stage_runs["inits"].items():
+        assert init["engine"].keys() == init["plain"].keys()
+        for name, expected in init["plain"].items():
+            assert torch.equal(init["engine"][name], expected), (stage_runs["stage"], ranks, name)
 
 
 def test_resharded_state_is_the_saved_state_element_for_element(stage_runs):
@@ -141,6 +156,13 @@ def test_resharded_resume_matches_the_uninterrupted_run(stage_runs):
         assert (runs["two_to_one"] / "checkpoints" / "universal" / f"step_{RESUME_AT}").is_dir()
     else:
         assert all(losses(runs["two_to_one"])[s] > 0 for s in after)
+
+
+def test_losses_match_the_recorded_reference(stage_runs):
+    """Every run logs the losses the code logged before the training loop was
+    rebuilt, bit for bit."""
+    for name, run_dir in stage_runs["runs"].items():
+        check_reference(f"elastic/zero{stage_runs['stage']}/{name}", losses(run_dir))
 
 
 def test_unconvertible_checkpoint_is_one_clear_line(data_dir, tmp_path):
