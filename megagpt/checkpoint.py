@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from megagpt.atomic import fsync_dir, write_json, write_text
+
 STATE_FILE = "megagpt_state.json"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -135,39 +137,29 @@ def resolve_resume(resume: str, root: str) -> str | None:
     return path
 
 
-# -- RNG ------------------------------------------------------------------------------------
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 # -- saving ---------------------------------------------------------------------------------
 
 class Checkpointer:
     """Writes verified checkpoints under `root`; collective (every rank calls save)."""
 
-    def __init__(self, root: str, rank: int, world_size: int, device: torch.device, keep_last: int = 0,
-                 async_commit: bool = False):
-        self.root, self.rank, self.world, self.device = root, rank, world_size, device
+    def __init__(self, root: str, rank: int, world_size: int, keep_last: int = 0, async_commit: bool = False,
+                 tokenizer: bytes | None = None):
+        self.root, self.rank, self.world = root, rank, world_size
         self.keep_last, self.async_commit = keep_last, async_commit
+        self.tokenizer = tokenizer  # the data's tokenizer.json (rank 0): export needs nothing but the checkpoint
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.blocked = 0.0  # seconds training waited for saves, in total
+        self.saved_step = -1  # the step of the last save (or of the checkpoint a rollback went back to)
         if rank == 0:
             os.makedirs(root, exist_ok=True)
             for stale in glob.glob(os.path.join(root, f"step_*{PARTIAL}")):
                 shutil.rmtree(stale, ignore_errors=True)  # a save killed midway: never committed
 
-    def save(self, engine, step: int, state: dict, tokenizer: bytes | None = None) -> str:
+    def save(self, engine, step: int, state: dict, rng) -> str:
+        """`engine` writes its own files (engine.TrainEngine.save), `state` is
+        what megagpt_state.json holds (state.Snapshot), `rng` this rank's
+        generators (state.RngState)."""
         import torch.distributed as dist
 
         t0 = time.perf_counter()
@@ -177,11 +169,11 @@ class Checkpointer:
         if self.rank == 0 and os.path.isdir(partial):
             shutil.rmtree(partial)
         dist.barrier()
-        engine.save_checkpoint(self.root, tag=tag + PARTIAL, save_latest=False)
-        torch.save(rng_state(self.device), os.path.join(partial, f"rng_rank{self.rank}.pt"))
-        if self.rank == 0 and tokenizer is not None:
+        engine.save(self.root, tag + PARTIAL)
+        torch.save(rng.state_dict(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
+        if self.rank == 0 and self.tokenizer is not None:
             with open(os.path.join(partial, TOKENIZER_FILE), "wb") as f:
-                f.write(tokenizer)
+                f.write(self.tokenizer)
         dist.barrier()  # every rank's files are written
         files = sorted(os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
                        if os.path.isfile(p))
@@ -194,6 +186,7 @@ class Checkpointer:
             self._commit(partial, tag, mine, files, state)
             dist.barrier()  # committed before anyone goes on
         self.blocked += time.perf_counter() - t0
+        self.saved_step = step
         return os.path.join(self.root, tag)
 
     def wait(self) -> None:
@@ -217,7 +210,7 @@ class Checkpointer:
         run in a thread), writes manifest and state, and renames."""
         hashes = {rel: dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
                   for rel in mine}
-        _write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes)
+        write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes, fsync=True)
         if self.rank != 0:
             return
         manifest: dict = {}
@@ -230,19 +223,17 @@ class Checkpointer:
         missing = set(files) - set(manifest)
         if missing:
             raise CheckpointError(f"checkpoint {partial}: no checksum for {sorted(missing)[:3]}")
-        _write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest})
+        write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
         state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
-        _write_json(os.path.join(partial, STATE_FILE), state)
+        write_json(os.path.join(partial, STATE_FILE), state, fsync=True)
         for r in range(self.world):
             os.remove(os.path.join(partial, f".hashes_rank{r}.json"))
         final = os.path.join(self.root, tag)
         if os.path.isdir(final):  # the same step saved again (after a rollback): the new one wins
             shutil.rmtree(final)
         os.rename(partial, final)
-        with open(os.path.join(self.root, LATEST_FILE + ".tmp"), "w") as f:
-            f.write(tag + "\n")
-        os.replace(os.path.join(self.root, LATEST_FILE + ".tmp"), os.path.join(self.root, LATEST_FILE))
-        _fsync_dir(self.root)
+        write_text(os.path.join(self.root, LATEST_FILE), tag + "\n")
+        fsync_dir(self.root)
         self._prune(keep=final)
 
     def _prune(self, keep: str) -> None:
@@ -255,22 +246,6 @@ class Checkpointer:
         for _, path in found[: max(0, len(found) - self.keep_last)]:
             if os.path.abspath(path) != os.path.abspath(keep):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -311,73 +286,44 @@ def universal_copy(path: str, saved_world: int, world: int) -> str:
     return out
 
 
-def _repair_stage3_universal_load(engine, universal_dir: str) -> None:
-    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load
-    (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`),
-    which made a resharded run drift from its first update on:
+def restore(path: str, *, engine=None, rng=None, snapshot=None, env=None, seed: int = 0) -> dict:
+    """Load the checkpoint at `path` into the parts given and return what its
+    megagpt_state.json holds.  One path for every use: a resume restores all
+    parts, a rollback the engine and the RNG (the data goes on, the train
+    state rewinds its step), export none (it reads the state and consolidates
+    the weights itself).  Collective when an engine is given.
 
-    - It stores one and the same `step` tensor in the state of every
-      parameter group.  torch's AdamW increments each group's step in place,
-      so with two groups the shared count went up twice per update and the
-      second group's bias correction ran one step ahead, then two, ...
-    - It copies the checkpoint's group-0 hyperparameters into every group,
-      assuming they are all the same.  megagpt's groups differ in
-      weight_decay (decay: optim.weight_decay; biases and norm gains: 0), so
-      the no-decay group came back decaying.
-
-    The converted checkpoint records every group (zero/optimizer_state.pt).
-    ZeRO-1/2 universal loads read each group on its own and need neither."""
-    inner = engine.optimizer.optimizer  # the wrapped torch AdamW
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()  # one count per group
-    # DeepSpeed pickles its loss scaler into this file (weights_only cannot read
-    # it); DeepSpeed's own loader has just read the same file the same way.
-    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]["param_groups"]
-    if len(saved) != len(inner.param_groups):
-        raise CheckpointError(f"checkpoint {universal_dir}: {len(saved)} optimizer parameter groups, "
-                              f"the model has {len(inner.param_groups)}")
-    for group, saved_group in zip(inner.param_groups, saved):
-        group.update({key: value for key, value in saved_group.items() if key != "params"})
-
-
-def load(engine, path: str, env, device: torch.device, seed: int, zero_stage: int) -> dict:
-    """Restore engine and RNG from the checkpoint at `path`; returns megagpt's
-    state dict. Collective. ZeRO-0 state is whole and loads on any number of
-    ranks; ZeRO-1..3 shards written by another number of ranks are loaded
-    through their universal copy."""
-    import torch.distributed as dist
+    ZeRO-0 state is whole and loads on any number of ranks; ZeRO-1..3 shards
+    written by another number of ranks go through their universal copy
+    (converted once, by rank 0).  On another number of ranks the saved
+    per-rank RNG states do not map onto the new ranks: the RNG is reseeded,
+    deterministically."""
+    from megagpt import collectives
 
     state = load_state(path)
-    saved_world = state.get("world_size", env.world_size)
-    source, universal = path, False
-    if zero_stage > 0 and saved_world != env.world_size:
-        error = None
-        if env.is_main:
-            try:
-                source = universal_copy(path, saved_world, env.world_size)
-            except CheckpointError as e:
-                error = str(e)
-        box = [(source, error)]
-        dist.broadcast_object_list(box, src=0)
-        source, error = box[0]
-        if error:
-            raise CheckpointError(error)
-        universal = True
-    root, tag = os.path.split(source.rstrip("/"))
-    engine._config.load_universal_checkpoint = universal  # read by DeepSpeed at load time only
-    try:
-        load_path, _ = engine.load_checkpoint(root, tag=tag)
-    finally:
-        engine._config.load_universal_checkpoint = False
-    if load_path is None:
-        raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")
-    if universal and zero_stage == 3:
-        _repair_stage3_universal_load(engine, source)
-    rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
-    if os.path.exists(rng_file) and saved_world == env.world_size:
-        set_rng_state(torch.load(rng_file, weights_only=True), device)
-    else:  # resumed on another number of ranks: a fresh stream, still deterministic
-        torch.manual_seed(seed + 1_000_003 * (env.rank + 1) + state["step"])
+    if engine is not None:
+        saved_world = state.get("world_size", env.world_size)
+        source, universal = path, False
+        if engine.zero_stage > 0 and saved_world != env.world_size:
+            outcome = None
+            if env.is_main:
+                try:
+                    outcome = (universal_copy(path, saved_world, env.world_size), None)
+                except CheckpointError as e:
+                    outcome = (None, str(e))
+            source, error = collectives.broadcast_from_main(outcome)
+            if error:
+                raise CheckpointError(error)
+            universal = True
+        root, tag = os.path.split(source.rstrip("/"))
+        if not engine.load(root, tag, universal=universal):
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")
+        if rng is not None:
+            rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
+            if os.path.exists(rng_file) and saved_world == env.world_size:
+                rng.load_state_dict(torch.load(rng_file, weights_only=True))
+            else:
+                rng.reseed(seed, env.rank, state["step"])
+    if snapshot is not None:
+        snapshot.load_state_dict(state)
     return state

@@ -1,158 +1,55 @@
 """The one place where the plain model meets DeepSpeed.
 
-`deepspeed_config` turns the Hydra config into DeepSpeed's JSON config;
 `build_engine` constructs the model inside `deepspeed.zero.Init` (ZeRO-3: each
 parameter is partitioned as soon as its module is built, so no rank ever holds
-the whole model), initialises the weights module by module, and wraps it all
-in a DeepSpeed engine with torch's AdamW (fused where available) and the
-warmup + cosine schedule, optionally compiled with torch.compile.
+the whole model), initialises the weights module by module, and wraps it in a
+DeepSpeed engine with megagpt's AdamW (optimizer.py) and the warmup + cosine
+schedule (ds_config.py), optionally compiled with torch.compile.
+
+`TrainEngine` is what the loop trains through: one `train_batch` call per
+optimizer step, returning device tensors, and the checkpoint I/O of the
+DeepSpeed state.  ZeRO-stage details, and DeepSpeed's faults, stay here.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
-from megagpt.config import Config, global_batch, grad_accum
-from megagpt.model.gpt import GPT, GPTConfig, decay_groups
+from megagpt import collectives
+from megagpt.config import Config
+from megagpt.model.gpt import GPT, GPTConfig
+from megagpt.optimizer import GuardedAdamW, build_optimizer
 
 log = logging.getLogger("megagpt")
 
 
-def resolve_precision(name: str, device_type: str) -> str:
-    if name == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return name
-
-
-def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
-    t, o, ds = cfg.trainer, cfg.optim, cfg.deepspeed
-    precision = resolve_precision(ds.precision, device_type)
-    warmup = max(1, o.warmup_steps)
-    zero: dict = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
-        zero.update(reduce_bucket_size=ds.reduce_bucket_size, contiguous_gradients=True,
-                    overlap_comm=ds.overlap_comm and device_type == "cuda")
-    if ds.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
-                    stage3_max_live_parameters=ds.stage3_max_live_parameters,
-                    stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
-                    # Checkpoints hold the ZeRO shards; export consolidates them offline.
-                    stage3_gather_16bit_weights_on_model_save=False)
-    return {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum(t, world_size),
-        "train_batch_size": global_batch(t, world_size),
-        "gradient_clipping": o.grad_clip,
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": t.max_steps,
-                "warmup_num_steps": warmup,
-                "warmup_type": "linear",
-                # Start warmup at lr / warmup rather than 0 so step 1 already learns.
-                "warmup_min_ratio": 1.0 / warmup,
-                "cos_min_ratio": o.min_lr_ratio,
-            },
-        },
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-
-
 def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None) -> GPTConfig:
-    m = cfg.model
-    v = m.vocab_size or vocab_size
-    v = -(-v // m.vocab_multiple) * m.vocab_multiple  # pad for matmul-friendly shapes
-    hidden = m.mlp_hidden
-    if hidden is None and m.family == "gpt2":
-        hidden = m.mlp_ratio * m.n_embd
-    return GPTConfig(vocab_size=v, max_seq_len=m.max_seq_len or cfg.data.seq_len, family=m.family,
-                     n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head, n_embd=m.n_embd,
-                     mlp_hidden=hidden, mlp_multiple=m.mlp_multiple, dropout=m.dropout, bias=m.bias,
-                     norm_eps=m.norm_eps, init_std=m.init_std, rope_theta=m.rope_theta,
-                     tie_embeddings=m.tie_embeddings, attention=attention, doc_mask=m.doc_mask,
-                     eod_id=eod_id, checkpoint_every=m.activation_checkpointing)
+    """The model's config: the `model.*` settings, with the tokenizer's vocab size, data.seq_len, the
+    resolved attention backend and the end-of-document id (GPTConfig.from_settings)."""
+    return GPTConfig.from_settings(cfg.model, vocab_size=vocab_size, seq_len=cfg.data.seq_len, attention=attention,
+                                   eod_id=eod_id)
 
 
-def use_fused_adamw(setting: bool | None, device_type: str) -> bool:
-    """torch has fused AdamW kernels for CUDA and (since 2.4) CPU; auto uses them there."""
-    if setting is not None:
-        return setting
-    return device_type in ("cuda", "cpu")
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """torch's AdamW that skips the update when any rank saw a non-finite
-    loss (`loss_ok`, set by the trainer) or holds a non-finite gradient.
-
-    The ranks agree with one all-reduce before anything is updated.  Under
-    ZeRO the optimizer is stepped once per parameter sub-group; the first call
-    of a step decides for all of them (`new_step()` resets).  ZeRO-1..3 also
-    skip a step by themselves when the global gradient norm is not finite."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.loss_ok = True
-        self.skipped = False
-        self._decided = False
-
-    def new_step(self, loss_ok: bool) -> None:
-        self.loss_ok, self.skipped, self._decided = loss_ok, False, False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if not self._decided:
-            self.skipped = not self._agree_finite()
-            self._decided = True
-        if self.skipped:
-            return None
-        return super().step(closure)
-
-    def _agree_finite(self) -> bool:
-        import torch.distributed as dist
-
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
-        ok = self.loss_ok
-        if ok and grads:
-            norms = torch._foreach_norm(grads)
-            ok = bool(torch.isfinite(torch.stack(norms)).all())
-        bad = torch.tensor([0.0 if ok else 1.0], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, device_type: str) -> GuardedAdamW:
-    """torch.optim.AdamW with decay / no-decay groups; DeepSpeed wraps it
-    (ZeRO partitions its state) and drives the learning-rate schedule."""
-    o = cfg.optim
-    return GuardedAdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                        fused=use_fused_adamw(o.fused, device_type))
-
-
-def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, device_type: str = "cpu"):
-    """Returns (engine, model, optimizer). The model is built sharded under ZeRO-3."""
+def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, world_size: int,
+                 device: torch.device) -> TrainEngine:
+    """The model is built sharded under ZeRO-3."""
     import deepspeed
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     stage3 = cfg.deepspeed.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
-        model = GPT(gcfg)
+        model = GPT(model_cfg)
     init_weights(model, cfg.trainer.seed, rank, stage3)
-    optimizer = build_optimizer(cfg, model, device_type)
+    optimizer = build_optimizer(cfg.optim, model, device.type)
     # Saved into every checkpoint, this marks it convertible to DeepSpeed's
     # universal format (resharding to another number of ranks): without it
     # ds_to_universal refuses ZeRO-1/2 checkpoints.  megagpt has no tensor or
     # pipeline parallelism, so there are no patterns to declare.
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
-
     model.universal_checkpoint_info = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     # DeepSpeed's WarmupCosineLR starts at iteration -1, learning rate 0, and
@@ -163,7 +60,7 @@ def build_engine(cfg: Config, gcfg: GPTConfig, ds_config: dict, rank: int, devic
     engine.lr_scheduler.step()
     if cfg.model.compile:
         engine.compile()
-    return engine, model, optimizer
+    return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
 
 
 def init_weights(model: GPT, seed: int, rank: int, sharded: bool) -> None:
@@ -183,3 +80,183 @@ def init_weights(model: GPT, seed: int, rank: int, sharded: bool) -> None:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if rank == 0:
                 model.init_module_(module, gen)
+
+# -- the engine adapter ---------------------------------------------------------------------
+
+# The per-step exchange between ranks, one all-reduce (sum) of these, in this order.
+EXCHANGE = ("loss", "nonfinite", "stop", "data_error")
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What the loop needs on the host after a step, read in one transfer."""
+    mean_loss: float  # the mean over ranks of each rank's mean micro-batch loss
+    skipped: bool  # the update was skipped on every rank (a non-finite loss or gradient somewhere)
+    stop: bool  # some rank was asked to stop (signal, stop file)
+    data_error: bool  # some rank could not fetch its data; nothing was updated
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, as device tensors: nothing here has been read on the host."""
+    loss: torch.Tensor  # () float64: this rank's mean loss over its micro-batches
+    agreed: torch.Tensor  # (len(EXCHANGE),) float64: EXCHANGE summed over the ranks
+    grad_norm: torch.Tensor | None  # ZeRO-0: () the global norm before clipping; ZeRO-1..3: DeepSpeed's (global_grad_norm)
+    lr: float  # the learning rate this update used
+    world_size: int
+
+    def read(self) -> StepOutcome:
+        """The step's one host transfer."""
+        loss_sum, nonfinite, stop, data_error = self.agreed.tolist()
+        return StepOutcome(loss_sum / self.world_size, nonfinite > 0, stop > 0, data_error > 0)
+
+
+class TrainEngine:
+    """The DeepSpeed engine behind one call per optimizer step.
+
+    `train_batch` runs forward and backward over the micro-batches and the
+    optimizer step, and returns device tensors: losses are summed on the
+    device, finiteness is decided there (GuardedAdamW skips through the fused
+    kernel's `found_inf`), and the one exchange between ranks per step (the
+    mean loss, the non-finite verdict, stop requests, data errors) rides on a
+    single all-reduce that the optimizer triggers before it updates anything.
+    Nothing is read on the host inside a step.  ZeRO-stage details stay here."""
+
+    def __init__(self, ds_engine, model: torch.nn.Module, optimizer: GuardedAdamW, zero_stage: int,
+                 world_size: int, device: torch.device):
+        self.ds_engine, self.model, self.optimizer = ds_engine, model, optimizer
+        self.zero_stage, self.world_size, self.device = zero_stage, world_size, device
+        self._local: torch.Tensor | None = None  # this rank's EXCHANGE values for the step under way
+        self._agreed: torch.Tensor | None = None
+        optimizer.agree = self._agree
+
+    # -- one step -------------------------------------------------------------------------
+
+    def train_batch(self, micro_batches: list[torch.Tensor], stop_requested: bool = False,
+                    data_failed: bool = False) -> StepResult:
+        """micro_batches: grad_accum tensors of (B, T + 1) token windows; inputs
+        and targets are views of one host-to-device copy.  `data_failed`: this
+        rank could not fetch its data and passes stand-ins, so that every rank
+        still meets in the step's collectives; the update is skipped everywhere
+        and the loop stops on the agreed data error."""
+        engine = self.ds_engine
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad_norm, lr = None, float("nan")
+        for windows in micro_batches:
+            windows = windows.to(self.device, non_blocking=True).long()
+            with record_function("megagpt.forward"):
+                loss = engine(windows[:, :-1], windows[:, 1:])
+            total = total + loss.detach().double()
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                mean = total / len(micro_batches)
+                bad = ~torch.isfinite(total)
+                self._local = torch.stack([mean, bad.double(), mean.new_tensor(float(stop_requested)),
+                                           mean.new_tensor(float(data_failed))])
+                self._agreed = None
+                self.optimizer.new_step(bad | data_failed)
+            with record_function("megagpt.backward"):
+                engine.backward(loss)
+            if boundary:
+                lr = float(engine.get_lr()[0])  # this update's: stepping moves the schedule on
+                if self.zero_stage == 0:
+                    grad_norm = _global_grad_norm(engine.module)  # gradients are all-reduced by now
+            with record_function("megagpt.step"):
+                engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
+        if self._agreed is None:
+            # DeepSpeed did not call the optimizer (ZeRO skips a non-finite
+            # global gradient norm by itself): agree here, as skipped.
+            self._agree(torch.ones((), dtype=torch.bool, device=self.device))
+        return StepResult(total / len(micro_batches), self._agreed, grad_norm, lr, self.world_size)
+
+    def _agree(self, local_bad: torch.Tensor) -> torch.Tensor:
+        """The step's exchange (called by the optimizer before it updates
+        anything); returns whether any rank saw a non-finite value or failed
+        to fetch its data, on the device."""
+        local = self._local.clone()
+        local[1] = torch.maximum(local[1], local_bad.to(local.device, torch.float64))
+        self._agreed = collectives.sum_(local)
+        return (self._agreed[1] > 0) | (self._agreed[3] > 0)
+
+    # -- checkpoint I/O of the DeepSpeed state --------------------------------------------
+
+    def save(self, root: str, tag: str) -> None:
+        """ZeRO shards (or the whole state, ZeRO-0), optimizer, schedule: `root/tag/`."""
+        self.ds_engine.save_checkpoint(root, tag=tag, save_latest=False)
+
+    def load(self, root: str, tag: str, universal: bool = False) -> bool:
+        """Load `root/tag/`; `universal`: a copy in DeepSpeed's universal format
+        (written by another number of ranks).  False if DeepSpeed found nothing."""
+        engine = self.ds_engine
+        engine._config.load_universal_checkpoint = universal  # read by DeepSpeed at load time only
+        try:
+            load_path, _ = engine.load_checkpoint(root, tag=tag)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if load_path is not None and universal and self.zero_stage == 3:
+            _repair_stage3_universal_load(engine, os.path.join(root, tag))
+        return load_path is not None
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def eval_losses(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """(len(batches),) fp32 mean losses of (B, T + 1) windows, in eval mode."""
+        self.ds_engine.eval()
+        try:
+            losses = []
+            for batch in batches:
+                batch = batch.to(self.device)
+                losses.append(self.ds_engine(batch[:, :-1], batch[:, 1:]).float())
+            return torch.stack(losses)
+        finally:
+            self.ds_engine.train()
+
+    # -- what is logged -------------------------------------------------------------------
+
+    def logged_grad_norm(self, result: StepResult) -> float:
+        """For the log only (a host read): the global gradient norm of that step."""
+        if self.zero_stage == 0:
+            return float(result.grad_norm) if result.grad_norm is not None else float("nan")
+        norm = self.ds_engine.get_global_grad_norm()  # DeepSpeed keeps it on the host already
+        return float(norm) if norm is not None else float("nan")
+
+
+def _global_grad_norm(module: torch.nn.Module) -> torch.Tensor | None:
+    """Without ZeRO every rank holds the whole, all-reduced gradient, so the
+    local norm is the global one (ZeRO computes its own).  On the device."""
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _repair_stage3_universal_load(engine, universal_dir: str) -> None:
+    """Undo two faults of DeepSpeed 0.19.8's ZeRO-3 universal load
+    (`DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3`),
+    which made a resharded run drift from its first update on:
+
+    - It stores one and the same `step` tensor in the state of every
+      parameter group.  torch's AdamW increments each group's step in place,
+      so with two groups the shared count went up twice per update and the
+      second group's bias correction ran one step ahead, then two, ...
+    - It copies the checkpoint's group-0 hyperparameters into every group,
+      assuming they are all the same.  megagpt's groups differ in
+      weight_decay (decay: optim.weight_decay; biases and norm gains: 0), so
+      the no-decay group came back decaying.
+
+    The converted checkpoint records every group (zero/optimizer_state.pt).
+    ZeRO-1/2 universal loads read each group on its own and need neither."""
+    inner = engine.optimizer.optimizer  # the wrapped torch AdamW
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()  # one count per group
+    # DeepSpeed pickles its loss scaler into this file (weights_only cannot read
+    # it); DeepSpeed's own loader has just read the same file the same way.
+    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
+                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(inner.param_groups):
+        raise RuntimeError(f"checkpoint {universal_dir}: {len(saved)} optimizer parameter groups, "
+                              f"the model has {len(inner.param_groups)}")
+    for group, saved_group in zip(inner.param_groups, saved):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})

@@ -19,17 +19,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from functools import partial
 import glob
 import io
-import json
 import os
 import sys
 
 import torch
 
+from megagpt.atomic import write_json
 from megagpt.checkpoint import STATE_FILE, TOKENIZER_FILE, CheckpointError, complete_checkpoints, load_state
-from megagpt.model.gpt import FAMILIES, GPT, GPTConfig
+from megagpt.model.config import GPTConfig
+from megagpt.model.families import FAMILIES
+from megagpt.model.gpt import GPT
 
+
+_write_json = partial(write_json, indent=2)  # exported JSON as transformers writes it
 
 def find_checkpoint(path: str) -> str:
     """The checkpoint directory DIR names (see the module doc)."""
@@ -54,9 +59,9 @@ def model_config(state: dict, path: str) -> GPTConfig:
                               "(written by an older megagpt?)")
     if m.get("family") not in FAMILIES:
         raise CheckpointError(f"checkpoint {path}: unknown model family {m.get('family')!r}; "
-                              f"megagpt knows {FAMILIES}")
+                              f"megagpt knows {tuple(FAMILIES)}")
     try:
-        return GPTConfig(**m)
+        return GPTConfig.from_record(m)  # records of older megagpt too
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: bad model description: {e}") from None
 
@@ -97,8 +102,7 @@ def load_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict]:
     """(model in eval mode on CPU, megagpt state) from a checkpoint directory."""
     path = find_checkpoint(path)
     state = load_state(path)
-    cfg = model_config(state, path)
-    cfg.attention, cfg.checkpoint_every, cfg.dropout = attention, 0, 0.0
+    cfg = model_config(state, path).for_inference(attention)
     model = GPT(cfg)
     sd = consolidated_state_dict(path)
     if cfg.tie_embeddings:
@@ -180,12 +184,6 @@ def _write_tokenizer(path: str, out: str, max_len: int) -> None:
                  "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False})
     _write_json(os.path.join(out, "special_tokens_map.json"),
                 {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos})
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,10 @@ Convention (nanoGPT, torchtitan; PaLM appendix B): training FLOPs per token
   6 * N + 12 * L * H * Q * T
 N parameters that take part in matmuls (all but the learned position table;
 the token table counts only when tied to the output head, where it is a
-matmul), L layers, H query heads, Q head dim, T sequence length.  Grouped-query
-attention changes N (smaller k/v projections) but not the attention term,
-which every query head computes in full.  6N is forward + backward of every matmul; the second term
+matmul; GPT.num_params(matmul_only=True)), L layers, H query heads, Q head dim,
+T sequence length.  Grouped-query attention changes N (smaller k/v
+projections) but not the attention term, which every query head computes in
+full.  6N is forward + backward of every matmul; the second term
 is the attention scores and weighted sum, counted over the full T x T matrix
 (Megatron-LM halves it for the causal mask; we do not).
 """

@@ -1,6 +1,11 @@
 """Where metrics go: <run.dir>/metrics.jsonl, Weights & Biases, the console.
 
-Only rank 0 constructs a `MetricsSink`; the training loop hands it plain dicts.
+Only rank 0 constructs a `MetricsSink`; the hooks hand it one flat record per
+logged step.  metrics.jsonl keeps the records as they are (one JSON object per
+line, keys as in `SECTIONS`, plus `mix/<source>` and `val_loss/<source>`), a
+stable format for scripts.  W&B gets the same values under section prefixes
+(`train/`, `val/`, `perf/`, `data/`, `system/`), so its panels group by
+section, with the step as the x axis.
 """
 
 from __future__ import annotations
@@ -11,7 +16,32 @@ import os
 import secrets
 import sys
 
+from megagpt.atomic import atomic_open
+
 log = logging.getLogger("megagpt")
+
+
+# metrics.jsonl key -> its W&B section.  Keys not listed (there should be none) go to train/.
+SECTIONS = {
+    "loss": "train", "lr": "train", "grad_norm": "train", "tokens_seen": "train", "skipped_steps": "train",
+    "loss_spikes": "train", "rollbacks": "train",
+    "val_loss": "val",
+    "tokens_per_sec": "perf", "mfu": "perf", "step_time": "perf", "eta_sec": "perf", "save_blocked_sec": "perf",
+    "data_wait": "data", "data_skipped_shards": "data",
+    "memory_gb": "system",
+}
+
+
+def wandb_name(key: str) -> str:
+    """`loss` -> `train/loss`, `val_loss/code` -> `val/loss/code`, `mix/code` -> `data/mix/code`."""
+    head, _, rest = key.partition("/")
+    if head == "mix":
+        return f"data/{key}"
+    if head == "val_loss":
+        return "val/loss" + (f"/{rest}" if rest else "")
+    section = SECTIONS.get(head, "train")
+    name = head[len(section) + 1:] if head.startswith(section + "_") else head
+    return f"{section}/{name}" + (f"/{rest}" if rest else "")
 
 
 def new_wandb_id() -> str:
@@ -50,7 +80,7 @@ class MetricsSink:
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb.log({wandb_name(k): v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def rewind(self, step: int) -> None:
         """After a rollback to `step`: metrics.jsonl keeps one record per step,
@@ -82,10 +112,8 @@ def _truncate_after(path: str, step: int) -> None:
                     keep.append(line)
             except ValueError:  # a line cut short by a crash
                 continue
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         f.writelines(keep)
-    os.replace(tmp, path)
 
 
 def progress_line(r: dict, max_steps: int) -> str:

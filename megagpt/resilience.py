@@ -1,7 +1,6 @@
-"""What keeps a long run alive: stop requests (signals, a stop file),
-a watchdog for hangs, loss-spike detection, and fault injection for tests.
-
-The training loop owns the decisions; these pieces only observe.
+"""What keeps a long run alive: stop requests (signals, a stop file), a
+watchdog for hangs, the policy for non-finite losses, and fault injection
+for tests.  The hooks (megagpt/hooks.py) and the loop put them to work.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
 
 log = logging.getLogger("megagpt")
 
@@ -85,21 +83,40 @@ class Watchdog:
         self._stop.set()
 
 
-class SpikeDetector:
-    """A loss above `factor` x the mean of the last `window` finite losses is
-    a spike (once `window` losses have been seen)."""
+class TrainingDiverged(RuntimeError):
+    """Non-finite losses the policy (trainer.on_nan) cannot get past."""
 
-    def __init__(self, factor: float, window: int):
-        self.factor = factor
-        self.recent: deque[float] = deque(maxlen=window)
 
-    def observe(self, loss: float) -> bool:
-        if loss != loss or loss in (float("inf"), float("-inf")):
-            return False
-        full = len(self.recent) == self.recent.maxlen
-        mean = sum(self.recent) / len(self.recent) if self.recent else 0.0
-        self.recent.append(loss)
-        return full and self.factor > 0 and loss > self.factor * mean
+class NanPolicy:
+    """What a skipped update (a non-finite loss or gradient on some rank, agreed
+    by all) leads to, by trainer.on_nan: `skip` goes on, up to max_nan_skips
+    in a row, then rolls back; `rollback` rolls back at once; `stop` stops.
+    After max_rollbacks rollbacks it stops."""
+
+    def __init__(self, on_nan: str, max_skips: int, max_rollbacks: int, is_main: bool):
+        self.on_nan, self.max_skips, self.max_rollbacks, self.is_main = on_nan, max_skips, max_rollbacks, is_main
+        self.in_a_row = 0
+
+    def on_update(self) -> None:
+        self.in_a_row = 0
+
+    def on_skipped(self, state, mean_loss: float) -> str:
+        """`state`: the loop's TrainState.  Returns "skip" or "rollback", or raises."""
+        state.counters.skipped_steps += 1
+        self.in_a_row += 1
+        if self.is_main:
+            log.warning("step %d: non-finite loss or gradient (mean loss %s); update skipped (%d in a row)",
+                        state.step, mean_loss, self.in_a_row)
+        if self.on_nan == "stop":
+            raise TrainingDiverged(f"step {state.step}: non-finite loss or gradient (trainer.on_nan=stop)")
+        if self.on_nan == "skip" and self.in_a_row <= self.max_skips:
+            return "skip"
+        if state.counters.rollbacks >= self.max_rollbacks:
+            raise TrainingDiverged(
+                f"step {state.step}: non-finite loss or gradient persists after {state.counters.rollbacks} "
+                f"rollback(s) (trainer.max_rollbacks={self.max_rollbacks}); stopping")
+        self.in_a_row = 0
+        return "rollback"
 
 
 class Faults:

@@ -1,4 +1,5 @@
-"""Process-level setup: ranks, device, process group, threads, output directory."""
+"""Process-level setup: ranks, device, process group, threads, output directory.
+(The collectives megagpt runs itself: collectives.py.)"""
 
 from __future__ import annotations
 
@@ -87,61 +88,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _group_size() -> int:
-    """Ranks in the process group; 1 when there is none (nothing to exchange)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def agree(value, what: str):
-    """Check every rank holds the same value (e.g. the output directory)."""
-    import torch.distributed as dist
-
-    if _group_size() == 1:
-        return value
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    if any(v != values[0] for v in values):
-        raise ValueError(f"{what}: ranks disagree ({sorted(set(map(str, values)))}); set it explicitly")
-    return value
-
-
-def first_error(local: str | None, device: torch.device) -> str | None:
-    """Collective: the first rank's error message if any rank has one, else
-    None. Lets every rank stop together, with the same one-line reason,
-    instead of one rank dying while the others wait in a collective."""
-    import torch.distributed as dist
-
-    if _group_size() == 1:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() == 0:
-        return None
-    messages: list = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, local)
-    return next(m for m in messages if m)
-
-
-def union_across_ranks(items: list[str]) -> list[str]:
-    import torch.distributed as dist
-
-    if _group_size() == 1:
-        return sorted(set(items))
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(items))
-    return sorted(set().union(*gathered))
-
-
-def broadcast_from_main(value):
-    """Rank 0's value (any picklable object) on every rank."""
-    import torch.distributed as dist
-
-    if _group_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -1,11 +1,12 @@
 """`torchrun -m megagpt.train [key=value ...]`: pretrain a GPT.
 
-config -> data -> model -> engine -> resume -> loop -> checkpoint, logging at the edges.
+The command line: Hydra composes the config, bad input becomes one line on
+every rank (exit code 2), and megagpt/run.py builds and runs the job
+(config -> data -> model -> engine -> resume -> loop -> checkpoint).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -15,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from megagpt.config import Config, ConfigError, check_known_keys, register, unknown_key_error, validate
+from megagpt.config import Config, ConfigError, check_known_keys, register, unknown_key_error
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 log = logging.getLogger("megagpt")
@@ -26,143 +27,24 @@ class UserError(Exception):
 
 
 def pretrain(cfg: Config, point: int | None = None) -> None:
-    """One training job. `point`: its number in a Hydra multirun run in this
-    process (the default run.dir then differs per point)."""
-    import torch.distributed as dist
+    """One training job (megagpt/run.py wires it together). `point`: its number
+    in a Hydra multirun run in this process (the default run.dir then differs
+    per point)."""
+    from megagpt import run as runs
+    from megagpt.runtime import read_env
 
-    from megagpt import checkpoint, runtime
-    from megagpt.data.source import open_training_data
-    from megagpt.engine import build_engine, build_model_config, deepspeed_config
-    from megagpt.flops import peak_flops
-    from megagpt.metrics import MetricsSink, console, new_wandb_id
-    from megagpt.model.attention import resolve_backend
-    from megagpt.trainer import TrainState, Trainer
-
-    env = runtime.read_env()
-    _setup_logging(env.is_main)
-    validate(cfg, env.world_size)  # before any heavy work, on every rank
-    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
-    device = runtime.device_for(env)
-    attention = resolve_backend(cfg.model.attention, device.type)
-    runtime.set_cpu_threads(env, cfg.trainer.cpu_threads)
-    runtime.init_distributed(env, cfg.deepspeed.backend, device, cfg.deepspeed.timeout_minutes)
-    runtime.agree(run_dir, "run.dir")
-    if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
-        console(f"run.dir: {run_dir}")
-        console(f"attention: {attention} (model.attention={cfg.model.attention})")
-
-    data = open_training_data(cfg, env, barrier=dist.barrier)
-    gcfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
-    ds_config = deepspeed_config(cfg, env.world_size, device.type)
-    # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
-    resume_from = runtime.broadcast_from_main(
-        _resolve_resume(cfg.trainer.resume, os.path.join(run_dir, "checkpoints")) if env.is_main else None)
-    if isinstance(resume_from, Exception):
-        raise resume_from
-    engine, model, optimizer = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
-    n_params = _count_params(model)
-    if env.is_main:
-        console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), "
-                f"{gcfg.family}, {gcfg.n_layer} layers, {gcfg.n_head} heads ({gcfg.n_kv_head} key/value), "
-                f"width {gcfg.n_embd}, vocab {gcfg.vocab_size}; "
-                f"ZeRO stage {cfg.deepspeed.zero_stage}, {ds_config['bf16']['enabled'] and 'bf16' or 'fp32'}")
-
-    state, consumed = TrainState(), 0
-    if resume_from:
-        saved = checkpoint.load(engine, resume_from, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
-        from megagpt.data.stream import check_resumable
-
-        consumed = check_resumable(saved["data"], data.mix)
-        for source in data.mix.sources:  # shards found bad before the restart add no tokens
-            source.bad.update(saved["data"].get("bad_shards", []))
-        state = TrainState(step=saved["step"], tokens_seen=saved["tokens_seen"], wandb_id=saved.get("wandb_id"),
-                           **saved.get("counters", {}))
-        if env.is_main:
-            console(f"resumed from {resume_from} at step {state.step}")
-    state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
-
-    from megagpt.data.stream import Batches
-
-    batches = Batches(data.mix, env.rank, env.world_size, cfg.trainer.micro_batch_size,
-                      consumed=consumed, prefetch=cfg.data.prefetch)
-    sink = None
-    if env.is_main:
-        sink = MetricsSink(run_dir, cfg.logger, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                           state.wandb_id, state.step)
-    peak = peak_flops(device, cfg.trainer.peak_flops)
+    _setup_logging(read_env().is_main)
+    run = runs.build(cfg, point)
     try:
-        trainer = Trainer(cfg, env, device, engine, data, batches, state, sink, run_dir, n_params, peak, gcfg,
-                          optimizer)
-        trainer.run()
+        run.train()
     except _user_errors() as e:
         # Said before the clean-up below: it can take seconds, and once one rank
         # has exited, the launcher terminates the others (SIGTERM) mid-way.
         _say(e)
         raise
     finally:
-        batches.close()
-        if sink is not None:
-            sink.close()
-    if trainer.stopped:
-        dist.barrier()
-        return
-    if env.is_main:
-        console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {run_dir}")
-    dist.barrier()
-    if cfg.export.at_end and env.is_main:  # the final checkpoint is complete: every rank passed the barrier
-        from megagpt.export import export
-
-        out = export(os.path.join(run_dir, "checkpoints"), cfg.export.dir or os.path.join(run_dir, "hf"),
-                     cfg.export.max_shard_bytes)
-        console(f"exported to {out} (Hugging Face format)")
-    dist.barrier()
-
-
-def _resolve_resume(resume: str, root: str):
-    from megagpt.checkpoint import CheckpointError, resolve_resume
-
-    try:
-        return resolve_resume(resume, root)
-    except CheckpointError as e:  # raised on every rank after the broadcast
-        return e
-
-
-def _count_params(model) -> int:
-    """Parameters that take part in matmuls (N of flops.py): all but the
-    position table, and the token table only when it doubles as the head."""
-    # ZeRO-3 partitions parameters; ds_numel keeps the full size.
-    seen, n = set(), 0
-    skip = ("wpe.",) if model.cfg.tie_embeddings else ("wpe.", "wte.")
-    for name, p in model.named_parameters():
-        if id(p) in seen or name.startswith(skip):
-            continue
-        seen.add(id(p))
-        n += getattr(p, "ds_numel", p.numel())
-    return n
-
-
-def _wandb_id(run_dir: str, from_ckpt: str | None, cfg: Config, env) -> str | None:
-    """The W&B run id is kept with the run (run.json), so a restart continues it."""
-    if cfg.logger.kind != "wandb":
-        return from_ckpt
-    from megagpt.runtime import agree
-
-    path = os.path.join(run_dir, "run.json")
-    run_id = from_ckpt
-    if env.is_main:
-        if run_id is None and os.path.exists(path):
-            with open(path) as f:
-                run_id = json.load(f).get("wandb_id")
-        if run_id is None:
-            from megagpt.metrics import new_wandb_id
-
-            run_id = new_wandb_id()
-        with open(path + ".tmp", "w") as f:
-            json.dump({"wandb_id": run_id}, f)
-        os.replace(path + ".tmp", path)
-    return run_id
+        run.close()
+    run.finish()
 
 
 def _setup_logging(main: bool) -> None:
@@ -177,7 +59,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """What is reported as one line and exit code 2 (imported late: train's import stays light)."""
     from megagpt.checkpoint import CheckpointError
     from megagpt.data.shards import DataError
-    from megagpt.trainer import TrainingDiverged
+    from megagpt.resilience import TrainingDiverged
 
     return ConfigError, DataError, CheckpointError, UserError, TrainingDiverged
 

@@ -1,5 +1,5 @@
 """Run under torchrun: build megagpt's engine for a config, load checkpoints
-into it through megagpt's own `checkpoint.load` (rigid or through DeepSpeed's
+into it through megagpt's own `checkpoint.restore` (rigid or through DeepSpeed's
 universal format, whichever the world size calls for), and write, after each
 load, the whole training state by parameter name: fp32 weights, both Adam
 moments, the step count per group, every group's hyperparameters, the
@@ -89,7 +89,8 @@ def main(argv: list[str]) -> None:
     from megagpt import checkpoint, runtime
     from megagpt.config import register
     from megagpt.data.source import open_training_data
-    from megagpt.engine import build_engine, build_model_config, deepspeed_config
+    from megagpt.ds_config import deepspeed_config
+    from megagpt.engine import build_engine, build_model_config
     from megagpt.model.attention import resolve_backend
     from megagpt.train import CONF_DIR
 
@@ -100,21 +101,22 @@ def main(argv: list[str]) -> None:
     device = runtime.device_for(env)
     runtime.init_distributed(env, cfg.deepspeed.backend, device, cfg.deepspeed.timeout_minutes)
     data = open_training_data(cfg, env, barrier=dist.barrier)
-    gcfg = build_model_config(cfg, data.vocab_size, resolve_backend(cfg.model.attention, device.type), data.eod_id)
+    model_cfg = build_model_config(cfg, data.vocab_size, resolve_backend(cfg.model.attention, device.type), data.eod_id)
     ds_config = deepspeed_config(cfg, env.world_size, device.type)
-    engine, model, _ = build_engine(cfg, gcfg, ds_config, env.rank, device.type)
+    train_engine = build_engine(cfg, model_cfg, ds_config, env.rank, env.world_size, device)
+    engine, model = train_engine.ds_engine, train_engine.model
     # The weights as initialised under this sharding, and (rank 0) those of the
     # plain model initialised without DeepSpeed: they must be the same.
     weights = full_weights(model, cfg.deepspeed.zero_stage)
     if env.is_main:
         from megagpt.model.gpt import GPT
 
-        plain = GPT(gcfg)
+        plain = GPT(model_cfg)
         plain.init_weights(cfg.trainer.seed)
         torch.save({"engine": weights, "plain": {n: p.detach().clone() for n, p in plain.named_parameters()}},
                    f"{out_prefix}init.pt")
     for i, path in enumerate(checkpoints):
-        checkpoint.load(engine, path, env, device, cfg.trainer.seed, cfg.deepspeed.zero_stage)
+        checkpoint.restore(path, engine=train_engine, env=env, seed=cfg.trainer.seed)
         state = full_state(engine, model, cfg.deepspeed.zero_stage)
         if env.is_main:
             torch.save(state, f"{out_prefix}{i}.pt")

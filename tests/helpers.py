@@ -169,3 +169,50 @@ def check_reference(name: str, losses: dict[int, float]) -> None:
         pytest.skip(f"reference losses were recorded on a {data['cpu']} CPU, this one is {_cpu_kind()}")
     assert losses == expected, {s: (losses.get(s), expected.get(s)) for s in sorted(set(losses) | set(expected))
                                 if losses.get(s) != expected.get(s)}
+
+
+# -- the data loader's layers read directly -----------------------------------------
+# What the trainer never asks for, the tests do: one stream's or one mixed
+# stream's windows one at a time, a rank's sequences without batching, a
+# micro-batch split into inputs and targets.  Each reads ahead through a
+# prefetch pool of its own, as the loader does, closed when it is done.
+
+def stream_windows(streams, stream: int, start: int, raw: bool = False):
+    """Windows start, start+1, ... of one stream of a ShardStreams (raw: before the shuffle)."""
+    from megagpt.data.prefetch import PrefetchPool
+
+    with PrefetchPool() as pool:
+        chunks = streams.raw_chunks(stream, start, pool) if raw else streams.chunks(stream, start, pool)
+        for chunk in chunks:
+            yield from chunk
+
+
+def mixed_windows(mix, stream: int, start: int):
+    """(window, source index) for windows start, start+1, ... of mixed stream `stream`."""
+    from megagpt.data.prefetch import PrefetchPool
+
+    with PrefetchPool() as pool:
+        for windows, sources in mix.chunks(stream, start, pool):
+            yield from zip(windows, sources.tolist())
+
+
+def rank_sequences(mix, rank: int, world: int, consumed: int):
+    """This rank's (sequence, source) for g = consumed + ..., g % world == rank.
+    `consumed` must be a multiple of the world size (a step boundary)."""
+    from megagpt.data.loader import RankReader
+    from megagpt.data.prefetch import PrefetchPool
+
+    with PrefetchPool() as pool:
+        reader = RankReader(mix, rank, world, consumed, pool)
+        n = 8 * len(reader.streams)
+        while True:
+            windows, sources = reader.take(n)
+            yield from zip(windows, sources.tolist())
+            if len(windows) < n:
+                raise reader.error
+
+
+def next_batch(batches):
+    """(inputs, targets) of a Batches' next micro-batch, each (micro_batch, seq_len) int32."""
+    windows = batches.next_windows()
+    return windows[:, :-1], windows[:, 1:]

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from megagpt.checkpoint import CheckpointError, Checkpointer, resolve_resume
-from megagpt.engine import build_optimizer, deepspeed_config
+from megagpt.ds_config import deepspeed_config
+from megagpt.optimizer import build_optimizer
 from test_config import make_cfg
 
-CPU = torch.device("cpu")
 FILES = {"mp_rank_00_model_states.pt": b"model " * 100, "zero/optim_states.pt": b"optim " * 300,
          "rng_rank0.pt": b"rng", "tokenizer.json": b"{}"}
 
@@ -46,9 +46,9 @@ def test_partial_save_is_removed_by_rank_0_only(tmp_path):
     root = tmp_path / "checkpoints"
     intact = write_checkpoint(root / "step_2", 2)
     partial = write_checkpoint(root / "step_4.partial", 4)  # killed just before its rename
-    Checkpointer(str(root), rank=1, world_size=2, device=CPU)
+    Checkpointer(str(root), rank=1, world_size=2)
     assert partial.is_dir()  # one rank clears it, so that ranks sharing the filesystem do not race
-    Checkpointer(str(root), rank=0, world_size=2, device=CPU)
+    Checkpointer(str(root), rank=0, world_size=2)
     assert not partial.exists()
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]
     assert resolve_resume("auto", str(root)) == str(intact)
@@ -134,7 +134,7 @@ def test_lr_warms_up_linearly_then_decays_with_a_cosine_to_the_floor(overrides):
     lr, warmup, total, floor = cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.min_lr_ratio
     scheduler = deepspeed_config(cfg, 1, "cpu")["scheduler"]
     assert scheduler["type"] == "WarmupCosineLR"
-    optimizer = build_optimizer(cfg, torch.nn.Linear(4, 4), "cpu")  # megagpt's two groups: decay and no decay
+    optimizer = build_optimizer(cfg.optim, torch.nn.Linear(4, 4), "cpu")  # megagpt's two groups: decay and no decay
     schedule = WarmupCosineLR(optimizer, **scheduler["params"])
     lrs = []
     for _ in range(total):
@@ -174,7 +174,7 @@ def test_keep_last_keeps_the_highest_steps_and_never_the_one_just_written(tmp_pa
     for step in (10, 20, 30):
         write_checkpoint(root / f"step_{step}", step)
     just_written = write_checkpoint(root / "step_2", 2)
-    keeper = Checkpointer(str(root), rank=0, world_size=1, device=CPU, keep_last=2)
+    keeper = Checkpointer(str(root), rank=0, world_size=1, keep_last=2)
     keeper._prune(keep=str(just_written))
     assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_20", "step_30"]
     write_checkpoint(root / "step_40", 40)

@@ -15,8 +15,9 @@ from omegaconf import OmegaConf
 
 import megagpt.config
 import megagpt.train
-from megagpt.config import Config, ConfigError, validate
-from megagpt.engine import deepspeed_config
+from megagpt.config import Config, ConfigError
+from megagpt.config_checks import validate
+from megagpt.ds_config import deepspeed_config
 
 
 def make_cfg(*overrides: str) -> Config:
@@ -190,16 +191,16 @@ def test_deepspeed_config():
 def test_build_optimizer_groups_and_settings():
     import torch
 
-    from megagpt.engine import build_optimizer
+    from megagpt.optimizer import build_optimizer
     from megagpt.model.gpt import GPT, GPTConfig
 
     cfg = make_cfg("optim.lr=3e-4", "optim.beta2=0.99", "optim.weight_decay=0.05")
     model = GPT(GPTConfig(vocab_size=64, max_seq_len=8, n_layer=1, n_head=2, n_embd=16))
-    opt = build_optimizer(cfg, model, "cpu")
+    opt = build_optimizer(cfg.optim, model, "cpu")
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.99) for g in opt.param_groups)
-    assert build_optimizer(make_cfg("optim.fused=false"), model, "cpu").defaults["fused"] is False
+    assert build_optimizer(make_cfg("optim.fused=false").optim, model, "cpu").defaults["fused"] is False
 
 
 def test_deepspeed_config_global_batch():

@@ -178,6 +178,45 @@ def test_finetune_export_with_transformers_trainer(runs, tmp_path):
     assert result.training_loss > 0 and after < before - 0.5, (before, after)
 
 
+def _as_old_record(model: dict) -> dict:
+    """A model record as megagpt wrote it before ModelConfig and GPTConfig were
+    one: activation_checkpointing was checkpoint_every, and the settings that
+    only shape the defaults were not in it."""
+    old = {k: v for k, v in model.items() if k not in ("mlp_ratio", "vocab_multiple", "compile")}
+    old["checkpoint_every"] = old.pop("activation_checkpointing")
+    return old
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_old_records_export_and_load_the_same(runs, family, tmp_path):
+    from megagpt.generate import load
+
+    run_dir = runs[family]
+    old = tmp_path / "old" / "step_10"
+    shutil.copytree(run_dir / "checkpoints" / "step_10", old)
+    state = json.loads((old / "megagpt_state.json").read_text())
+    if family == "llama":
+        assert state["model"]["activation_checkpointing"] == 1
+    state["model"] = _as_old_record(state["model"])
+    (old / "megagpt_state.json").write_text(json.dumps(state))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "megagpt.export", "--checkpoint", str(old), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").read_bytes() == (run_dir / "hf" / "model.safetensors").read_bytes()
+    assert json.loads((out / "config.json").read_text()) == json.loads((run_dir / "hf" / "config.json").read_text())
+
+    old_hf = tmp_path / "old_hf"
+    shutil.copytree(run_dir / "hf", old_hf)
+    config = json.loads((old_hf / "config.json").read_text())
+    config["megagpt"] = _as_old_record(config["megagpt"])
+    (old_hf / "config.json").write_text(json.dumps(config))
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():
+        assert torch.equal(load(str(old_hf))[0](ids), load(str(run_dir / "hf"))[0](ids))
+        assert torch.equal(load(str(old))[0](ids), megagpt_model(run_dir)(ids))
+
+
 def _export_fails(path, tmp_path) -> str:
     r = subprocess.run([sys.executable, "-m", "megagpt.export", "--checkpoint", str(path), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)

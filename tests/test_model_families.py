@@ -111,14 +111,14 @@ def test_activation_checkpointing_same_gradients(family):
     x = ids(2, 5)
     ref_loss, ref = _grads(build(family, n_layer=4), x)
     for every in (1, 2):
-        loss, got = _grads(build(family, n_layer=4, checkpoint_every=every), x)
+        loss, got = _grads(build(family, n_layer=4, activation_checkpointing=every), x)
         assert loss == pytest.approx(ref_loss, abs=1e-6)
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5)
 
 
 def test_activation_checkpointing_recomputes_the_chosen_blocks():
-    model = build("gpt2", n_layer=4, checkpoint_every=2)
+    model = build("gpt2", n_layer=4, activation_checkpointing=2)
     calls = []
     for i, block in enumerate(model.blocks):
         block.ln_1.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
@@ -127,7 +127,7 @@ def test_activation_checkpointing_recomputes_the_chosen_blocks():
 
 
 def test_fused_adamw_matches_plain():
-    from megagpt.engine import use_fused_adamw
+    from megagpt.optimizer import use_fused_adamw
 
     assert use_fused_adamw(None, "cpu") and use_fused_adamw(None, "cuda") and not use_fused_adamw(False, "cpu")
     x = ids(2, 9)

@@ -26,12 +26,15 @@ import pytest
 import torch
 import xxhash
 
-from helpers import make_dataset, make_two_sources
+from helpers import make_dataset, make_two_sources, next_batch, rank_sequences
 from megagpt.data.buffers import BufferPool
 from megagpt.data.shards import (DataError, Shard, _ustar_index, fetch_shard, open_dataset, parse_shard,
                                  read_shard)
 from megagpt.data.shardwriter import ShardSink, manifest_entry, tar_header
-from megagpt.data.stream import Batches, Mixture, ShardStreams, make_reader, permutation, permutations, rank_sequences
+from megagpt.data.loader import Batches
+from megagpt.data.mixture import Mixture
+from megagpt.data.order import permutation, permutations
+from megagpt.data.streams import ShardStreams, StreamSettings, make_reader
 
 VOCAB = 65535  # token ids below it; the EOD id is inside the vocabulary too
 EOD = 65534
@@ -420,7 +423,8 @@ def make_cfg(*overrides: str):
 
 
 def test_config_rejects_unknown_verify_in_one_line():
-    from megagpt.config import ConfigError, validate
+    from megagpt.config import ConfigError
+    from megagpt.config_checks import validate
 
     validate(make_cfg("data.verify=sha256"), 1)
     validate(make_cfg("data.verify=fast"), 1)
@@ -594,13 +598,13 @@ L = 16
 
 
 def one_source(data_dir):
-    return Mixture([ShardStreams(open_dataset(str(data_dir)), 4, L, seed=5, shuffle_buffer=4)], [1.0])
+    return Mixture([ShardStreams(open_dataset(str(data_dir)), StreamSettings(4, L, seed=5, shuffle_buffer=4))], [1.0])
 
 
 def two_source(two_sets):
     a, b = two_sets
-    return Mixture([ShardStreams(open_dataset(str(a)), 4, L, seed=3, shuffle_buffer=4, name="a"),
-                    ShardStreams(open_dataset(str(b)), 4, L, seed=3, name="b")], [0.6, 0.4], period=7)
+    return Mixture([ShardStreams(open_dataset(str(a)), StreamSettings(4, L, seed=3, shuffle_buffer=4), name="a"),
+                    ShardStreams(open_dataset(str(b)), StreamSettings(4, L, seed=3), name="b")], [0.6, 0.4], period=7)
 
 
 def expected(mix, rank, world, consumed, n):
@@ -618,7 +622,7 @@ def test_batches_windows_equal_rank_sequences(data_dir, rank, world, consumed):
     try:
         for step in range(k):
             if step % 2:
-                x, y = bt.next()
+                x, y = next_batch(bt)
                 assert x.shape == y.shape == (M, L) and x.dtype == y.dtype == torch.int32
                 assert x.data_ptr() + 4 == y.data_ptr()  # views of one (M, L + 1) block
                 assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()

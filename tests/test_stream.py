@@ -12,10 +12,12 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from helpers import make_dataset, stream_tokens_of_shard
+from helpers import make_dataset, next_batch, rank_sequences, stream_tokens_of_shard, stream_windows
+from megagpt.data.loader import Batches, check_resumable
+from megagpt.data.mixture import Mixture
+from megagpt.data.order import default_num_streams
 from megagpt.data.shards import DataError, open_dataset
-from megagpt.data.stream import (Batches, Mixture, ShardStreams, check_resumable, default_num_streams,
-                                 rank_sequences)
+from megagpt.data.streams import ShardStreams, StreamSettings
 
 L = 16
 
@@ -26,7 +28,7 @@ def data_dir(tmp_path_factory):
 
 
 def streams(data_dir, S=4, seed=7, shuffle=True, seq_len=L, **kw):
-    return ShardStreams(open_dataset(str(data_dir)), S, seq_len, seed=seed, shuffle=shuffle, **kw)
+    return ShardStreams(open_dataset(str(data_dir)), StreamSettings(S, seq_len, seed=seed, shuffle=shuffle, **kw))
 
 
 def mixture(*sources, weights=None, **kw):
@@ -68,11 +70,11 @@ def test_each_stream_is_its_shards_tokens_cut_into_windows(data_dir):
     token is a target exactly once."""
     s = streams(data_dir)
     ds = s.ds
-    for stream in range(s.S):
+    for stream in range(s.num_streams):
         expected = np.concatenate([stream_tokens_of_shard(ds.shards[i].url, ds.dtype, ds.eod_id)
                                    for i in s.shards_of(stream, 0)])
         n = (len(expected) - 1) // L
-        wins = take(s.windows(stream, 0), n)
+        wins = take(stream_windows(s, stream, 0), n)
         joined = np.concatenate([wins[0]] + [w[1:] for w in wins[1:]])
         assert all(len(w) == L + 1 for w in wins)
         np.testing.assert_array_equal(joined, expected[: len(joined)])
@@ -82,7 +84,7 @@ def test_each_stream_is_its_shards_tokens_cut_into_windows(data_dir):
 def test_epoch_deals_every_shard_to_exactly_one_stream(data_dir):
     s = streams(data_dir)
     for epoch in range(3):
-        dealt = sorted(i for st in range(s.S) for i in s.shards_of(st, epoch))
+        dealt = sorted(i for st in range(s.num_streams) for i in s.shards_of(st, epoch))
         assert dealt == list(range(len(s.ds.shards)))
     assert s.shards_of(0, 0) != s.shards_of(0, 1) or s.shards_of(1, 0) != s.shards_of(1, 1)
 
@@ -94,7 +96,7 @@ def test_streams_continue_seamlessly_into_next_epoch(data_dir):
                                     for i in s.shards_of(0, e)]) for e in range(3)]
     expected = np.concatenate(epoch_tokens)
     n = (len(expected) - 1) // L
-    wins = take(s.windows(0, 0), n)
+    wins = take(stream_windows(s, 0, 0), n)
     joined = np.concatenate([wins[0]] + [w[1:] for w in wins[1:]])
     np.testing.assert_array_equal(joined, expected[: len(joined)])
 
@@ -160,11 +162,11 @@ def test_batches_state_counts_what_was_taken_not_prefetched(data_dir):
     g = global_order(s, 64)
     b = Batches(mixture(s), rank=1, world=2, micro_batch=4, consumed=0, prefetch=4)
     try:
-        x, y = b.next()
+        x, y = next_batch(b)
         assert x.shape == (4, L) and y.shape == (4, L)
         np.testing.assert_array_equal(x[0].numpy(), g[1][:-1])
         np.testing.assert_array_equal(y[0].numpy(), g[1][1:])
-        b.next()
+        next_batch(b)
         state = b.state_dict()
     finally:
         b.close()
@@ -194,7 +196,7 @@ def test_token_out_of_vocab_names_the_shard(data_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(man))
     s = streams(copy)
     with pytest.raises(DataError, match=r"shard .*shard-\d+\.tar.*vocab_size"):
-        take(s.windows(0, 0), 5)
+        take(stream_windows(s, 0, 0), 5)
 
 
 def test_truncated_shard_is_an_error_not_a_silent_drop(data_dir, tmp_path):
@@ -205,4 +207,4 @@ def test_truncated_shard_is_an_error_not_a_silent_drop(data_dir, tmp_path):
     raw = victim.read_bytes()
     victim.write_bytes(raw[: len(raw) // 2])
     with pytest.raises(DataError, match=victim.name):
-        take(s.windows(0, 0), 1000)
+        take(stream_windows(s, 0, 0), 1000)

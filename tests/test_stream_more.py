@@ -14,9 +14,12 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from helpers import make_dataset, make_two_sources
+from helpers import make_dataset, make_two_sources, mixed_windows, next_batch, rank_sequences, stream_windows
+from megagpt.data.loader import Batches
+from megagpt.data.mixture import Mixture, mix_counts
 from megagpt.data.shards import DataError, open_dataset, read_bytes, read_shard
-from megagpt.data.stream import Batches, Mixture, ShardStreams, mix_counts, rank_sequences, val_sequences
+from megagpt.data.streams import ShardStreams, StreamSettings
+from megagpt.data.validation import val_sequences
 
 L = 16
 
@@ -26,9 +29,9 @@ def two_sets(tmp_path_factory):
     return make_two_sources(tmp_path_factory.mktemp("more"))
 
 
-def mk(path, S=4, **kw):
+def mk(path, S=4, name="data", **kw):
     kw.setdefault("seed", 3)
-    return ShardStreams(open_dataset(str(path)), S, L, **kw)
+    return ShardStreams(open_dataset(str(path)), StreamSettings(S, L, **kw), name=name)
 
 
 def order(mix, world, consumed, n):
@@ -47,15 +50,15 @@ def same(xs, ys):
 
 def test_shuffle_buffer_permutes_within_blocks_and_resumes_exactly(two_sets):
     a, _ = two_sets
-    plain = list(islice(mk(a).windows(1, 0), 64))
+    plain = list(islice(stream_windows(mk(a), 1, 0), 64))
     shuffled_stream = mk(a, shuffle_buffer=8)
-    shuffled = list(islice(shuffled_stream.windows(1, 0), 64))
+    shuffled = list(islice(stream_windows(shuffled_stream, 1, 0), 64))
     assert not all(np.array_equal(x, y) for x, y in zip(plain, shuffled))
     for b in range(8):  # each block of 8 is a permutation of the same 8 windows
         assert sorted(w.tobytes() for w in plain[8 * b : 8 * b + 8]) == \
                sorted(w.tobytes() for w in shuffled[8 * b : 8 * b + 8])
     for start in (0, 5, 8, 13, 40):  # mid-block and on block boundaries
-        again = list(islice(mk(a, shuffle_buffer=8).windows(1, start), 64 - start))
+        again = list(islice(stream_windows(mk(a, shuffle_buffer=8), 1, start), 64 - start))
         assert all(np.array_equal(x, y) for x, y in zip(again, shuffled[start:]))
 
 
@@ -83,8 +86,8 @@ def test_mixture_proportions_determinism_and_elastic_resume(two_sets):
     for world_before, world_after, at in ((2, 1, 96), (1, 2, 100), (2, 2, 36), (4, 2, 120)):
         assert same(order(mix(), world_after, at, 400 - at), full[at:]), (world_before, world_after, at)
     # The windows of source b in the mixture are exactly source b's own stream, in order.
-    b_alone = list(islice(mk(b, shuffle_buffer=4).windows(0, 0), 30))
-    b_in_mix = [w for w, i in islice(mix().windows(0, 0), 200) if i == 1][:30]
+    b_alone = list(islice(stream_windows(mk(b, shuffle_buffer=4), 0, 0), 30))
+    b_in_mix = [w for w, i in islice(mixed_windows(mix(), 0, 0), 200) if i == 1][:30]
     assert all(np.array_equal(x, y) for x, y in zip(b_alone, b_in_mix))
 
 
@@ -94,7 +97,7 @@ def test_batches_report_realized_proportions(two_sets):
     bt = Batches(mix, rank=0, world=1, micro_batch=8)
     try:
         for _ in range(10):
-            bt.next()
+            next_batch(bt)
     finally:
         bt.close()
     assert bt.source_counts.tolist() == [60, 20]
@@ -108,7 +111,7 @@ def take_batches(mix, world, consumed, steps, micro=2):
     """Per step, the concatenation over ranks of each rank's micro-batch; and the end state."""
     bts = [Batches(mix, r, world, micro, consumed=consumed) for r in range(world)]
     try:
-        out = [[bt.next()[0].numpy() for bt in bts] for _ in range(steps)]
+        out = [[next_batch(bt)[0].numpy() for bt in bts] for _ in range(steps)]
         return out, bts[0].state_dict()
     finally:
         for bt in bts:
@@ -159,10 +162,10 @@ def test_bad_shard_raise_names_the_shard(two_sets, tmp_path, kind):
     damage(kind, copy, victim)
     s = mk(copy, S=2, shuffle=False)  # re-read the manifest (dtype case)
     with pytest.raises(DataError, match="shard-"):
-        list(islice(s.windows(0, 0), 500))
+        list(islice(stream_windows(s, 0, 0), 500))
     if kind != "dtype":
         with pytest.raises(DataError, match=victim):
-            list(islice(mk(copy, S=2, shuffle=False).windows(0, 0), 500))
+            list(islice(stream_windows(mk(copy, S=2, shuffle=False), 0, 0), 500))
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt", "missing"])
@@ -212,7 +215,7 @@ def test_http_streaming_matches_local(two_sets, http_root):
     a, _ = two_sets
     n = len(open_dataset(str(a)).shards)
     url = f"{http_root}/shard-{{000000..{n - 1:06d}}}.tar"
-    remote = Mixture([ShardStreams(open_dataset(url), 4, L, seed=3, shuffle_buffer=4)], [1.0])
+    remote = Mixture([ShardStreams(open_dataset(url), StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
     local = Mixture([mk(a, shuffle_buffer=4)], [1.0])
     assert same(order(remote, 2, 0, 200), order(local, 2, 0, 200))
     with pytest.raises(DataError, match="cannot read"):  # a missing URL
@@ -272,8 +275,8 @@ def test_pipe_urls_whose_command_goes_on_after_the_shard(s3_like):
             np.testing.assert_array_equal(read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
                                           read_shard(plain, ds.dtype, ds.vocab_size, ds.eod_id))
         assert read_bytes(ds.tokenizer_url) == (data / "tokenizer.json").read_bytes()
-    remote = Mixture([ShardStreams(open_dataset(url), 4, L, seed=3, shuffle_buffer=4)], [1.0])
-    plain = Mixture([ShardStreams(local, 4, L, seed=3, shuffle_buffer=4)], [1.0])
+    remote = Mixture([ShardStreams(open_dataset(url), StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
+    plain = Mixture([ShardStreams(local, StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
     assert same(order(remote, 2, 0, 120), order(plain, 2, 0, 120))
 
 
@@ -305,5 +308,6 @@ def test_val_sequences_fixed_disjoint_and_equal_per_rank(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(r0, val_sequences(ds, L, 0, 2, 6)))
     one = val_sequences(ds, L, 0, 1, 12)
     assert all(np.array_equal(one[2 * k], r0[k]) and np.array_equal(one[2 * k + 1], r1[k]) for k in range(6))
-    train_tokens = {w.tobytes() for w in islice(ShardStreams(ds, 1, L, seed=0, shuffle=False).raw_windows(0, 0), 200)}
+    unshuffled = ShardStreams(ds, StreamSettings(1, L, seed=0, shuffle=False))
+    train_tokens = {w.tobytes() for w in islice(stream_windows(unshuffled, 0, 0, raw=True), 200)}
     assert not any(w.astype(np.uint16).tobytes() in train_tokens for w in one)

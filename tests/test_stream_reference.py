@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_two_sources
+from helpers import make_two_sources, mixed_windows, next_batch, rank_sequences, stream_windows
+from megagpt.data.loader import Batches, stream_windows_taken
+from megagpt.data.mixture import Mixture
+from megagpt.data.order import permutation
 from megagpt.data.shards import DataError, open_dataset
-from megagpt.data.stream import Batches, Mixture, ShardStreams, permutation, rank_sequences, stream_windows_taken
+from megagpt.data.streams import ShardStreams, StreamSettings
 
 L = 16
 
@@ -22,7 +25,7 @@ L = 16
 # -- the reference: one window at a time, exactly the documented layout -----------------------
 
 def ref_raw_windows(s: ShardStreams, stream: int, start: int):
-    skip, buf, epoch = start * s.L, None, 0
+    skip, buf, epoch = start * s.seq_len, None, 0
     tokens_of = lambda sh: 0 if sh.url in s.bad else sh.stream_tokens  # noqa: E731
     while True:
         live = 0
@@ -33,9 +36,9 @@ def ref_raw_windows(s: ShardStreams, stream: int, start: int):
                 live += tokens_of(shard) > 0
                 continue
             try:
-                tokens = s.reader(shard, s.ds)
+                tokens = s.settings.reader(shard, s.ds)
             except DataError:
-                if s.on_error == "raise":
+                if s.settings.on_error == "raise":
                     raise
                 s.bad.add(shard.url)
                 continue
@@ -43,17 +46,17 @@ def ref_raw_windows(s: ShardStreams, stream: int, start: int):
             tokens = tokens[skip:]
             skip = 0
             buf = tokens if buf is None else np.concatenate([buf, tokens])
-            n = (len(buf) - 1) // s.L
+            n = (len(buf) - 1) // s.seq_len
             for i in range(n):
-                yield buf[i * s.L : i * s.L + s.L + 1]
-            buf = buf[n * s.L :]
+                yield buf[i * s.seq_len : i * s.seq_len + s.seq_len + 1]
+            buf = buf[n * s.seq_len :]
         if not live:
             raise DataError("every shard bad")
         epoch += 1
 
 
 def ref_windows(s: ShardStreams, stream: int, start: int):
-    B = s.buffer
+    B = s.shuffle_buffer
     if B == 1:
         yield from ref_raw_windows(s, stream, start)
         return
@@ -62,7 +65,7 @@ def ref_windows(s: ShardStreams, stream: int, start: int):
     first = start - block * B
     while True:
         items = [next(raw) for _ in range(B)]
-        perm = permutation(B, s.seed, 0x5EED, stream, block)
+        perm = permutation(B, s.settings.seed, 0x5EED, stream, block)
         for j in range(first, B):
             yield items[perm[j]]
         first, block = 0, block + 1
@@ -87,7 +90,7 @@ def ref_mixed(mix: Mixture, stream: int, start: int):
 
 
 def ref_rank(mix: Mixture, rank: int, world: int, consumed: int):
-    S = mix.S
+    S = mix.num_streams
     its = {s: ref_mixed(mix, s, stream_windows_taken(consumed, s, S)) for s in range(rank, S, world)}
     g = consumed + rank
     while True:
@@ -111,8 +114,8 @@ def sets(tmp_path_factory):
 
 
 def make_mix(paths, weights, buffer, period=7, S=4, seed=5, seq_len=L, **kw):
-    srcs = [ShardStreams(open_dataset(str(p)), S, seq_len, seed=seed, shuffle_buffer=buffer, name=f"s{i}", **kw)
-            for i, p in enumerate(paths)]
+    settings = StreamSettings(S, seq_len, seed=seed, shuffle_buffer=buffer, **kw)
+    srcs = [ShardStreams(open_dataset(str(p)), settings, name=f"s{i}") for i, p in enumerate(paths)]
     return Mixture(srcs, weights, period=period)
 
 
@@ -140,11 +143,11 @@ def test_stream_layers_match_the_reference(sets, kind, buffer):
     for stream in (0, 3):
         for start in (0, 1, 5, 24, 137):
             s_new, s_ref = (make_mix(paths[:1], [1.0], buffer).sources[0] for _ in range(2))
-            new = [w.copy() for w in islice(s_new.windows(stream, start), 150)]
+            new = [w.copy() for w in islice(stream_windows(s_new, stream, start), 150)]
             ref = [w.copy() for w in islice(ref_windows(s_ref, stream, start), 150)]
             assert_same([(w, 0) for w in new], [(w, 0) for w in ref])
             m_new, m_ref = make_mix(paths, weights, buffer), make_mix(paths, weights, buffer)
-            assert_same([(w.copy(), i) for w, i in islice(m_new.windows(stream, start), 150)],
+            assert_same([(w.copy(), i) for w, i in islice(mixed_windows(m_new, stream, start), 150)],
                         [(w.copy(), i) for w, i in islice(ref_mixed(m_ref, stream, start), 150)])
 
 
@@ -186,7 +189,7 @@ def test_batches_match_the_reference(sets, kind, world, micro, group_tokens):
                     group_tokens=group_tokens)
         try:
             for step, (batch, sources) in enumerate(ref):
-                x, y = b.next()
+                x, y = next_batch(b)
                 assert x.dtype == y.dtype == torch.int32
                 assert tuple(x.shape) == tuple(y.shape) == (micro, L)
                 np.testing.assert_array_equal(x.numpy(), batch[:, :-1], err_msg=f"step {step}")
@@ -202,7 +205,7 @@ def damaged(sets, tmp_path, victim_of_stream=1):
     a, _ = sets
     copy = tmp_path / "d"
     shutil.copytree(a, copy)
-    s = ShardStreams(open_dataset(str(copy)), 4, L, seed=5)
+    s = ShardStreams(open_dataset(str(copy)), StreamSettings(4, L, seed=5))
     idx = s.shards_of(victim_of_stream, 0)[1]
     path = copy / f"shard-{idx:06d}.tar"
     path.write_bytes(path.read_bytes()[:2000])
@@ -249,10 +252,10 @@ def test_bad_shard_raise_stops_at_the_same_sequence(sets, tmp_path, buffer, kind
         b = Batches(make_mix(paths, weights, buffer), 0, 1, micro, group_tokens=group_tokens)
         try:
             for k in range(len(ref) // micro):
-                x, _ = b.next()
+                x, _ = next_batch(b)
                 np.testing.assert_array_equal(x.numpy(), np.stack([w[:-1] for w, _ in ref[k * micro : (k + 1) * micro]]))
             for _ in range(2):
                 with pytest.raises(DataError, match=victim.name):
-                    b.next()
+                    next_batch(b)
         finally:
             b.close()

@@ -57,14 +57,15 @@ def worker(argv: list[str]) -> None:
     a = p.parse_args(argv)
     import torch
 
+    from megagpt.config import ModelConfig
     from megagpt.flops import flops_per_token
     from megagpt.model.attention import resolve_backend
     from megagpt.model.gpt import GPT, GPTConfig
 
     torch.set_num_threads(a.threads)
     base = _rss_now()
-    cfg = GPTConfig(vocab_size=-(-a.vocab // 64) * 64, max_seq_len=a.seq_len, n_layer=a.n_layer, n_head=a.n_head,
-                    n_embd=a.n_embd, attention=resolve_backend("auto", "cpu"))
+    cfg = GPTConfig.from_settings(ModelConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd),
+                                  vocab_size=a.vocab, seq_len=a.seq_len, attention=resolve_backend("auto", "cpu"))
     model = GPT(cfg)
     model.init_weights(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

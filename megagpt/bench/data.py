@@ -77,7 +77,7 @@ def _webdataset_rate(paths: list[str], tokens: int, seconds: float) -> float:
 
 def _loader_rate(mix, micro: int, seq_len: int, seconds: float) -> float:
     """Steady-state tokens/s of the trainer's side of the loader (next_windows)."""
-    from megagpt.data.stream import Batches
+    from megagpt.data.loader import Batches
 
     b = Batches(mix, rank=0, world=1, micro_batch=micro, prefetch=8)
     try:
@@ -123,9 +123,11 @@ def _training_rate(vocab: int, seq_len: int, micro: int, steps: int = 6) -> floa
     """Tokens/s of the tiny model's training step (fp32, AdamW) in this process."""
     import torch
 
+    from megagpt.config import ModelConfig
     from megagpt.model.gpt import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=-(-vocab // 64) * 64, max_seq_len=seq_len, n_layer=4, n_head=4, n_embd=128))
+    model = GPT(GPTConfig.from_settings(ModelConfig(n_layer=4, n_head=4, n_embd=128), vocab_size=vocab,
+                                        seq_len=seq_len, attention="sdpa"))
     model.init_weights(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, vocab, (micro, seq_len + 1))
@@ -194,7 +196,8 @@ def bench_data(args) -> dict:
 
     from megagpt.data.shards import open_dataset
     from megagpt.data.source import default_cache_dir
-    from megagpt.data.stream import Mixture, ShardStreams, default_reader
+    from megagpt.data.mixture import Mixture
+    from megagpt.data.streams import ShardStreams, StreamSettings, default_reader
 
     torch.set_num_threads(1)  # one process, as one rank of a 2-rank job on 2 cores
     path = args.data or str(bench_corpus(default_cache_dir(), args.corpus_mib))
@@ -211,8 +214,9 @@ def bench_data(args) -> dict:
             _evict([shard.url])  # so that the next epoch reads it from the disk again
 
     def mix(reader):
-        return Mixture([ShardStreams(ds, streams, args.seq_len, seed=0, shuffle=True,
-                                     shuffle_buffer=args.shuffle_buffer, reader=reader)], [1.0])
+        settings = StreamSettings(num_streams=streams, seq_len=args.seq_len, seed=0, shuffle=True,
+                                  shuffle_buffer=args.shuffle_buffer, reader=reader)
+        return Mixture([ShardStreams(ds, settings)], [1.0])
 
     _raw_read_rate(paths, tokens, 0.5)  # warm the page cache
     raw = _raw_read_rate(paths, tokens, args.seconds)

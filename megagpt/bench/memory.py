@@ -6,7 +6,7 @@
 For each ZeRO stage and number of ranks, a real job under torchrun
 (`python -m torch.distributed.run --nproc_per_node=W -m megagpt.bench.memory
 --worker ...`) builds the engine with megagpt's own functions (the Hydra
-config composed from conf/, engine.deepspeed_config, build_model_config,
+config composed from conf/, ds_config.deepspeed_config, build_model_config,
 build_engine: the model built inside deepspeed.zero.Init, torch AdamW),
 runs a few training steps on random tokens (seq len and batch tiny: this
 measures model state, not activations) and every rank reports:
@@ -164,8 +164,10 @@ def worker(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     from megagpt import runtime
-    from megagpt.config import register, validate
-    from megagpt.engine import build_engine, build_model_config, deepspeed_config
+    from megagpt.config import register
+    from megagpt.config_checks import validate
+    from megagpt.ds_config import deepspeed_config
+    from megagpt.engine import build_engine, build_model_config
     from megagpt.model.attention import resolve_backend
     from megagpt.train import CONF_DIR
 
@@ -183,16 +185,18 @@ def worker(argv: list[str]) -> None:
     comm = CommCounter()  # before DeepSpeed's comm backend starts: it keeps references to the functions
     runtime.init_distributed(env, "gloo", device, cfg.deepspeed.timeout_minutes)
     baseline = _rss_now()
-    gcfg = build_model_config(cfg, a.vocab, resolve_backend("auto", "cpu"))
+    model_cfg = build_model_config(cfg, a.vocab, resolve_backend("auto", "cpu"))
     ds_config = deepspeed_config(cfg, env.world_size, "cpu")
-    engine, model, optimizer = build_engine(cfg, gcfg, ds_config, env.rank, "cpu")
+    train_engine = build_engine(cfg, model_cfg, ds_config, env.rank, env.world_size, device)
+    engine, model, optimizer = train_engine.ds_engine, train_engine.model, train_engine.optimizer
+    optimizer.agree = lambda bad: bad  # this bench drives the steps itself: no exchange between ranks
     after_build = _rss_now()
     gen = torch.Generator().manual_seed(env.rank)
     grads, losses, t0 = 0, [], time.perf_counter()
     for step in range(a.steps):
         comm.reset()  # the last step's collectives are kept (the first one also traces, under ZeRO-3)
         x = torch.randint(0, a.vocab, (a.micro_batch, a.seq_len + 1), generator=gen)
-        optimizer.new_step(True)
+        optimizer.new_step(torch.zeros((), dtype=torch.bool))
         loss = engine(x[:, :-1], x[:, 1:])
         engine.backward(loss)
         grads = max(grads, grad_bytes(model, engine, a.stage))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from megagpt.atomic import write_text
 from megagpt.data.prep_inputs import CHUNK_BYTES, Job, Pool, cpu_count, find_inputs, iter_documents, val_threshold
 from megagpt.data.prep_progress import Progress, clearing
 from megagpt.data.prep_sources import Input, as_inputs, check_readers, identity
@@ -42,7 +43,6 @@ from megagpt.data.shardwriter import (
     remove_outputs,
     sha256_file,
     shard_ok,
-    write_atomic,
     write_shards,
 )
 from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bpe
@@ -235,7 +235,7 @@ def prepare(
         raise ValueError(f"no non-empty documents in inputs{where}: {' '.join(inputs)}")
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "eod_id": eod,
                 "tokenizer": TOKENIZER_FILE, **manifest}
-    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     say(
         f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
         f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents"

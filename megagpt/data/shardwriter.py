@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import xxhash
 
+from megagpt.atomic import write_text
 from megagpt.data.prep_inputs import Job, Pool, iter_tasks, iter_units, tokenize_task
 from megagpt.data.prep_progress import Progress
 from megagpt.data.shards import SHARD_KEYS
@@ -29,12 +30,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def manifest_entry(shard: dict) -> dict:
@@ -199,7 +194,7 @@ class State:
     def rewrite(self, out: Path) -> None:
         lines = [json.dumps(self.header)]
         lines += [json.dumps({"split": split, **s}) for split, shards in self.shards.items() for s in shards]
-        write_atomic(out / STATE_FILE, "\n".join(lines) + "\n")
+        write_text(out / STATE_FILE, "\n".join(lines) + "\n")
 
     def append(self, out: Path, split: str, shard: dict) -> None:
         self.shards[split].append(shard)

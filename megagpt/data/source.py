@@ -8,8 +8,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from megagpt.data.mixture import Mixture
+from megagpt.data.order import default_num_streams
 from megagpt.data.shards import Dataset, DataError, open_dataset, read_bytes
-from megagpt.data.stream import Mixture, ShardStreams, default_num_streams, make_reader
+from megagpt.data.streams import ShardStreams, StreamSettings, make_reader
 
 
 @dataclass
@@ -116,9 +118,8 @@ def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> T
     n = d.num_streams or default_num_streams(fewest, env.world_size)
     if n % env.world_size:
         raise DataError(f"data.num_streams={n} is not divisible by the number of ranks ({env.world_size})")
-    streams = [ShardStreams(ds, n, d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
-                            shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, name=name,
-                            reader=make_reader(d.verify))
-               for name, _, ds in sets]
+    settings = StreamSettings(num_streams=n, seq_len=d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
+                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, reader=make_reader(d.verify))
+    streams = [ShardStreams(ds, settings, name=name) for name, _, ds in sets]
     mix = Mixture(streams, [w for _, w, _ in sets], period=d.mix_period, names=[n for n, _, _ in sets])
     return TrainingData(mix, [(name, ds) for name, _, ds in sets if ds.val_shards])

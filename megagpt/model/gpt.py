@@ -1,12 +1,16 @@
 """A decoder-only Transformer as a plain nn.Module: no collectives, no engine code.
 
-Two families share one skeleton (embeddings, pre-norm blocks of causal
-self-attention and MLP, a final norm, an output head):
+The model families share one skeleton (embeddings, pre-norm blocks of causal
+self-attention and MLP, a final norm, an output head); what differs between
+them (positions, norm, MLP, the default MLP width) is one row of the table in
+families.py, read here:
 
-  gpt2   learned position embeddings, LayerNorm, GELU MLP, fused q/k/v,
-         embeddings tied to the output head
-  llama  rotary position embeddings, RMSNorm, SwiGLU MLP, grouped-query
-         attention (n_kv_head <= n_head), tied or untied embeddings
+  gpt2   learned position embeddings, LayerNorm, GELU MLP
+  llama  rotary position embeddings, RMSNorm, SwiGLU MLP
+
+Any family: fused q/k/v with grouped-query attention where n_kv_head < n_head,
+embeddings tied to the output head or not (model.tie_embeddings).  The config
+(GPTConfig) is in config.py.
 
 Weights are initialised by `init_module_`, one module at a time, from a
 generator the caller owns.  That keeps initialisation identical whether the
@@ -18,7 +22,6 @@ re-partitions (see engine.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,56 +29,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megagpt.model.attention import Visibility, causal_attention
-from megagpt.model.layers import GeluMLP, KVCache, SwiGLU, apply_rope, rope_tables
+from megagpt.model.config import GPTConfig
+from megagpt.model.layers import KVCache, apply_rope, rope_tables
 
-FAMILIES = ("gpt2", "llama")
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    max_seq_len: int
-    family: str = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: n_head (multi-head); fewer: grouped-query attention
-    n_embd: int = 128
-    # MLP width; None: 4 n_embd for gpt2, 8/3 n_embd rounded up to mlp_multiple for llama.
-    mlp_hidden: int | None = None
-    mlp_multiple: int = 256
-    dropout: float = 0.0
-    bias: bool = True
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    attention: str = "sdpa"  # a concrete backend: flash_attn | sdpa | eager
-    # Document masking: tokens attend only within their own document (EOD-separated).
-    doc_mask: bool = False
-    eod_id: int | None = None
-    # Activation checkpointing: recompute every k-th block in backward (0: none, 1: every block).
-    checkpoint_every: int = 0
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"model.family: unknown family {self.family!r}; choose one of {FAMILIES}")
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.mlp_hidden is None:
-            if self.family == "gpt2":
-                self.mlp_hidden = 4 * self.n_embd
-            else:  # SwiGLU with ~the parameters of a 4x GELU MLP
-                h = int(8 * self.n_embd / 3)
-                self.mlp_hidden = -(-h // self.mlp_multiple) * self.mlp_multiple
-        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"model: n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
-                             "n_head must divide n_embd and n_kv_head must divide n_head")
-        if self.doc_mask and self.eod_id is None:
-            raise ValueError("model.doc_mask needs the end-of-document token id")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+__all__ = ["GPT", "GPTConfig", "decay_groups"]
 
 
 class CausalSelfAttention(nn.Module):
@@ -106,9 +63,7 @@ class CausalSelfAttention(nn.Module):
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
-    if cfg.family == "llama":
-        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    return cfg.family_spec.norm(cfg.n_embd, cfg.norm_eps, cfg.bias)
 
 
 class Block(nn.Module):
@@ -117,8 +72,7 @@ class Block(nn.Module):
         self.ln_1 = _norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = _norm(cfg)
-        mlp = SwiGLU if cfg.family == "llama" else GeluMLP
-        self.mlp = mlp(cfg.n_embd, cfg.mlp_hidden, cfg.bias)
+        self.mlp = cfg.family_spec.mlp(cfg.n_embd, cfg.mlp_hidden, cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, vis: Visibility, rope=None, cache: KVCache | None = None) -> torch.Tensor:
@@ -130,8 +84,9 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        self.learned_positions = cfg.family_spec.learned_positions  # else rotary
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        if cfg.family == "gpt2":
+        if self.learned_positions:
             self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = _norm(cfg)
@@ -150,14 +105,14 @@ class GPT(nn.Module):
         pos = torch.arange(offset, offset + T, device=idx.device)
         x = self.wte(idx)  # (B, T, C)
         rope = None
-        if self.cfg.family == "gpt2":
+        if self.learned_positions:
             x = x + self.wpe(pos)
         else:
             rope = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)  # 2 x (T, D)
         x = F.dropout(x, self.cfg.dropout, self.training)
         doc_eod = self.cfg.eod_id if self.cfg.doc_mask and cache is None else None
         vis = Visibility.of(idx, offset, doc_eod)
-        k = self.cfg.checkpoint_every
+        k = self.cfg.activation_checkpointing
         for i, block in enumerate(self.blocks):
             if k and self.training and torch.is_grad_enabled() and i % k == 0:
                 x = checkpoint(block, x, vis, rope, use_reentrant=False)
@@ -210,11 +165,17 @@ class GPT(nn.Module):
         for module in self.modules():
             self.init_module_(module, gen)
 
-    def num_params(self, exclude_position: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_position and self.cfg.family == "gpt2":
-            n -= self.wpe.weight.numel()
-        return n
+    def num_params(self, exclude_position: bool = True, matmul_only: bool = False) -> int:
+        """Parameters, a tied head counted once, ZeRO-3 partitioned ones at
+        their full size.  exclude_position: without a learned position table.
+        matmul_only: N of flops.py, those that take part in matmuls: no
+        position table, and the token table only where it is the head too."""
+        skip = set()
+        if (exclude_position or matmul_only) and self.learned_positions:
+            skip.add("wpe.weight")
+        if matmul_only and not self.cfg.tie_embeddings:
+            skip.add("wte.weight")
+        return sum(getattr(p, "ds_numel", p.numel()) for name, p in self.named_parameters() if name not in skip)
 
 
 def _normal_(w: torch.Tensor, std: float, gen: torch.Generator) -> None:

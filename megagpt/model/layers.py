@@ -1,11 +1,21 @@
-"""Building blocks the two model families share or swap: MLPs, rotary
-position embeddings, and the key/value cache used in generation."""
+"""Building blocks the model families share or swap (see families.py): norms,
+MLPs, rotary position embeddings, and the key/value cache used in generation."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def layer_norm(dim: int, eps: float, bias: bool) -> nn.Module:
+    """GPT-2's norm: LayerNorm, with a bias unless the model has none."""
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
+
+
+def rms_norm(dim: int, eps: float, bias: bool) -> nn.Module:
+    """Llama's norm: RMSNorm, a gain and no bias whatever `bias` says."""
+    return nn.RMSNorm(dim, eps=eps)
 
 
 class GeluMLP(nn.Module):

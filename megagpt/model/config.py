@@ -1,0 +1,123 @@
+"""The model's config: the `model.*` settings, resolved.
+
+`ModelConfig` (megagpt/config.py) is the Hydra schema users set
+(`model.n_layer=...`).  `GPTConfig` extends it: every field, name and default
+inherited, plus what only a model being built knows:
+
+  vocab_size   required, final (the tokenizer's or model.vocab_size, padded)
+  max_seq_len  required, final (model.max_seq_len or data.seq_len)
+  attention    a concrete backend (flash_attn | sdpa | eager), not auto
+  eod_id       the end-of-document token id (document masking)
+
+`GPTConfig.from_settings` builds one from the settings by copying every field
+by name; the defaults left open (None) are resolved there (the ones that need
+the data) and in `__post_init__` (n_kv_head, mlp_hidden: the family's rule,
+families.py), and nowhere else.  `check` holds the model's checks; both
+`config_checks.validate()` (on the settings) and every GPTConfig run it, and it
+raises ConfigError with one line naming the key.
+
+A GPTConfig's dict (`dataclasses.asdict`) is the model record in a
+checkpoint's megagpt_state.json ("model") and in an exported config.json
+("megagpt"); `from_record` reads it back, records of older megagpt included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megagpt.config import ConfigError, ModelConfig
+from megagpt.model.attention import BACKENDS
+from megagpt.model.families import Family, family
+
+# Names older megagpt wrote into model records: old -> current.
+RENAMED = {"checkpoint_every": "activation_checkpointing"}
+
+
+def _require(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"model.{key}: {msg}")
+
+
+def check(m: Any, resolved: bool = False) -> None:
+    """The model's checks, for the `model.*` settings (None: a default still
+    to be resolved) or a GPTConfig (`resolved`: attention must then be a
+    concrete backend).  Raises ConfigError naming the first bad key."""
+    for key in ("n_layer", "n_head", "n_embd", "mlp_ratio", "vocab_multiple"):
+        _require(getattr(m, key) > 0, key, f"must be positive, got {getattr(m, key)}")
+    _require(m.n_embd % m.n_head == 0, "n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
+    _require(kv > 0 and m.n_head % kv == 0, "n_kv_head",
+             f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    _require(m.mlp_hidden is None or m.mlp_hidden > 0, "mlp_hidden", f"must be positive, got {m.mlp_hidden}")
+    _require(m.mlp_multiple > 0, "mlp_multiple", f"must be positive, got {m.mlp_multiple}")
+    _require(m.rope_theta > 0, "rope_theta", f"must be positive, got {m.rope_theta}")
+    _require(m.activation_checkpointing >= 0, "activation_checkpointing",
+             f"must be 0 (off) or k >= 1 (every k-th block), got {m.activation_checkpointing}")
+    if family(m.family).rotary:
+        _require((m.n_embd // m.n_head) % 2 == 0, "n_embd",
+                 f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}")
+    backends = BACKENDS if resolved else ("auto", *BACKENDS)
+    _require(m.attention in backends, "attention", f"unknown backend {m.attention!r}; choose one of {backends}")
+    _require(0.0 <= m.dropout < 1.0, "dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.vocab_size is None or m.vocab_size > 1, "vocab_size", f"must be > 1, got {m.vocab_size}")
+
+
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
+    """What the model is built from: ModelConfig's fields resolved (see the module doc)."""
+    vocab_size: int = field()
+    max_seq_len: int = field()
+    attention: str = "sdpa"
+    eod_id: Optional[int] = None
+
+    def __post_init__(self):
+        check(self, resolved=True)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = self.family_spec.mlp_width(self)
+        if self.doc_mask and self.eod_id is None:
+            raise ConfigError("model.doc_mask: needs the end-of-document token id (eod_id)")
+
+    @classmethod
+    def from_settings(cls, m: ModelConfig, *, vocab_size: int, seq_len: int, attention: str,
+                      eod_id: int | None = None) -> "GPTConfig":
+        """The model's config from the `model.*` settings (a ModelConfig or its
+        DictConfig): every setting copied by name, then the defaults that need
+        the data: vocab_size (model.vocab_size, else the tokenizer's
+        `vocab_size`) rounded up to model.vocab_multiple for matmul-friendly
+        shapes, and max_seq_len (model.max_seq_len, else data.seq_len =
+        `seq_len`).  `attention`: the backend model.attention resolved to
+        (attention.resolve_backend)."""
+        values = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)}
+        v = m.vocab_size or vocab_size
+        values.update(vocab_size=-(-v // m.vocab_multiple) * m.vocab_multiple,
+                      max_seq_len=m.max_seq_len or seq_len, attention=attention, eod_id=eod_id)
+        return cls(**values)
+
+    @classmethod
+    def from_record(cls, record: dict, ignore_unknown: bool = False) -> "GPTConfig":
+        """A GPTConfig from its saved dict. Keys older megagpt wrote under
+        another name are renamed (RENAMED); keys it did not write take the
+        defaults.  A key unknown here is a TypeError unless `ignore_unknown`."""
+        values = {RENAMED.get(k, k): v for k, v in record.items()}
+        if ignore_unknown:
+            known = {f.name for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in values.items() if k in known}
+        return cls(**values)
+
+    def for_inference(self, attention: str = "sdpa") -> "GPTConfig":
+        """A copy set up for inference: the given attention backend, no
+        activation checkpointing, no dropout, no compile."""
+        return dataclasses.replace(self, attention=attention, activation_checkpointing=0, dropout=0.0,
+                                   compile=False)
+
+    @property
+    def family_spec(self) -> Family:
+        return family(self.family)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head

@@ -1,0 +1,200 @@
+"""A training run wired together from its config: the process group, the
+data, the model and its engine, the state that survives restarts, the hooks
+in their order, and the loop.
+
+    run = build(cfg)        # every rank; resumes from run.dir's newest checkpoint
+    try:
+        run.train()
+    finally:
+        run.close()
+    run.finish()            # the closing line and the export, once every rank is done
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from megagpt import checkpoint, collectives, hooks, runtime
+from megagpt.atomic import write_json
+from megagpt.config import Config, global_batch, grad_accum
+from megagpt.config_checks import validate
+from megagpt.data.loader import Batches
+from megagpt.data.source import TrainingData, open_training_data
+from megagpt.data.streams import make_reader
+from megagpt.data.validation import val_sequences
+from megagpt.ds_config import deepspeed_config, resolve_precision
+from megagpt.engine import build_engine, build_model_config
+from megagpt.flops import flops_per_token, peak_flops
+from megagpt.loop import Loop
+from megagpt.metrics import console, new_wandb_id
+from megagpt.model.attention import resolve_backend
+from megagpt.resilience import Faults, NanPolicy, StopRequest
+from megagpt.state import RngState, Snapshot, TrainState
+
+log = logging.getLogger("megagpt")
+
+
+@dataclass
+class Run:
+    cfg: Config
+    env: runtime.Env
+    run_dir: str
+    loop: Loop
+    batches: Batches
+
+    def train(self) -> TrainState:
+        return self.loop.run()
+
+    def close(self) -> None:
+        self.loop.close()
+        self.batches.close()
+
+    def finish(self) -> None:
+        """After a run that was not stopped early: the closing line, then the
+        export of the final checkpoint (complete once every rank is here)."""
+        import torch.distributed as dist
+
+        state = self.loop.state
+        if self.loop.stopped is None and self.env.is_main:
+            console(f"done: {state.step} steps, {state.tokens_seen:,} tokens; outputs in {self.run_dir}")
+        dist.barrier()
+        if self.loop.stopped is None and self.cfg.export.at_end and self.env.is_main:
+            from megagpt.export import export
+
+            out = export(os.path.join(self.run_dir, "checkpoints"),
+                         self.cfg.export.dir or os.path.join(self.run_dir, "hf"), self.cfg.export.max_shard_bytes)
+            console(f"exported to {out} (Hugging Face format)")
+        dist.barrier()
+
+
+def build(cfg: Config, point: int | None = None) -> Run:
+    """`point`: this job's number in a Hydra multirun run in this process
+    (the default run.dir then differs per point)."""
+    import torch.distributed as dist
+
+    env = runtime.read_env()
+    validate(cfg, env.world_size)  # before any heavy work, on every rank
+    t = cfg.trainer
+    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
+    device = runtime.device_for(env)
+    attention = resolve_backend(cfg.model.attention, device.type)
+    runtime.set_cpu_threads(env, t.cpu_threads)
+    runtime.init_distributed(env, cfg.deepspeed.backend, device, cfg.deepspeed.timeout_minutes)
+    collectives.agree(run_dir, "run.dir")
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
+        console(f"run.dir: {run_dir}")
+        console(f"attention: {attention} (model.attention={cfg.model.attention})")
+
+    data = open_training_data(cfg, env, barrier=dist.barrier)
+    model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
+    # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    resume_from = collectives.broadcast_from_main(_resolve_resume(t.resume, ckpt_root) if env.is_main else None)
+    if isinstance(resume_from, Exception):
+        raise resume_from
+    engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type), env.rank,
+                          env.world_size, device)
+    n_params = engine.model.num_params(matmul_only=True)  # N of flops.py
+    if env.is_main:
+        console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), {model_cfg.family}, "
+                f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads ({model_cfg.n_kv_head} key/value), "
+                f"width {model_cfg.n_embd}, vocab {model_cfg.vocab_size}; ZeRO stage {cfg.deepspeed.zero_stage}, "
+                f"{resolve_precision(cfg.deepspeed.precision, device.type)}")
+
+    accum, batch = grad_accum(t, env.world_size), global_batch(t, env.world_size)
+    batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch)
+    state, rng, stop = TrainState(), RngState(device), StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
+    hook_list = _hooks(cfg, env, device, run_dir, engine, data, batch * cfg.data.seq_len, stop,
+                       flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim,
+                                       cfg.data.seq_len))
+    snapshot = Snapshot(state, batches, {h.name: h for h in hook_list if h.name},
+                        {"world_size": env.world_size, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                         "model": asdict(model_cfg)})
+    restore_args = {"env": env, "seed": t.seed}
+    if resume_from:
+        checkpoint.restore(resume_from, engine=engine, rng=rng, snapshot=snapshot, **restore_args)
+        if env.is_main:
+            console(f"resumed from {resume_from} at step {state.step}")
+    state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
+    checkpointer = checkpoint.Checkpointer(ckpt_root, env.rank, env.world_size, keep_last=t.keep_last,
+                                           async_commit=t.async_save,
+                                           tokenizer=_read_tokenizer(data) if env.is_main else None)
+    if env.is_main:
+        console(f"training steps {state.step + 1}..{t.max_steps}: global batch {batch} x {cfg.data.seq_len} tokens, "
+                f"{accum} accumulation step(s), {env.world_size} rank(s)")
+    loop = Loop(engine=engine, batches=batches, state=state, snapshot=snapshot, rng=rng, checkpointer=checkpointer,
+                hooks=hook_list, nan_policy=NanPolicy(t.on_nan, t.max_nan_skips, t.max_rollbacks, env.is_main),
+                stop=stop, max_steps=t.max_steps, grad_accum=accum, tokens_per_step=batch * cfg.data.seq_len,
+                restore_args=restore_args, is_main=env.is_main)
+    return Run(cfg, env, run_dir, loop, batches)
+
+
+def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: TrainingData, tokens_per_step: int,
+           stop: StopRequest, flops: float) -> list[hooks.Hook]:
+    """The hooks, in the order they act after each step: measure, evaluate,
+    log, then stop or save, then tell the watchdog the step is done."""
+    t = cfg.trainer
+    val_count = t.eval_batches * t.micro_batch_size
+
+    def val_sets() -> dict:
+        return {name: val_sequences(ds, cfg.data.seq_len, env.rank, env.world_size, val_count,
+                                    reader=make_reader(cfg.data.verify)) for name, ds in data.val}
+
+    if t.eval_every and not data.val and env.is_main:
+        log.warning("trainer.eval_every=%d but the data has no validation shards; no val_loss", t.eval_every)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return [
+        hooks.Profile(run_dir, env.rank, t.profile_start, t.profile_steps),
+        hooks.InjectFaults(Faults(env.rank), engine.model),
+        hooks.SpikeWatch(t.spike_factor, t.spike_window, env.is_main),
+        hooks.Throughput(t.log_every, t.max_steps, tokens_per_step, flops, peak_flops(device, t.peak_flops),
+                         env.world_size, device),
+        hooks.Evaluation(t.eval_every if data.val else 0, t.max_steps, t.eval_batches, t.micro_batch_size,
+                         val_sets, env.world_size, device),
+        hooks.MetricsWriter(run_dir, cfg.logger, config, t.max_steps, env.is_main),
+        hooks.StopAndRequeue(stop, t.requeue, env.is_main),
+        hooks.CheckpointPolicy(t.save_every, t.max_steps),
+        hooks.WatchdogHook(t.watchdog_seconds, env.rank),
+    ]
+
+
+def _resolve_resume(resume: str, root: str):
+    try:
+        return checkpoint.resolve_resume(resume, root)
+    except checkpoint.CheckpointError as e:  # raised on every rank after the broadcast
+        return e
+
+
+def _read_tokenizer(data: TrainingData) -> bytes | None:
+    """The data's tokenizer.json, kept in every checkpoint so export and
+    generation need nothing but the checkpoint."""
+    from megagpt.data.shards import read_bytes
+
+    try:
+        return read_bytes(data.tokenizer_url)
+    except Exception as e:  # noqa: BLE001 - a missing tokenizer must not stop training
+        log.warning("cannot read the tokenizer %s (%s); checkpoints will not include it", data.tokenizer_url, e)
+        return None
+
+
+def _wandb_id(run_dir: str, from_checkpoint: str | None, cfg: Config, env) -> str | None:
+    """The W&B run id is kept with the run (run.json), so a restart continues it."""
+    if cfg.logger.kind != "wandb":
+        return from_checkpoint
+    path = os.path.join(run_dir, "run.json")
+    run_id = from_checkpoint
+    if env.is_main:
+        if run_id is None and os.path.exists(path):
+            with open(path) as f:
+                run_id = json.load(f).get("wandb_id")
+        run_id = run_id or new_wandb_id()
+        write_json(path, {"wandb_id": run_id}, indent=None)
+    return run_id
