@@ -33,7 +33,8 @@ class ModelConfig:
     """The `model.*` settings. The model's own config, GPTConfig
     (megagpt/model/config.py), is this dataclass extended: the same fields,
     resolved; its checks are in that module's `check`."""
-    # gpt2 (learned positions, LayerNorm, GELU MLP) | llama (RoPE, RMSNorm, SwiGLU MLP):
+    # gpt2 (learned positions, LayerNorm, GELU MLP) | llama (RoPE, RMSNorm, SwiGLU MLP) |
+    # mistral (llama's computation, exported as MistralForCausalLM; no biases):
     # the rows of megagpt/model/families.py.
     family: str = "gpt2"
     n_layer: int = 4
@@ -56,6 +57,21 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     rope_theta: float = 10000.0
+    # RoPE frequency scaling (rotary families): None (off) | llama3, Llama 3.1's rule for
+    # contexts longer than pretraining, which then needs the four values below (config.json's
+    # rope_scaling: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    rope_scaling: Optional[str] = None
+    rope_scaling_factor: Optional[float] = None
+    rope_scaling_low_freq_factor: Optional[float] = None
+    rope_scaling_high_freq_factor: Optional[float] = None
+    rope_scaling_original_max_seq_len: Optional[int] = None
+    # A Hugging Face model folder (config.json, model.safetensors or its index, tokenizer.json)
+    # to start from: its shape and weights, with a fresh optimizer (megagpt/hf_import.py).
+    init_from: Optional[str] = None
+    # Mistral's sliding attention window, kept so an export writes it back. megagpt computes
+    # full causal attention only, so it must be None or cover every sequence it computes
+    # (>= data.seq_len; generation stops there).
+    sliding_window: Optional[int] = None
     tie_embeddings: bool = True
     # auto | flash_attn | sdpa | eager
     attention: str = "auto"

@@ -23,6 +23,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check_model(m)
     _require(m.max_seq_len is None or m.max_seq_len >= d.seq_len, "model.max_seq_len",
              f"{m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
+    _require(m.sliding_window is None or m.sliding_window >= d.seq_len, "model.sliding_window",
+             f"{m.sliding_window} is shorter than data.seq_len={d.seq_len}; megagpt computes full causal attention only")
 
     _require(d.source in ("embedded", "webdataset", "mixture"), "data.source",
              f"unknown source {d.source!r}; choose embedded, webdataset or mixture")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,15 +37,16 @@ def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int
 
 
 def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, world_size: int,
-                 device: torch.device) -> TrainEngine:
-    """The model is built sharded under ZeRO-3."""
+                 device: torch.device, load: Callable[[str, torch.nn.Module], None] | None = None) -> TrainEngine:
+    """The model is built sharded under ZeRO-3.  `load`: where the weights
+    come from (see init_weights); by default a random initialisation."""
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     stage3 = cfg.deepspeed.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
         model = GPT(model_cfg)
-    init_weights(model, cfg.trainer.seed, rank, stage3)
+    init_weights(model, cfg.trainer.seed, rank, stage3, load)
     optimizer = build_optimizer(cfg.optim, model, device.type)
     # Saved into every checkpoint, this marks it convertible to DeepSpeed's
     # universal format (resharding to another number of ranks): without it
@@ -63,23 +65,59 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
 
 
-def init_weights(model: GPT, seed: int, rank: int, sharded: bool) -> None:
-    """Same weights for any world size and ZeRO stage: one generator walks the
-    modules in order. Sharded, each module's parameters are gathered, rank 0
-    writes them, and DeepSpeed re-partitions (broadcasting rank 0's values)."""
+def init_weights(model: GPT, seed: int, rank: int, sharded: bool,
+                 load: Callable[[str, torch.nn.Module], None] | None = None) -> None:
+    """Fill the weights, one module at a time: `load(name, module)` fills the
+    parameters a module owns directly (hf_import.module_loader: from a model
+    folder); by default the model's random initialisation, the same for any
+    world size and ZeRO stage (one generator walks the modules in order).
+    Sharded (ZeRO-3), each module's parameters are gathered, rank 0 fills them
+    and DeepSpeed re-partitions them (broadcasting rank 0's values): no rank
+    holds more than one module's full weights."""
+    if load is None:
+        if not sharded:
+            model.init_weights(seed)
+            return
+        generator = torch.Generator().manual_seed(seed)
+
+        def load(name: str, module: torch.nn.Module) -> None:
+            model.init_module_(module, generator)
     if not sharded:
-        model.init_weights(seed)
+        for name, module in model.named_modules():
+            load(name, module)
         return
     import deepspeed
 
-    gen = torch.Generator().manual_seed(seed)
-    for module in model.modules():
+    for name, module in model.named_modules():
         params = list(module.parameters(recurse=False))
         if not params:
             continue
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if rank == 0:
-                model.init_module_(module, gen)
+                load(name, module)
+        _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed heap back to the OS.  Gathering one module after another
+    allocates and frees large buffers; glibc raises its mmap threshold after
+    such frees and then keeps them in the heap, so without this a rank's
+    resident memory grew by about the whole model's size while building it
+    (measured: 103 MB for a 110 MB model), though it held one module at a time."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+        except (OSError, AttributeError, TypeError):  # not glibc: nothing to trim
+            _malloc_trim = lambda pad: 0  # noqa: E731
+    _malloc_trim(0)
+
+
+_malloc_trim = None
+
 
 # -- the engine adapter ---------------------------------------------------------------------
 

@@ -119,26 +119,33 @@ def load_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict]:
 
 def export(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2**30) -> str:
     """Write the Hugging Face folder; returns its path."""
+    path = find_checkpoint(checkpoint)
+    model, state = load_model(path)
+    c = model.cfg
+    write_hf_model(model, out, c.eod_id, max_shard_bytes)
+    _write_tokenizer(path, out, c.max_seq_len)
+    _write_json(os.path.join(out, "megagpt_export.json"),
+                {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")})
+    return out
+
+
+def write_hf_model(model: GPT, out: str, eos_id: int | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
+    """Write a model in memory as a Hugging Face folder, the tokenizer aside:
+    the weights (fp32), config.json and generation_config.json.  Returns `out`."""
     from safetensors.torch import save_file
 
     from megagpt.hf import hf_config, to_hf
 
-    path = find_checkpoint(checkpoint)
-    model, state = load_model(path)
     c = model.cfg
     tensors = to_hf(model.state_dict(), c)
     if c.tie_embeddings:  # transformers re-ties the head; safetensors refuses shared storage anyway
         tensors.pop("lm_head.weight")
     os.makedirs(out, exist_ok=True)
     _write_weights(tensors, out, max_shard_bytes, save_file)
-    eos = c.eod_id
-    _write_json(os.path.join(out, "config.json"), hf_config(c, eos))
+    _write_json(os.path.join(out, "config.json"), hf_config(c, eos_id))
     _write_json(os.path.join(out, "generation_config.json"),
-                {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
+                {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False,
                  "max_length": c.max_seq_len})
-    _write_tokenizer(path, out, c.max_seq_len)
-    _write_json(os.path.join(out, "megagpt_export.json"),
-                {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")})
     return out
 
 

@@ -51,9 +51,11 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     """The new token ids after `prompt` (a non-empty list of ids)."""
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
-    limit = model.cfg.max_seq_len
+    # Past a sliding window (Mistral) megagpt's full attention would differ from the model's.
+    limit = min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
     if len(prompt) >= limit:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room: the model's max_seq_len is {limit}")
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room: the model's max_seq_len "
+                         f"(or attention window) is {limit}")
     device = model.wte.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     budget = min(max_new_tokens, limit - len(prompt))

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import OmegaConf
 
-from megagpt import checkpoint, collectives, hooks, runtime
+from megagpt import checkpoint, collectives, hf_import, hooks, runtime
 from megagpt.atomic import write_json
-from megagpt.config import Config, global_batch, grad_accum
+from megagpt.config import Config, ConfigError, global_batch, grad_accum
 from megagpt.config_checks import validate
 from megagpt.data.loader import Batches
 from megagpt.data.source import TrainingData, open_training_data
@@ -73,9 +73,11 @@ class Run:
         dist.barrier()
 
 
-def build(cfg: Config, point: int | None = None) -> Run:
+def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset()) -> Run:
     """`point`: this job's number in a Hydra multirun run in this process
-    (the default run.dir then differs per point)."""
+    (the default run.dir then differs per point).  `chosen_model_keys`: the
+    `model.*` keys the user set (a `model=` preset sets all of them), checked
+    against the folder of model.init_from."""
     import torch.distributed as dist
 
     env = runtime.read_env()
@@ -93,15 +95,30 @@ def build(cfg: Config, point: int | None = None) -> Run:
         console(f"run.dir: {run_dir}")
         console(f"attention: {attention} (model.attention={cfg.model.attention})")
 
+    # A model folder to start from is checked through (files, names, shapes) before any heavy work.
+    folder = _on_every_rank(lambda: hf_import.open_folder(cfg.model.init_from)) if cfg.model.init_from else None
     data = open_training_data(cfg, env, barrier=dist.barrier)
-    model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
+    tokenizer = _read_tokenizer(data)
+    if folder is None:
+        model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
+    else:
+        def from_folder():
+            hf_import.check_tokenizer(folder, data.vocab_size, tokenizer)
+            return hf_import.model_config(folder, cfg.model, chosen_model_keys, cfg.data.seq_len, attention,
+                                          data.eod_id)
+
+        model_cfg = _on_every_rank(from_folder)
     # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
     ckpt_root = os.path.join(run_dir, "checkpoints")
     resume_from = collectives.broadcast_from_main(_resolve_resume(t.resume, ckpt_root) if env.is_main else None)
     if isinstance(resume_from, Exception):
         raise resume_from
+    # A restart resumes from the run's own checkpoint, never from the folder again.
+    load = hf_import.module_loader(folder, model_cfg) if folder is not None and not resume_from else None
     engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type), env.rank,
-                          env.world_size, device)
+                          env.world_size, device, load=load)
+    if env.is_main and load is not None:
+        console(f"weights: {folder.folder} ({', '.join(folder.record['weights'])})")
     n_params = engine.model.num_params(matmul_only=True)  # N of flops.py
     if env.is_main:
         console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), {model_cfg.family}, "
@@ -112,12 +129,14 @@ def build(cfg: Config, point: int | None = None) -> Run:
     accum, batch = grad_accum(t, env.world_size), global_batch(t, env.world_size)
     batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch)
     state, rng, stop = TrainState(), RngState(device), StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
+    # The run as the checkpoints and W&B describe it: the resolved config, and where the weights came from.
+    description = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+                   "init_from": folder.record if folder is not None else None}
     hook_list = _hooks(cfg, env, device, run_dir, engine, data, batch * cfg.data.seq_len, stop,
                        flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim,
-                                       cfg.data.seq_len))
+                                       cfg.data.seq_len), description)
     snapshot = Snapshot(state, batches, {h.name: h for h in hook_list if h.name},
-                        {"world_size": env.world_size, "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                         "model": asdict(model_cfg)})
+                        {"world_size": env.world_size, **description, "model": asdict(model_cfg)})
     restore_args = {"env": env, "seed": t.seed}
     if resume_from:
         checkpoint.restore(resume_from, engine=engine, rng=rng, snapshot=snapshot, **restore_args)
@@ -126,7 +145,7 @@ def build(cfg: Config, point: int | None = None) -> Run:
     state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
     checkpointer = checkpoint.Checkpointer(ckpt_root, env.rank, env.world_size, keep_last=t.keep_last,
                                            async_commit=t.async_save,
-                                           tokenizer=_read_tokenizer(data) if env.is_main else None)
+                                           tokenizer=tokenizer if env.is_main else None)
     if env.is_main:
         console(f"training steps {state.step + 1}..{t.max_steps}: global batch {batch} x {cfg.data.seq_len} tokens, "
                 f"{accum} accumulation step(s), {env.world_size} rank(s)")
@@ -138,7 +157,7 @@ def build(cfg: Config, point: int | None = None) -> Run:
 
 
 def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: TrainingData, tokens_per_step: int,
-           stop: StopRequest, flops: float) -> list[hooks.Hook]:
+           stop: StopRequest, flops: float, description: dict) -> list[hooks.Hook]:
     """The hooks, in the order they act after each step: measure, evaluate,
     log, then stop or save, then tell the watchdog the step is done."""
     t = cfg.trainer
@@ -150,7 +169,7 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
 
     if t.eval_every and not data.val and env.is_main:
         log.warning("trainer.eval_every=%d but the data has no validation shards; no val_loss", t.eval_every)
-    config = OmegaConf.to_container(OmegaConf.structured(cfg))
+    config = {**description["config"], "init_from": description["init_from"]}  # W&B's run config
     return [
         hooks.Profile(run_dir, env.rank, t.profile_start, t.profile_steps),
         hooks.InjectFaults(Faults(env.rank), engine.model),
@@ -164,6 +183,20 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
         hooks.CheckpointPolicy(t.save_every, t.max_steps),
         hooks.WatchdogHook(t.watchdog_seconds, env.rank),
     ]
+
+
+def _on_every_rank(check):
+    """`check()`'s value; if it fails on any rank, every rank raises with the
+    first failing rank's message.  A rank failing alone would exit at once,
+    and the launcher would end the others before they could say why."""
+    try:
+        value, error = check(), None
+    except ConfigError as e:
+        value, error = None, e
+    message = collectives.first_message(str(error) if error is not None else None)
+    if message is not None:
+        raise error if error is not None else ConfigError(message)
+    return value
 
 
 def _resolve_resume(resume: str, root: str):

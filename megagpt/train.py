@@ -26,15 +26,15 @@ class UserError(Exception):
     """Bad config, data or checkpoint: reported as one line, exit code 2."""
 
 
-def pretrain(cfg: Config, point: int | None = None) -> None:
+def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset()) -> None:
     """One training job (megagpt/run.py wires it together). `point`: its number
     in a Hydra multirun run in this process (the default run.dir then differs
-    per point)."""
+    per point); `chosen_model_keys`: the model keys set on the command line."""
     from megagpt import run as runs
     from megagpt.runtime import read_env
 
     _setup_logging(read_env().is_main)
-    run = runs.build(cfg, point)
+    run = runs.build(cfg, point, chosen_model_keys)
     try:
         run.train()
     except _user_errors() as e:
@@ -89,7 +89,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
     try:
         check_known_keys(dcfg)
         cfg = OmegaConf.to_object(dcfg)
-        pretrain(cfg, _multirun_point())
+        pretrain(cfg, _multirun_point(), _chosen_model_keys())
     except _user_errors() as e:
         _say(e)
         sys.exit(2)
@@ -109,6 +109,25 @@ def _multirun_point() -> int | None:
         return None
     hc = HydraConfig.get()
     return hc.job.num if hc.mode == RunMode.MULTIRUN else None
+
+
+def _chosen_model_keys() -> frozenset[str]:
+    """The `model.*` keys set on the command line; a `model=` preset sets all
+    the shape keys (with model.init_from they must agree with the folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return frozenset()
+    chosen = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "model":
+            from megagpt.hf_import import SHAPE_KEYS
+
+            chosen.update(SHAPE_KEYS)
+        elif key.startswith("model."):
+            chosen.add(key[len("model."):])
+    return frozenset(chosen)
 
 
 def precheck(argv: list[str]) -> None:

@@ -24,7 +24,7 @@ LAYERS = [
     ("checks", ["megagpt.config_checks"]),
     ("engine", ["megagpt.optimizer", "megagpt.ds_config", "megagpt.engine"]),
     ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.hooks", "megagpt.loop"]),
-    ("export", ["megagpt.hf", "megagpt.export", "megagpt.generate"]),
+    ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
     ("entry", ["megagpt.run", "megagpt.train", "megagpt.bench"]),
 ]
 

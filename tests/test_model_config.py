@@ -73,7 +73,21 @@ CHECKS = [  # (overrides, the one line validate() and GPTConfig both raise)
     (["model.n_kv_head=3"], "model.n_kv_head: 3 must be positive and divide model.n_head=4"),
     (["model=llama-tiny", "model.n_kv_head=null", "model.n_embd=12"],
      "model.n_embd: rotary embeddings need an even head dim, got 3"),
-    (["model.family=mamba"], "model.family: unknown family 'mamba'; choose one of ('gpt2', 'llama')"),
+    (["model.family=mamba"], "model.family: unknown family 'mamba'; choose one of ('gpt2', 'llama', 'mistral')"),
+    (["model.family=mistral"], "model.bias: family mistral has no linear biases; set model.bias=false"),
+    (["model.rope_scaling=llama3"],
+     "model.rope_scaling: scales rotary embeddings; family gpt2 has learned positions"),
+    (["model=llama-tiny", "model.rope_scaling=yarn"],
+     "model.rope_scaling: unknown type 'yarn'; choose one of ('llama3',) or null"),
+    (["model=llama-tiny", "model.rope_scaling=llama3", "model.rope_scaling_factor=8"],
+     "model.rope_scaling_low_freq_factor: needed by model.rope_scaling=llama3"),
+    (["model=llama-tiny", "model.rope_scaling_factor=8"],
+     "model.rope_scaling_factor: set to 8.0 but model.rope_scaling is null (off)"),
+    (["model=llama-tiny", "model.rope_scaling=llama3", "model.rope_scaling_factor=8",
+      "model.rope_scaling_low_freq_factor=4", "model.rope_scaling_high_freq_factor=4",
+      "model.rope_scaling_original_max_seq_len=16"],
+     "model.rope_scaling_high_freq_factor: must exceed model.rope_scaling_low_freq_factor=4.0, got 4.0"),
+    (["model=llama-tiny", "model.sliding_window=0"], "model.sliding_window: must be positive, got 0"),
     (["model.activation_checkpointing=-1"],
      "model.activation_checkpointing: must be 0 (off) or k >= 1 (every k-th block), got -1"),
     (["model.dropout=1.0"], "model.dropout: must be in [0, 1), got 1.0"),
@@ -144,11 +158,12 @@ def test_old_records_load():
 def test_every_family_has_a_hugging_face_adapter():
     assert set(ADAPTERS) == set(FAMILIES)
     assert {a.model_type: a.architecture for a in BY_MODEL_TYPE.values()} == {
-        "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+        "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 def _model(family, seed=0, **kw):
-    base = dict(vocab_size=96, max_seq_len=16, family=family, n_layer=2, n_head=4, n_embd=32)
+    base = dict(vocab_size=96, max_seq_len=16, family=family, n_layer=2, n_head=4, n_embd=32,
+                bias=FAMILIES[family].biases)
     model = GPT(GPTConfig(**{**base, **kw}))
     model.init_weights(seed)
     return model.eval()
@@ -157,14 +172,15 @@ def _model(family, seed=0, **kw):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("tied", [True, False])
 def test_hf_mapping_round_trips(family, tied):
-    model = _model(family, tie_embeddings=tied, n_kv_head=2 if family == "llama" else None, bias=family == "gpt2")
+    rotary = FAMILIES[family].rotary
+    model = _model(family, tie_embeddings=tied, n_kv_head=2 if rotary else None, bias=family == "gpt2")
     sd, c = model.state_dict(), model.cfg
     hf = to_hf(sd, c)
     back = from_hf(hf, c)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     shape = config_from_hf({k: v for k, v in hf_config(c, 0).items() if k != "megagpt"})
     for key in ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "vocab_size", "max_seq_len",
-                "tie_embeddings", "bias", "norm_eps"):
+                "tie_embeddings", "bias", "norm_eps", "rope_theta", "init_std", "rope_scaling", "sliding_window"):
         assert getattr(shape, key) == getattr(c, key), key
 
 

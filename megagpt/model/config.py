@@ -30,9 +30,15 @@ from typing import Any, Optional
 from megagpt.config import ConfigError, ModelConfig
 from megagpt.model.attention import BACKENDS
 from megagpt.model.families import Family, family
+from megagpt.model.layers import Llama3Scaling
 
 # Names older megagpt wrote into model records: old -> current.
 RENAMED = {"checkpoint_every": "activation_checkpointing"}
+
+# model.rope_scaling's types, and the settings each needs (layers.py: Llama3Scaling).
+ROPE_SCALINGS = ("llama3",)
+LLAMA3_KEYS = ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+               "rope_scaling_original_max_seq_len")
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -58,10 +64,46 @@ def check(m: Any, resolved: bool = False) -> None:
     if family(m.family).rotary:
         _require((m.n_embd // m.n_head) % 2 == 0, "n_embd",
                  f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}")
+    _require(family(m.family).biases or not m.bias, "bias",
+             f"family {m.family} has no linear biases; set model.bias=false")
+    _check_rope_scaling(m)
+    _check_sliding_window(m)
     backends = BACKENDS if resolved else ("auto", *BACKENDS)
     _require(m.attention in backends, "attention", f"unknown backend {m.attention!r}; choose one of {backends}")
     _require(0.0 <= m.dropout < 1.0, "dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.vocab_size is None or m.vocab_size > 1, "vocab_size", f"must be > 1, got {m.vocab_size}")
+
+
+def _check_rope_scaling(m: Any) -> None:
+    if m.rope_scaling is None:
+        # A value that would do nothing is more likely a mistake than a wish.
+        for key in LLAMA3_KEYS:
+            _require(getattr(m, key) is None, key, f"set to {getattr(m, key)} but model.rope_scaling is null (off)")
+        return
+    _require(m.rope_scaling in ROPE_SCALINGS, "rope_scaling",
+             f"unknown type {m.rope_scaling!r}; choose one of {ROPE_SCALINGS} or null")
+    _require(family(m.family).rotary, "rope_scaling",
+             f"scales rotary embeddings; family {m.family} has learned positions")
+    for key in LLAMA3_KEYS:
+        _require(getattr(m, key) is not None, key, f"needed by model.rope_scaling={m.rope_scaling}")
+    for key in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_original_max_seq_len"):
+        _require(getattr(m, key) > 0, key, f"must be positive, got {getattr(m, key)}")
+    # The blend between the two bounds divides by their difference.
+    low, high = m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor
+    _require(high > low, "rope_scaling_high_freq_factor",
+             f"must exceed model.rope_scaling_low_freq_factor={low}, got {high}")
+
+
+def _check_sliding_window(m: Any) -> None:
+    w = m.sliding_window
+    if w is None:
+        return
+    _require(w > 0, "sliding_window", f"must be positive, got {w}")
+    # A window at least as long as a sequence sees every earlier position of
+    # it: the full causal attention megagpt computes.  So the window must
+    # cover every sequence megagpt computes: training (data.seq_len,
+    # config_checks and hf_import check it) and generation (generate.py stops
+    # there), not necessarily max_seq_len (Mistral-7B: 4096 of 32768).
 
 
 @dataclass(kw_only=True)
@@ -121,3 +163,13 @@ class GPTConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def llama3_scaling(self) -> Llama3Scaling | None:
+        """The RoPE frequency scaling model.rope_scaling asks for, or None."""
+        if self.rope_scaling is None:
+            return None
+        return Llama3Scaling(factor=float(self.rope_scaling_factor),
+                             low_freq_factor=float(self.rope_scaling_low_freq_factor),
+                             high_freq_factor=float(self.rope_scaling_high_freq_factor),
+                             original_max_seq_len=int(self.rope_scaling_original_max_seq_len))

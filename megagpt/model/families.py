@@ -11,6 +11,8 @@ embeddings or not: model.tie_embeddings, any family).  A row fills the slots:
   norm       ln_1, ln_2 and ln_f: (dim, eps, bias) -> module
   mlp        the MLP: (dim, hidden, bias) -> module with `fc` and `proj`
   mlp_width  the MLP width where model.mlp_hidden is None: (model config) -> int
+  biases     whether the linear layers may have biases (model.bias); a family
+             whose Hugging Face class has none (Mistral) says False
 
 Adding a family: a row here, the modules it names (layers.py), and its
 Hugging Face adapter (megagpt/hf.py).  The model, parameter counting and
@@ -38,6 +40,7 @@ class Family:
     norm: Callable[[int, float, bool], nn.Module]
     mlp: Callable[[int, int, bool], nn.Module]
     mlp_width: Callable[[Any], int]
+    biases: bool = True
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -69,6 +72,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            positions="learned", norm=layer_norm, mlp=GeluMLP, mlp_width=_ratio_width),
     Family("llama", "rotary positions, RMSNorm, SwiGLU MLP",
            positions="rotary", norm=rms_norm, mlp=SwiGLU, mlp_width=_swiglu_width),
+    # Llama's computation under another name, so that a Mistral model exports as
+    # MistralForCausalLM (its sliding window: model.sliding_window).
+    Family("mistral", "llama's computation, no biases (Mistral)",
+           positions="rotary", norm=rms_norm, mlp=SwiGLU, mlp_width=_swiglu_width, biases=False),
 )}
 
 

@@ -5,8 +5,10 @@ self-attention and MLP, a final norm, an output head); what differs between
 them (positions, norm, MLP, the default MLP width) is one row of the table in
 families.py, read here:
 
-  gpt2   learned position embeddings, LayerNorm, GELU MLP
-  llama  rotary position embeddings, RMSNorm, SwiGLU MLP
+  gpt2     learned position embeddings, LayerNorm, GELU MLP
+  llama    rotary position embeddings (optionally Llama 3.1's frequency
+           scaling: model.rope_scaling), RMSNorm, SwiGLU MLP
+  mistral  llama's computation, without biases
 
 Any family: fused q/k/v with grouped-query attention where n_kv_head < n_head,
 embeddings tied to the output head or not (model.tie_embeddings).  The config
@@ -108,7 +110,7 @@ class GPT(nn.Module):
         if self.learned_positions:
             x = x + self.wpe(pos)
         else:
-            rope = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta)  # 2 x (T, D)
+            rope = rope_tables(pos, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.llama3_scaling)  # 2 x (T, D)
         x = F.dropout(x, self.cfg.dropout, self.training)
         doc_eod = self.cfg.eod_id if self.cfg.doc_mask and cache is None else None
         vis = Visibility.of(idx, offset, doc_eod)

@@ -3,6 +3,9 @@ MLPs, rotary position embeddings, and the key/value cache used in generation."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,14 +50,53 @@ class SwiGLU(nn.Module):
         return self.proj(F.silu(gate) * up)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's RoPE frequency scaling (config.json: rope_scaling with
+    rope_type llama3), which stretches a model pretrained on
+    `original_max_seq_len` positions to a longer context.  Frequencies whose
+    wavelength fits original_max_seq_len / high_freq_factor times into the
+    original context keep their value; those with a wavelength longer than
+    original_max_seq_len / low_freq_factor are divided by `factor`; in between
+    they blend linearly in original_max_seq_len / wavelength.  The formula of
+    Meta's Llama 3.1 reference code, as transformers computes it
+    (modeling_rope_utils, rope_type llama3)."""
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_seq_len: int
+
+    def scale(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        """inv_freq (head_dim / 2,) fp32 -> the scaled frequencies, same shape."""
+        wavelen = 2 * math.pi / inv_freq
+        slowed = inv_freq / self.factor
+        # 0 at the long-wavelength bound, 1 at the short one (linear in 1 / wavelen).
+        t = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (self.high_freq_factor -
+                                                                             self.low_freq_factor)
+        blended = (1 - t) * inv_freq / self.factor + t * inv_freq
+        short = wavelen < self.original_max_seq_len / self.high_freq_factor
+        long = wavelen > self.original_max_seq_len / self.low_freq_factor
+        return torch.where(short, inv_freq, torch.where(long, slowed, blended))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3Scaling | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """The rotation frequencies (head_dim / 2,) in fp32: theta^(-2i / head_dim),
+    then scaled where the model says so."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim  # (head_dim / 2,)
+    inv_freq = 1.0 / theta ** exponents
+    return scaling.scale(inv_freq) if scaling is not None else inv_freq
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                scaling: Llama3Scaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (T, head_dim) in fp32 for integer positions (T,).
 
     The "rotate half" layout: frequency i rotates the pair (i, i + head_dim/2),
     as Hugging Face's Llama does, so weights map across without permutation.
     Computed each call in fp32 (T x head_dim/2 products: negligible) so that
     reduced-precision training never rounds the angles."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
     return angles.cos(), angles.sin()
