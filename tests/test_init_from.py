@@ -180,10 +180,14 @@ def test_continued_pretraining_resumes_from_its_own_checkpoint_and_generates_lik
         time.sleep(0.05)
     kill_job(job)
     assert not (run_dir / "checkpoints" / "step_20").exists()
-    r = torchrun(args(data_dir, folder, run_dir, 20, "trainer.save_every=10", "export.at_end=true"), cwd=tmp_path)
+    restart = [a for a in args(data_dir, folder, run_dir, 20, "trainer.save_every=10", "export.at_end=true")
+               if a != "logger=none"]  # W&B offline: its run config must record the source too
+    r = torchrun(restart, cwd=tmp_path, env_extra={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_10 at step 10" in r.stdout
     assert "weights:" not in r.stdout  # not loaded from the folder again
+    (wandb_run,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"config_sha256" in wandb_run.read_bytes() and str(folder).encode() in wandb_run.read_bytes()
     state = json.loads((run_dir / "checkpoints" / "step_20" / "megagpt_state.json").read_text())
     assert state["init_from"]["path"] == str(folder) and state["init_from"]["architectures"] == ["LlamaForCausalLM"]
     assert state["step"] == 20
