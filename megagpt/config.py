@@ -79,8 +79,21 @@ class ModelConfig:
     doc_mask: bool = False
     # Recompute activations in backward: 0 none, 1 every block, k every k-th block.
     activation_checkpointing: int = 0
-    # torch.compile the model (through DeepSpeed's engine.compile).
-    compile: bool = False
+    # torch.compile the model (through DeepSpeed's engine.compile). None (auto): on CUDA, off on CPU.
+    compile: Optional[bool] = None
+    # The loss without the full (tokens, vocab) fp32 logits: the output head and cross-entropy
+    # in chunks of this many tokens (0: plain, one matmul and F.cross_entropy). None (auto):
+    # chunked on CUDA (about 2^28 logits a chunk: 2048 tokens for llama 3's vocabulary, 5120 for
+    # gpt2's), plain on CPU.
+    loss_chunk_tokens: Optional[int] = None
+    # SDPA's kernel on CUDA: auto (the faster of cudnn and flash, measured at start) | cudnn |
+    # flash | efficient | math.
+    sdpa_backend: str = "auto"
+    # float8 training through torchao on H100-class GPUs: off | tensorwise | rowwise. Linear
+    # layers with a dimension below fp8_min_dim (or not a multiple of 16), and the output head,
+    # stay in bf16: small matmuls get slower in float8.
+    fp8: str = "off"
+    fp8_min_dim: int = 1024
 
 
 @dataclass
@@ -146,7 +159,19 @@ class DeepSpeedConfig:
     overlap_comm: bool = True
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 10_000
+    # Parameters of at most this many elements stay whole on every rank, not gathered each step.
+    # None (auto): 10 x the model width, as Hugging Face's integration sizes it.
+    stage3_param_persistence_threshold: Optional[int] = None
+    # ZeRO-3 treats each transformer block as one leaf (one gather for all its parameters,
+    # no hooks inside it): DeepSpeed's set_z3_leaf_modules.
+    stage3_leaf_blocks: bool = False
+    # Modules with fewer parameters than this are folded into their parent for ZeRO-3's
+    # hooks (stage3_module_granularity_threshold; 0: off). A value that would make the whole
+    # model one leaf is refused: DeepSpeed cannot train that.
+    stage3_module_granularity_threshold: int = 0
+    # DeepSpeed's DeepCompile (compiles ZeRO-3's gathers into the graph; CUDA only, ZeRO stages
+    # 1-3, model.compile true or null).
+    deepcompile: bool = False
     # Gathered parameters kept between forward and backward (elements): lower them to
     # save memory at the cost of gathering again in backward (DeepSpeed's defaults).
     stage3_max_live_parameters: int = 1_000_000_000

@@ -9,7 +9,10 @@ module runs them with the rest.  (The schema: megagpt/config.py.)
 from __future__ import annotations
 
 from megagpt.config import Config, ConfigError
+from megagpt.model.attention import SDPA_BACKENDS
 from megagpt.model.config import check as check_model
+from megagpt.model.float8 import SETTINGS as FP8_SETTINGS
+from megagpt.model.float8 import torchao_problem
 
 
 def _require(ok: bool, key: str, msg: str) -> None:
@@ -17,10 +20,13 @@ def _require(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Checks that need more than types. Raises ConfigError naming the key."""
+def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None:
+    """Checks that need more than types. Raises ConfigError naming the key.
+    `cuda`: whether the run will train on CUDA (None: whether a CUDA device is
+    here, as runtime.device_for decides)."""
     m, d, t, o, ds, lg = cfg.model, cfg.data, cfg.trainer, cfg.optim, cfg.deepspeed, cfg.logger
     check_model(m)
+    _check_kernels(m, _cuda_here() if cuda is None else cuda)
     _require(m.max_seq_len is None or m.max_seq_len >= d.seq_len, "model.max_seq_len",
              f"{m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
     _require(m.sliding_window is None or m.sliding_window >= d.seq_len, "model.sliding_window",
@@ -91,8 +97,90 @@ def validate(cfg: Config, world_size: int = 1) -> None:
              f"unknown precision {ds.precision!r}; choose auto, fp32, bf16 or fp16")
     _require(ds.backend in ("auto", "nccl", "gloo"), "deepspeed.backend",
              f"unknown backend {ds.backend!r}; choose auto, nccl or gloo")
+    _require(ds.stage3_param_persistence_threshold is None or ds.stage3_param_persistence_threshold >= 0,
+             "deepspeed.stage3_param_persistence_threshold",
+             f"must be >= 0 or null (auto: 10 x model.n_embd), got {ds.stage3_param_persistence_threshold}")
+    _require(ds.stage3_module_granularity_threshold >= 0, "deepspeed.stage3_module_granularity_threshold",
+             f"must be >= 0 (0: off), got {ds.stage3_module_granularity_threshold}")
+    # ZeRO-3's module hooks: with any other stage these would do nothing, more likely a mistake than a wish.
+    _require(not ds.stage3_leaf_blocks or ds.zero_stage == 3, "deepspeed.stage3_leaf_blocks",
+             f"needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+    _require(ds.stage3_module_granularity_threshold == 0 or ds.zero_stage == 3,
+             "deepspeed.stage3_module_granularity_threshold", f"needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+    # DeepSpeed compiles ZeRO stages 1-3 (runtime/engine.py: get_deepcompile_backend) and falls back
+    # to plain torch.compile at stage 0; it needs engine.compile(), so model.compile must not be false.
+    # CUDA only (deepspeed.compile.util.is_deepcompile_supported; ds_config.deepspeed_config refuses it too).
+    _require(not ds.deepcompile or (_cuda_here() if cuda is None else cuda), "deepspeed.deepcompile",
+             "needs CUDA (DeepSpeed's DeepCompile); training runs on CPU here")
+    _require(not ds.deepcompile or ds.zero_stage in (1, 2, 3), "deepspeed.deepcompile",
+             f"needs deepspeed.zero_stage 1, 2 or 3, got {ds.zero_stage}")
+    _require(not ds.deepcompile or m.compile is not False, "deepspeed.deepcompile",
+             "compiles the model: it needs model.compile=true or null (auto), got false")
     _require(cfg.export.max_shard_bytes > 0, "export.max_shard_bytes", "must be positive")
     _require(ds.timeout_minutes > 0, "deepspeed.timeout_minutes", "must be positive")
 
     _require(lg.kind in ("wandb", "none"), "logger.kind", f"unknown logger {lg.kind!r}; choose wandb or none")
     _require(lg.mode in ("offline", "online"), "logger.mode", f"unknown mode {lg.mode!r}; choose offline or online")
+
+
+def _cuda_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_kernels(m, cuda: bool) -> None:
+    """model.sdpa_backend and model.fp8: what can be checked before the model
+    and the device exist.  The device's own checks run where the model is
+    built (attention.resolve_sdpa_backend, float8.check_fp8_supported)."""
+    _require(m.sdpa_backend in SDPA_BACKENDS, "model.sdpa_backend",
+             f"unknown kernel {m.sdpa_backend!r}; choose one of {SDPA_BACKENDS}")
+    _require(cuda or m.sdpa_backend == "auto", "model.sdpa_backend",
+             f"{m.sdpa_backend} selects a CUDA kernel and training runs on CPU here; leave it auto")
+    sdpa_may_run = m.attention in ("auto", "sdpa")
+    _require(not (m.sdpa_backend == "flash" and m.doc_mask and sdpa_may_run), "model.sdpa_backend",
+             "flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto")
+    _require(m.fp8 in FP8_SETTINGS, "model.fp8", f"unknown recipe {m.fp8!r}; choose one of {FP8_SETTINGS}")
+    _require(m.fp8_min_dim > 0, "model.fp8_min_dim", f"must be positive, got {m.fp8_min_dim}")
+    if m.fp8 != "off":
+        problem = torchao_problem()
+        _require(problem is None, "model.fp8", str(problem))
+        _require(cuda, "model.fp8", f"{m.fp8} needs a CUDA GPU of compute capability >= 8.9 (H100, H200, "
+                 "B200, L40S...); training runs on CPU here")
+
+
+def check_module_granularity(threshold: int, model) -> None:
+    """deepspeed.stage3_module_granularity_threshold against the model built for ZeRO-3 (before
+    deepspeed.initialize).  DeepSpeed makes each module whose granularity (its parameters per
+    layer) is at most the threshold one ZeRO-3 leaf, parents first.  A threshold that reaches the
+    whole model makes the root module a leaf, and DeepSpeed 0.19.8 cannot train that: the model's
+    inputs (token ids) need no gradient, so the leaf's backward hook fires at the start of
+    backward and partitions the parameters before their gradients arrive ("output with shape
+    [1] doesn't match the broadcast shape [64]").  Refused in one line instead."""
+    layers, params = _granularity(model)
+    # DeepSpeed's rule (DeepSpeedZeRoOffload._get_granularity_recursively): no leaf above 1e9 parameters.
+    root = params // layers if layers and params <= 1e9 else None
+    _require(threshold == 0 or root is None or threshold < root, "deepspeed.stage3_module_granularity_threshold",
+             f"{threshold} makes the whole model one ZeRO-3 leaf (its granularity is {root} parameters per "
+             f"layer), which DeepSpeed cannot train; use less than {root}, or deepspeed.stage3_leaf_blocks=true")
+
+
+def _granularity(module) -> tuple[int, int]:
+    """(layers, parameters) of a module as DeepSpeed counts them for its granularity: a module
+    without children is one layer, a container (ModuleList, ...) none of its own, any other
+    module one more than its children; parameters at their full size (ds_numel under ZeRO-3)."""
+    import torch
+
+    if next(module.parameters(), None) is None:
+        return 0, 0
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False))
+    children = list(module.children())
+    if not children:
+        return 1, params
+    layers = 0
+    for child in children:
+        n, p = _granularity(child)
+        layers, params = layers + n, params + p
+    if module.__class__.__name__ in torch.nn.modules.container.__all__:
+        return layers, params
+    return layers + 1, params

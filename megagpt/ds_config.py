@@ -1,10 +1,11 @@
 """DeepSpeed's JSON config, from megagpt's: the batch, ZeRO, the warmup + cosine
-schedule, gradient clipping and precision.  (The optimizer is megagpt's own:
-optimizer.py; DeepSpeed wraps it.)"""
+schedule, gradient clipping, precision and DeepCompile.  (The optimizer is
+megagpt's own: optimizer.py; DeepSpeed wraps it.  ZeRO-3's leaf blocks,
+deepspeed.stage3_leaf_blocks, are set on the model: engine.build_engine.)"""
 
 from __future__ import annotations
 
-from megagpt.config import Config, global_batch, grad_accum
+from megagpt.config import Config, ConfigError, global_batch, grad_accum
 
 
 def resolve_precision(name: str, device_type: str) -> str:
@@ -13,9 +14,22 @@ def resolve_precision(name: str, device_type: str) -> str:
     return name
 
 
-def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
+def persistence_threshold(setting: int | None, n_embd: int) -> int:
+    """deepspeed.stage3_param_persistence_threshold: None (auto) is 10 x the model's width, Hugging
+    Face's rule (its DeepSpeed integration's "auto"): the norms' gains and the biases stay whole
+    on every rank (no gather per use), the weight matrices are partitioned."""
+    return 10 * n_embd if setting is None else setting
+
+
+def deepspeed_config(cfg: Config, world_size: int, device_type: str, n_embd: int | None = None) -> dict:
+    """`n_embd`: the model's width (the built model's: model.init_from's folder sets it); by
+    default model.n_embd."""
     t, o, ds = cfg.trainer, cfg.optim, cfg.deepspeed
     precision = resolve_precision(ds.precision, device_type)
+    if ds.deepcompile and device_type != "cuda":
+        # DeepSpeed enables it on CUDA only (deepspeed.compile.util.is_deepcompile_supported).
+        raise ConfigError(f"deepspeed.deepcompile: needs CUDA (DeepSpeed's DeepCompile); this run is on "
+                          f"{device_type}")
     warmup = max(1, o.warmup_steps)
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -23,11 +37,14 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
                     overlap_comm=ds.overlap_comm and device_type == "cuda")
     if ds.zero_stage == 3:
         zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+                    stage3_param_persistence_threshold=persistence_threshold(
+                        ds.stage3_param_persistence_threshold, cfg.model.n_embd if n_embd is None else n_embd),
+                    stage3_module_granularity_threshold=ds.stage3_module_granularity_threshold,
                     stage3_max_live_parameters=ds.stage3_max_live_parameters,
                     stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
                     # Checkpoints hold the ZeRO shards; export consolidates them offline.
                     stage3_gather_16bit_weights_on_model_save=False)
+    extra = {"compile": {"deepcompile": True}} if ds.deepcompile else {}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accum(t, world_size),
@@ -50,4 +67,5 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        **extra,
     }

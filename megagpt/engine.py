@@ -29,24 +29,54 @@ from megagpt.optimizer import GuardedAdamW, build_optimizer
 log = logging.getLogger("megagpt")
 
 
-def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None) -> GPTConfig:
+def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None,
+                       device_type: str = "cpu") -> GPTConfig:
     """The model's config: the `model.*` settings, with the tokenizer's vocab size, data.seq_len, the
-    resolved attention backend and the end-of-document id (GPTConfig.from_settings)."""
+    resolved attention backend and the end-of-document id, and model.compile and
+    model.loss_chunk_tokens resolved for `device_type` (GPTConfig.from_settings)."""
     return GPTConfig.from_settings(cfg.model, vocab_size=vocab_size, seq_len=cfg.data.seq_len, attention=attention,
-                                   eod_id=eod_id)
+                                   eod_id=eod_id, device_type=device_type)
 
 
 def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, world_size: int,
                  device: torch.device, load: Callable[[str, torch.nn.Module], None] | None = None) -> TrainEngine:
     """The model is built sharded under ZeRO-3.  `load`: where the weights
-    come from (see init_weights); by default a random initialisation."""
+    come from (see init_weights); by default a random initialisation.
+    Compiled (DeepSpeed's engine.compile) where model_cfg.compile, the resolved
+    model.compile, says so, or for DeepCompile (deepspeed.deepcompile)."""
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
     stage3 = cfg.deepspeed.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
         model = GPT(model_cfg)
+    if stage3 and cfg.deepspeed.stage3_module_granularity_threshold:
+        from megagpt.config_checks import check_module_granularity
+
+        check_module_granularity(cfg.deepspeed.stage3_module_granularity_threshold, model)
     init_weights(model, cfg.trainer.seed, rank, stage3, load)
+    if stage3 and model_cfg.loss_chunk_tokens:
+        # The chunked loss (model/loss.py) reads the head's weight as a tensor in the
+        # model's own forward: the head module never runs, so its hooks do not gather
+        # it (DeepSpeed's parameter getter would, in an eager forward, but not while
+        # torch.compile traces).  An external parameter of the root module is gathered
+        # for the model's whole forward and backward (tied, it is the embedding's too).
+        deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+    if stage3 and cfg.deepspeed.stage3_leaf_blocks:
+        # Each block is one ZeRO-3 leaf: its parameters gathered together, no hooks inside it.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from megagpt.model.gpt import Block
+
+        set_z3_leaf_modules(model, [Block])
+    if model_cfg.fp8 != "off":  # float8 training through torchao: the large Linear layers
+        from megagpt.model import float8
+
+        float8.check_fp8_supported(model_cfg.fp8, device)
+        names = float8.convert(model, model_cfg.fp8, model_cfg.fp8_min_dim)
+        if rank == 0:
+            print(f"fp8: converted {len(names)} Linear layers to float8 ({model_cfg.fp8}, min dim "
+                  f"{model_cfg.fp8_min_dim}); the output head stays in bf16", flush=True)
     optimizer = build_optimizer(cfg.optim, model, device.type)
     # Saved into every checkpoint, this marks it convertible to DeepSpeed's
     # universal format (resharding to another number of ranks): without it
@@ -60,8 +90,8 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     # puts step k at point k - 1: step 1 at lr / warmup_steps, the last step at
     # lr * min_lr_ratio.  (A resume loads the schedule's own state over this.)
     engine.lr_scheduler.step()
-    if cfg.model.compile:
-        engine.compile()
+    if model_cfg.compile or cfg.deepspeed.deepcompile:
+        engine.compile()  # DeepCompile: with "compile": {"deepcompile": true} in ds_config
     return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
 
 

@@ -42,8 +42,9 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
 # The settings that make the model's shape: they come from config.json.  The
-# others (attention, dropout, doc_mask, activation_checkpointing, compile) are
-# how this run computes, and stay the user's.
+# others (RUN_TIME_KEYS, and attention and the loss chunking) are how this run
+# computes, and stay the user's.
+RUN_TIME_KEYS = ("dropout", "doc_mask", "activation_checkpointing", "compile", "sdpa_backend", "fp8", "fp8_min_dim")
 SHAPE_KEYS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "max_seq_len", "mlp_hidden",
               "bias", "norm_eps", "rope_theta", "tie_embeddings")
 
@@ -151,7 +152,7 @@ def model_config(hf: HFModel, settings, chosen: set[str], seq_len: int, attentio
     if seq_len > hf.config.max_seq_len:
         raise ConfigError(f"data.seq_len: {seq_len} is longer than the {hf.config.max_seq_len} positions of "
                           f"{hf.folder}/{CONFIG_FILE}")
-    run_time = {key: getattr(settings, key) for key in ("dropout", "doc_mask", "activation_checkpointing", "compile")}
+    run_time = {key: getattr(settings, key) for key in RUN_TIME_KEYS}
     return dataclasses.replace(hf.config, attention=attention, eod_id=eod_id, init_from=hf.folder, **run_time)
 
 

@@ -12,6 +12,7 @@ in their order, and the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ from megagpt.engine import build_engine, build_model_config
 from megagpt.flops import flops_per_token, peak_flops
 from megagpt.loop import Loop
 from megagpt.metrics import console, new_wandb_id
-from megagpt.model.attention import resolve_backend
+from megagpt.model.attention import resolve_backend, resolve_sdpa_backend, set_sdpa_backend
+from megagpt.model.config import for_device
 from megagpt.resilience import Faults, NanPolicy, StopRequest
 from megagpt.state import RngState, Snapshot, TrainState
 
@@ -81,13 +83,23 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
     import torch.distributed as dist
 
     env = runtime.read_env()
-    validate(cfg, env.world_size)  # before any heavy work, on every rank
-    t = cfg.trainer
-    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
     device = runtime.device_for(env)
-    attention = resolve_backend(cfg.model.attention, device.type)
+    t = cfg.trainer
+    # Checked before any heavy work, on every rank, and agreed: a rank that
+    # stopped alone would be ended by the launcher before the others said why.
+    # (The process group for that comes up with safe settings if the config's are the bad ones.)
+    try:
+        validate(cfg, env.world_size, cuda=device.type == "cuda")
+        problem = None
+    except ConfigError as e:
+        problem = e
+    ds = cfg.deepspeed
+    runtime.init_distributed(env, ds.backend if problem is None else "auto", device,
+                             ds.timeout_minutes if problem is None else 30)
+    _on_every_rank(lambda: _raise(problem))
     runtime.set_cpu_threads(env, t.cpu_threads)
-    runtime.init_distributed(env, cfg.deepspeed.backend, device, cfg.deepspeed.timeout_minutes)
+    attention = resolve_backend(cfg.model.attention, device.type)
+    run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
     collectives.agree(run_dir, "run.dir")
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -100,14 +112,33 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
     data = open_training_data(cfg, env, barrier=dist.barrier)
     tokenizer = _read_tokenizer(data)
     if folder is None:
-        model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id)
+        model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id, device.type)
     else:
         def from_folder():
             hf_import.check_tokenizer(folder, data.vocab_size, tokenizer)
-            return hf_import.model_config(folder, cfg.model, chosen_model_keys, cfg.data.seq_len, attention,
-                                          data.eod_id)
+            # model.compile and model.loss_chunk_tokens, resolved for this device and the folder's vocabulary.
+            auto = for_device(cfg.model, device.type, folder.config.vocab_size)
+            settings = dataclasses.replace(cfg.model, compile=auto["compile"])
+            c = hf_import.model_config(folder, settings, chosen_model_keys, cfg.data.seq_len, attention, data.eod_id)
+            return dataclasses.replace(c, loss_chunk_tokens=auto["loss_chunk_tokens"])
 
         model_cfg = _on_every_rank(from_folder)
+    if env.is_main:
+        def setting(v):
+            return "null (auto)" if v is None else str(v).lower()
+
+        chunk = model_cfg.loss_chunk_tokens
+        console(f"compile: {'on' if model_cfg.compile else 'off'} (model.compile={setting(cfg.model.compile)}); "
+                f"loss: {f'chunks of {chunk} tokens' if chunk else 'plain'} "
+                f"(model.loss_chunk_tokens={setting(cfg.model.loss_chunk_tokens)})")
+    if attention == "sdpa":  # SDPA's kernel on CUDA: the faster of cuDNN and flash at this shape (auto)
+        kernel = None
+        if env.is_main:  # rank 0 measures; every rank must use the same kernel
+            kernel = resolve_sdpa_backend(cfg.model.sdpa_backend, device.type, batch=t.micro_batch_size,
+                                          n_head=model_cfg.n_head, n_kv_head=model_cfg.n_kv_head,
+                                          seq_len=cfg.data.seq_len, head_dim=model_cfg.head_dim,
+                                          doc_mask=model_cfg.doc_mask, log=console)
+        set_sdpa_backend(collectives.broadcast_from_main(kernel))
     # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
     ckpt_root = os.path.join(run_dir, "checkpoints")
     resume_from = collectives.broadcast_from_main(_resolve_resume(t.resume, ckpt_root) if env.is_main else None)
@@ -115,8 +146,8 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
         raise resume_from
     # A restart resumes from the run's own checkpoint, never from the folder again.
     load = hf_import.module_loader(folder, model_cfg) if folder is not None and not resume_from else None
-    engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type), env.rank,
-                          env.world_size, device, load=load)
+    engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type, model_cfg.n_embd),
+                          env.rank, env.world_size, device, load=load)
     if env.is_main and load is not None:
         console(f"weights: {folder.folder} ({', '.join(folder.record['weights'])})")
     n_params = engine.model.num_params(matmul_only=True)  # N of flops.py
@@ -183,6 +214,11 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
         hooks.CheckpointPolicy(t.save_every, t.max_steps),
         hooks.WatchdogHook(t.watchdog_seconds, env.rank),
     ]
+
+
+def _raise(problem: Exception | None) -> None:
+    if problem is not None:
+        raise problem
 
 
 def _on_every_rank(check):

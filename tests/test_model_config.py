@@ -39,7 +39,8 @@ def test_gptconfig_has_every_setting_under_its_name():
     assert set(settings) <= set(model)
     # The same defaults, except what a built model must have resolved.
     differ = {k for k in settings if settings[k].default != model[k].default}
-    assert differ == {"vocab_size", "max_seq_len", "attention"}
+    assert differ == {"vocab_size", "max_seq_len", "attention", "compile", "loss_chunk_tokens"}
+    assert (model["compile"].default, model["loss_chunk_tokens"].default) == (False, 0)  # older records: plain
     assert model["vocab_size"].default is dataclasses.MISSING and model["max_seq_len"].default is dataclasses.MISSING
 
 
@@ -51,7 +52,8 @@ def test_from_settings_copies_every_field_and_resolves_the_defaults():
     for settings in (m, OmegaConf.structured(m)):  # the dataclass or Hydra's node
         c = GPTConfig.from_settings(settings, vocab_size=1000, seq_len=77, attention="eager", eod_id=3)
         resolved = {"vocab_size": 1024, "max_seq_len": 77, "n_kv_head": 6, "attention": "eager",
-                    "mlp_hidden": 256}  # 8/3 x 96 = 256, a multiple of 64
+                    "mlp_hidden": 256,  # 8/3 x 96 = 256, a multiple of 64
+                    "loss_chunk_tokens": 0}  # null (auto): the plain loss on CPU, the default device
         for f in dataclasses.fields(ModelConfig):
             assert getattr(c, f.name) == resolved.get(f.name, getattr(m, f.name)), f.name
         assert c.eod_id == 3

@@ -1,89 +1,603 @@
-"""`python -m megagpt.bench gpu`: tokens/s and MFU of real training jobs on
-one CUDA GPU in bf16, for the gpt2-124m and llama-1b presets, with the
-attention kernel, torch.compile and activation checkpointing varied one at a
-time.
+"""`python -m megagpt.bench gpu`: tokens/s, MFU and peak memory of real training
+jobs on one CUDA GPU in bf16, megagpt beside its peers measured in the same run.
 
-Each configuration is a `torchrun --nproc_per_node=1 -m megagpt.train` job
-(DeepSpeed, bf16, the embedded corpus, logger=none); the figures are the
-medians of tokens_per_sec and mfu in its metrics.jsonl after the warm-up
-steps.  MFU uses megagpt's FLOPs per token (6N + 12 L H Q T) against the
-device's dense bf16 peak from megagpt/flops.py.
+Rows (`--quick` runs the first eight, in this order, within `--budget` seconds):
+  llama-1b, megagpt defaults (ZeRO-3)        `model=llama-1b`, no performance flags
+  llama-1b, transformers, eager / compile    LlamaForCausalLM at the same shape, run as HF
+                                             Trainer runs it: fp32 weights, bf16 autocast,
+                                             fused AdamW, grad clipping; torch_compile
+  gpt2-124m, megagpt defaults (ZeRO-3)       llm.c's setting: 64 x 1024 tokens per step
+  gpt2-124m, megagpt, ZeRO-0                 (micro-batch 16 x grad accum 4)
+  llama-1b, megagpt, ZeRO-0
+  llama-1b, megagpt, fp8 tensorwise, ZeRO-0  torchao float8 (model.fp8), where it imports
+  llama-1b, torchtitan, flex                 torchtitan 0.3.0's Llama3 "1B" (FlexAttention),
+                                             where it imports (else its import error)
+and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
+activation checkpointing, fp8 rowwise, torchtitan compiled.
+
+megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
+embedded corpus, logger=none), stopped once `--steps` steps are logged (no
+end-of-run checkpoint); peers run in a child process of this module (a small
+train loop written here, random tokens).  Figures: medians over the steps after
+`--warmup`; MFU by megagpt's FLOPs per token (6N + 12 L H Q T, flops.py) against
+the device's dense bf16 peak, for every row alike.  Each job has its own
+timeout; a row whose estimated time no longer fits the budget is skipped and
+says so; the JSON (`--json`, rewritten after every row) lists every row with
+its status.  `--cpu-smoke` runs the same rows on CPU at tiny shapes, 2 steps
+each (rows that need CUDA, torchao or torchtitan say "skipped: ..."):
+tests/test_bench_gpu.py.
+
+On a lent GPU machine (../shared/notes/gpu-machine.md), prepare the wheels here
+first, from the repository root:
+  bash ../shared/gpu/fetch-wheels.sh && python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl torchao==0.18.0 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 \
+    typeguard==4.6.1
+then give the device tool `carry: [".whl"]`, `timeout_s: 480` and the command below (one line;
+about 6.5 minutes: the bench's 300 s budget, then the GPU tests; every job's output in $OUT/log.txt,
+the figures in $OUT/bench.json):
+
+DEVICE COMMAND:
+L=$OUT/log.txt; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>$L 2>&1; export PYTHONPATH=/tmp/site:$PWD MEGAGPT_CACHE=/tmp/mgcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false; nvidia-smi >>$L 2>&1; python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' >>$L 2>&1; timeout 330 python3 -m megagpt.bench gpu --quick --budget 300 --json $OUT/bench.json --log $L 2>&1 | tail -30; echo '== pytest -m gpu' >>$L; timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests >>$L 2>&1; tail -4 $L
+
+FlashAttention 4 (flash-attn-4 and its wheels, 92 MB) does not fit one call's
+64 MiB: see the notes for sending it over two calls; with it installed the
+defaults row uses it (model.attention=auto) and the flash_attn rows run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
 
-# (label, preset, overrides). Vocabulary: the published models' (the corpus's ids are a subset).
-CONFIGS = [
-    ("gpt2-124m, sdpa", "gpt2-124m", ["model.vocab_size=50304", "model.attention=sdpa"]),
-    ("gpt2-124m, flash_attn", "gpt2-124m", ["model.vocab_size=50304", "model.attention=flash_attn"]),
-    ("gpt2-124m, sdpa, compile", "gpt2-124m", ["model.vocab_size=50304", "model.attention=sdpa",
-                                               "model.compile=true"]),
-    ("llama-1b, sdpa", "llama-1b", ["model.vocab_size=128256", "model.attention=sdpa"]),
-    ("llama-1b, flash_attn", "llama-1b", ["model.vocab_size=128256", "model.attention=flash_attn"]),
-    ("llama-1b, sdpa, compile", "llama-1b", ["model.vocab_size=128256", "model.attention=sdpa",
-                                             "model.compile=true"]),
-    ("llama-1b, sdpa, act. ckpt", "llama-1b", ["model.vocab_size=128256", "model.attention=sdpa",
-                                               "model.activation_checkpointing=1"]),
-    ("llama-1b, sdpa, compile, act. ckpt", "llama-1b", ["model.vocab_size=128256", "model.attention=sdpa",
-                                                        "model.compile=true", "model.activation_checkpointing=1"]),
+# The one-line command for the device tool, as the docstring gives it.
+DEVICE_COMMAND = (__doc__ or "DEVICE COMMAND:\n\n").split("DEVICE COMMAND:\n", 1)[1].split("\n", 1)[0]
+LLAMA_VOCAB, GPT2_VOCAB = 128256, 50304
+# What megagpt.train prints that a row keeps: the attention backend, SDPA's kernel, float8.
+KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:)")
+
+
+@dataclass
+class Row:
+    label: str
+    runner: str  # megagpt | transformers | torchtitan
+    preset: str  # llama-1b | gpt2-124m
+    overrides: list[str] = field(default_factory=list)  # megagpt.train overrides beyond the shape
+    compile: bool = False  # peers: torch.compile
+    est_s: float = 60.0  # wall seconds on an H100, start-up included: what the budget plans with
+    quick: bool = False
+    fp8: str | None = None  # the recipe a megagpt row asks for
+    flash: bool = False  # needs FlashAttention
+
+
+ROWS = [
+    # --quick: these, in this order (most telling first), each if its estimate still fits the budget.
+    Row("llama-1b, megagpt defaults (ZeRO-3)", "megagpt", "llama-1b", [], est_s=100, quick=True),
+    Row("llama-1b, transformers, eager", "transformers", "llama-1b", est_s=35, quick=True),
+    Row("llama-1b, transformers, compile", "transformers", "llama-1b", compile=True, est_s=80, quick=True),
+    Row("gpt2-124m, megagpt defaults (ZeRO-3)", "megagpt", "gpt2-124m", [], est_s=60, quick=True),
+    Row("gpt2-124m, megagpt, ZeRO-0", "megagpt", "gpt2-124m", ["deepspeed=zero0"], est_s=45, quick=True),
+    Row("llama-1b, megagpt, ZeRO-0", "megagpt", "llama-1b", ["deepspeed=zero0"], est_s=80, quick=True),
+    Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=90, quick=True, fp8="tensorwise"),
+    Row("llama-1b, torchtitan, flex", "torchtitan", "llama-1b", est_s=60, quick=True),
+    # The variants, one change at a time from megagpt's ZeRO-0 row.
+    Row("llama-1b, megagpt, ZeRO-0, no compile", "megagpt", "llama-1b", ["deepspeed=zero0", "model.compile=false"],
+        est_s=60),
+    Row("llama-1b, megagpt, ZeRO-0, sdpa cudnn", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.attention=sdpa", "model.sdpa_backend=cudnn"], est_s=100),
+    Row("llama-1b, megagpt, ZeRO-0, sdpa flash", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.attention=sdpa", "model.sdpa_backend=flash"], est_s=100),
+    Row("llama-1b, megagpt, ZeRO-0, flash_attn", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.attention=flash_attn"], est_s=120, flash=True),
+    Row("llama-1b, megagpt, ZeRO-0, act. ckpt", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.activation_checkpointing=1"], est_s=100),
+    Row("llama-1b, megagpt, fp8 rowwise, ZeRO-0", "megagpt", "llama-1b", ["deepspeed=zero0", "model.fp8=rowwise"],
+        est_s=110, fp8="rowwise"),
+    Row("gpt2-124m, megagpt, ZeRO-0, no compile", "megagpt", "gpt2-124m", ["deepspeed=zero0", "model.compile=false"],
+        est_s=45),
+    Row("llama-1b, torchtitan, flex, compile", "torchtitan", "llama-1b", compile=True, est_s=120),
 ]
 
+# Tiny shapes for --cpu-smoke: the same rows and code paths, seconds each on 2 cores.
+SMOKE_SHAPE = {
+    "llama-1b": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=128, vocab_size=4096),
+    "gpt2-124m": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=4, mlp_hidden=256, vocab_size=4096),
+}
+# The presets' shapes, for the peers (conf/model/*.yaml).
+PRESET_SHAPE = {
+    "llama-1b": dict(n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, mlp_hidden=8192, vocab_size=LLAMA_VOCAB),
+    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, mlp_hidden=3072, vocab_size=GPT2_VOCAB),
+}
 
-def _run(label: str, preset: str, overrides: list[str], args, root: str) -> dict:
-    run_dir = os.path.join(root, label.replace(", ", "_").replace(" ", "-").replace(".", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-           "-m", "megagpt.train", f"model={preset}", f"run.dir={run_dir}", "logger=none",
-           f"data.seq_len={args.seq_len}", f"trainer.micro_batch_size={args.micro_batch}",
-           f"trainer.max_steps={args.steps}", "trainer.log_every=1", "trainer.eval_every=0",
-           f"trainer.save_every={args.steps + 1}", "deepspeed=zero0", "deepspeed.precision=bf16", *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+
+@dataclass
+class Settings:
+    mode: str  # quick | full | cpu-smoke
+    steps: int
+    warmup: int
+    seq_len: int  # llama rows
+    micro_batch: int
+    gpt2_seq_len: int
+    gpt2_micro_batch: int
+    gpt2_grad_accum: int
+    budget_s: float | None
+    job_timeout_s: float | None
+
+    def shape(self, preset: str) -> dict:
+        """Model dims, sequence, micro-batch and grad accumulation of a preset's rows."""
+        dims = SMOKE_SHAPE[preset] if self.mode == "cpu-smoke" else PRESET_SHAPE[preset]
+        if preset == "gpt2-124m":
+            return dict(dims, seq_len=self.gpt2_seq_len, micro_batch=self.gpt2_micro_batch,
+                        grad_accum=self.gpt2_grad_accum, family="gpt2")
+        return dict(dims, seq_len=self.seq_len, micro_batch=self.micro_batch, grad_accum=1, family="llama")
+
+
+def settings_from(args) -> Settings:
+    mode = "cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"
+    if mode == "cpu-smoke":
+        return Settings(mode, steps=2, warmup=0, seq_len=32, micro_batch=2, gpt2_seq_len=32, gpt2_micro_batch=2,
+                        gpt2_grad_accum=2, budget_s=args.budget, job_timeout_s=args.job_timeout or 240)
+    steps = args.steps or (20 if mode == "quick" else 40)
+    warmup = args.warmup if args.warmup is not None else (8 if mode == "quick" else 10)
+    return Settings(mode, steps, warmup, args.seq_len, args.micro_batch, args.gpt2_seq_len, args.gpt2_micro_batch,
+                    args.gpt2_grad_accum, args.budget if args.budget is not None else (300 if mode == "quick"
+                                                                                        else None),
+                    args.job_timeout)
+
+
+# --- what a row needs ---------------------------------------------------------------------
+
+def gpu_facts() -> tuple[str, tuple[int, int]] | None:
+    """(name, compute capability) of GPU 0, or None.  From nvidia-smi, so that
+    this process holds no CUDA context (and its memory) while the jobs run."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        name, cap = [x.strip() for x in out.splitlines()[0].rsplit(",", 1)]
+        major, minor = cap.split(".")
+        return name, (int(major), int(minor))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0)
+
+
+def _flash_here() -> str | None:
+    """Why FlashAttention cannot run here (asked in a child process, which
+    imports it and initialises CUDA), or None."""
+    code = ("from megagpt.model import attention as a; import sys; "
+            "sys.stdout.write('' if a.flash_attn_available() else a.flash_unavailable_reason())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        lines = [x for x in r.stderr.splitlines() if x.strip()]
-        return {"label": label, "error": (lines[-1] if lines else f"exit {r.returncode}")[:300]}
-    recs = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))][args.warmup:]
-    return {"label": label, "tokens_per_sec": statistics.median(x["tokens_per_sec"] for x in recs),
-            "mfu": statistics.median(x["mfu"] for x in recs), "memory_gb": max(x["memory_gb"] for x in recs),
-            "command": " ".join(cmd[1:])}
+        return f"the check failed: {_last_line(r.stderr)}"
+    return r.stdout.strip() or None
+
+
+def _last_line(text: str) -> str:
+    lines = [x for x in text.splitlines() if x.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def skip_reason(row: Row, s: Settings) -> str | None:
+    """Why this row cannot run here (checked before starting it), or None.
+    torchtitan's import is tried in its own process (its error is the row's)."""
+    if s.mode == "cpu-smoke":
+        if row.fp8:
+            from megagpt.model.float8 import torchao_problem
+
+            return (f"skipped: model.fp8 needs a CUDA GPU (compute capability >= 8.9); torchao: "
+                    f"{torchao_problem() or 'imports'}")
+        if row.flash:
+            return "skipped: FlashAttention needs a CUDA GPU"
+        if row.overrides and any(o.startswith("model.sdpa_backend=") for o in row.overrides):
+            return "skipped: model.sdpa_backend selects a CUDA kernel"
+        return None
+    if row.fp8:
+        from megagpt.model.float8 import fp8_support_problem, torchao_problem
+
+        facts = gpu_facts()
+        problem = fp8_support_problem(row.fp8, torchao_problem(), facts and facts[1], facts[0] if facts else "")
+        if problem:
+            return f"skipped: model.fp8: {problem}"
+    if row.flash:
+        problem = _flash_here()
+        if problem:
+            return f"skipped: no FlashAttention here ({problem})"
+    return None
+
+
+# --- megagpt rows: megagpt.train jobs ---------------------------------------------------------
+
+def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
+    sh = s.shape(row.preset)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+           "megagpt.train", f"model={row.preset}", f"run.dir={run_dir}", "logger=none",
+           f"data.seq_len={sh['seq_len']}", f"trainer.micro_batch_size={sh['micro_batch']}",
+           f"trainer.grad_accum={sh['grad_accum']}", f"model.vocab_size={sh['vocab_size']}",
+           # Far beyond the steps measured: the job is stopped before any checkpoint or the end of run.
+           f"trainer.max_steps={s.steps + 1000}", f"trainer.save_every={s.steps + 2000}", "trainer.log_every=1",
+           "trainer.eval_every=0"]
+    if s.mode == "cpu-smoke":
+        cmd += [f"model.{k}={sh[k]}" for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden")]
+    return cmd + row.overrides
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a job and everything it started.  torchrun's workers run in
+    sessions of their own, so killing torchrun's group would orphan them; and
+    SIGTERM would make megagpt save a checkpoint first (preemption)."""
+    if proc.poll() is None:
+        tree = [proc.pid, *_descendants(proc.pid)]  # listed before any dies and is re-parented
+        for pid in tree:
+            try:
+                group = os.getpgid(pid)
+                if group != os.getpgrp():
+                    os.killpg(group, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    proc.wait()
+
+
+_current: list = []  # the job running now and its log, for the SIGTERM handler
+
+
+def _spawn(cmd: list[str], log_path: str) -> subprocess.Popen:
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    log.close()
+    _current[:] = [proc, log_path]
+    return proc
+
+
+def _tail(path: str, n: int = 1) -> str:
+    try:
+        lines = [x.strip() for x in open(path, errors="replace") if x.strip()]
+    except OSError:
+        return ""
+    errors = [x for x in lines if "error" in x.lower() and not x.startswith(("E1", "W1", "I1"))]
+    return " | ".join((errors or lines)[-n:])[:400]
+
+
+def _records(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            return [json.loads(x) for x in f if x.endswith("\n")]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
+    run_dir = os.path.join(root, _slug(row.label))
+    log_path = run_dir + ".log"
+    cmd = megagpt_command(row, s, run_dir)
+    out = {"command": " ".join(cmd[1:])}
+    proc = _spawn(cmd, log_path)
+    t0, recs = time.monotonic(), []
+    try:
+        while True:
+            recs = _records(os.path.join(run_dir, "metrics.jsonl"))
+            if len(recs) >= s.steps or proc.poll() is not None:
+                break
+            if time.monotonic() - t0 > timeout:
+                out.update(status="timeout", reason=f"timeout after {timeout:.0f} s with {len(recs)} of {s.steps} "
+                                                    "steps logged")
+                break
+            time.sleep(0.25)
+    finally:
+        _kill(proc)
+        _current.clear()
+    recs = _records(os.path.join(run_dir, "metrics.jsonl"))[:s.steps]
+    out["log_lines"] = [x.strip() for x in open(log_path, errors="replace") if KEPT_LINES.match(x.strip())]
+    out["log_path"] = log_path
+    if "status" not in out and len(recs) < s.steps:
+        out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {_tail(log_path)}")
+    if len(recs) > s.warmup:
+        measured = recs[s.warmup:]
+        out.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in measured),
+                   mfu=statistics.median(r["mfu"] for r in measured),
+                   memory_gb=max(r["memory_gb"] for r in measured),
+                   step_time=statistics.median(r["step_time"] for r in measured),
+                   data_wait=statistics.median(r.get("data_wait", 0.0) for r in measured),
+                   steps_measured=len(measured))
+        out.setdefault("status", "ok")
+    if row.fp8 and out.get("status") == "ok" and not any(x.startswith("fp8:") for x in out["log_lines"]):
+        out["note"] = ("the job printed no 'fp8:' line: model.fp8 may not be wired into the engine yet "
+                       "(these figures may be bf16)")
+    return out
+
+
+# --- peers: a train loop written here, in a child process -----------------------------------
+
+def peer_spec(row: Row, s: Settings) -> dict:
+    return {"runner": row.runner, "compile": row.compile, "steps": s.steps, "warmup": s.warmup,
+            "shape": s.shape(row.preset), "smoke": s.mode == "cpu-smoke"}
+
+
+def run_peer(row: Row, s: Settings, root: str, timeout: float) -> dict:
+    log_path = os.path.join(root, _slug(row.label) + ".log")
+    cmd = [sys.executable, "-m", "megagpt.bench.gpu", json.dumps(peer_spec(row, s))]
+    command = f"-m megagpt.bench.gpu '{cmd[-1]}'"
+    proc = _spawn(cmd, log_path)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        return {"status": "timeout", "reason": f"timeout after {timeout:.0f} s", "log_path": log_path,
+                "command": command}
+    finally:
+        _kill(proc)
+        _current.clear()
+    for line in reversed(open(log_path, errors="replace").read().splitlines()):
+        if line.startswith("BENCH_RESULT "):
+            return dict(json.loads(line[len("BENCH_RESULT "):]), log_path=log_path, command=command)
+    return {"status": "error", "reason": f"exit {proc.returncode}: {_tail(log_path)}", "log_path": log_path,
+            "command": command}
+
+
+def _peer_model(spec: dict, device):
+    """The peer's model in fp32 on `device`, and (n_params, n_layer, n_head, head_dim)."""
+    import torch
+
+    sh = spec["shape"]
+    if spec["runner"] == "transformers":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=sh["vocab_size"], hidden_size=sh["n_embd"], intermediate_size=sh["mlp_hidden"],
+                          num_hidden_layers=sh["n_layer"], num_attention_heads=sh["n_head"],
+                          num_key_value_heads=sh["n_kv_head"], max_position_embeddings=sh["seq_len"],
+                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                          attn_implementation="sdpa")
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    else:
+        from torchtitan.models.llama3 import llama3_configs
+
+        model_cfg = llama3_configs["1B"](attn_backend="flex")
+        with torch.device("meta"):
+            model = model_cfg.build()
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_states(buffer_device=device)
+        # torchtitan's "1B" is the llama-1b preset's shape (PRESET_SHAPE): 16 layers, width 2048, 32 heads.
+        assert (len(model.layers), model_cfg.dim, model_cfg.vocab_size) == (sh["n_layer"], sh["n_embd"],
+                                                                            sh["vocab_size"])
+    n_params = sum(p.numel() for p in model.parameters())  # a tied table counted once
+    return model, (n_params, sh["n_layer"], sh["n_head"], sh["n_embd"] // sh["n_head"])
+
+
+def peer_main(spec: dict) -> dict:
+    """One peer row: HF Trainer's recipe (fp32 weights, bf16 autocast, fused
+    AdamW, grad norm clipped to 1.0) on random tokens; medians after warm-up."""
+    import torch
+
+    from megagpt.flops import flops_per_token, peak_flops
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if spec["runner"] == "torchtitan":
+        try:
+            import torchtitan.models.llama3  # noqa: F401
+            imported = "imports"
+        except Exception as e:
+            traceback.print_exc()  # the whole chain, in the job's log
+            return {"status": "skipped", "reason": f"skipped: torchtitan does not import: {type(e).__name__}: "
+                                                   f"{str(e).splitlines()[0] if str(e) else ''}"[:400]}
+        if not cuda:
+            return {"status": "skipped", "reason": f"skipped: needs CUDA (FlexAttention has no backward on CPU); "
+                                                   f"torchtitan {imported}"}
+        if spec["smoke"]:
+            return {"status": "skipped", "reason": "skipped: torchtitan's 1B has no tiny shape"}
+    torch.manual_seed(0)
+    model, (n_params, n_layer, n_head, head_dim) = _peer_model(spec, device)
+    model.train()
+    sh = spec["shape"]
+    B, T, accum = sh["micro_batch"], sh["seq_len"], sh["grad_accum"]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0, fused=True)
+    forward = model
+    if spec["compile"]:
+        backend = "eager" if spec["smoke"] else "inductor"  # the smoke run traces, without C++ builds
+        if spec["runner"] == "torchtitan":  # as torchtitan does: each block, whole graphs
+            for block in model.layers.values():
+                block.compile(backend=backend, fullgraph=True)
+        else:  # as HF Trainer's torch_compile=True does
+            forward = torch.compile(model, backend=backend)
+
+    def loss_of(tokens):
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            if spec["runner"] == "transformers":
+                logits = forward(input_ids=x).logits
+            else:
+                positions = torch.arange(T, device=device).expand(B, T)
+                logits = forward(x, positions, model.get_attention_masks(positions))
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for _ in range(spec["steps"]):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(accum):
+            tokens = torch.randint(0, sh["vocab_size"], (B, T + 1), device=device, generator=gen)
+            (loss_of(tokens) / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    measured = times[spec["warmup"]:]
+    step = statistics.median(measured)
+    tps = B * T * accum / step
+    fpt = flops_per_token(n_params, n_layer, n_head, head_dim, T)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return {"status": "ok", "tokens_per_sec": tps, "mfu": fpt * tps / peak_flops(device), "memory_gb": mem,
+            "step_time": step, "steps_measured": len(measured), "params": n_params}
+
+
+# --- the table --------------------------------------------------------------------------------
+
+def pace(done: list[dict]) -> float:
+    """How the rows run so far compare with their estimates (wall / est, the
+    median, within 0.5..2): the remaining estimates are scaled by it."""
+    ratios = [r["wall_s"] / r["planned_s"] for r in done if r.get("status") == "ok" and r.get("planned_s")]
+    return min(2.0, max(0.5, statistics.median(ratios))) if ratios else 1.0
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def _device_name() -> str:
+    import torch
+
+    facts = gpu_facts() if torch.cuda.is_available() else None
+    return facts[0] if facts else "cpu"
+
+
+def _print_row(r: dict) -> None:
+    if r["status"] == "ok":
+        print(f"{r['label']:<44} {r['tokens_per_sec']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  "
+              f"{r['memory_gb']:6.1f} GiB  ({r['wall_s']:.0f} s)" + (f"  NOTE: {r['note']}" if r.get("note") else ""),
+              flush=True)
+    else:
+        reason = r.get("reason", "")
+        print(f"{r['label']:<44} {reason if reason.startswith(r['status']) else r['status'] + ': ' + reason}",
+              flush=True)
+
+
+def _append_log(path: str | None, header: str, job_log: str | None) -> None:
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(f"\n===== {header}\n")
+        if job_log and os.path.exists(job_log):
+            with open(job_log, errors="replace") as j:
+                f.write(j.read()[-200_000:])
 
 
 def bench_gpu(args) -> dict:
     import torch
 
-    if not torch.cuda.is_available():
-        print("megagpt.bench gpu: no CUDA device here; this benchmark needs one GPU (H100, H200, A100...)",
-              file=sys.stderr)
+    s = settings_from(args)
+    if s.mode != "cpu-smoke" and not torch.cuda.is_available():
+        print("megagpt.bench gpu: no CUDA device here; this benchmark needs one GPU (H100, H200, A100...); "
+              "--cpu-smoke runs its code paths on CPU", file=sys.stderr)
         raise SystemExit(2)
-    device = torch.cuda.get_device_name(0)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="megagpt-bench-gpu-") as root:
-        for label, preset, overrides in CONFIGS:
-            if args.only and not any(o in label for o in args.only):
-                continue
-            rows.append(_run(label, preset, overrides, args, root))
-            r = rows[-1]
-            if "error" in r:
-                print(f"{label:<38} failed: {r['error']}", flush=True)
-            else:
-                print(f"{label:<38} {r['tokens_per_sec']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  "
-                      f"{r['memory_gb']:6.1f} GiB", flush=True)
-    print(f"device: {device}; bf16, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"medians of steps {args.warmup + 1}..{args.steps}")
-    return {"device": device, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "rows": rows}
+    rows = [r for r in ROWS if (r.quick or s.mode == "full")]
+    if args.only:
+        rows = [r for r in rows if any(o in r.label for o in args.only)]
+    start = time.monotonic()
+    deadline = start + s.budget_s if s.budget_s else None
+    result = {"mode": s.mode, "device": _device_name(), "torch": torch.__version__, "settings": asdict(s),
+              "rows": []}
+    if s.mode != "cpu-smoke":
+        result["note"] = (f"bf16; llama rows seq {s.seq_len} x micro-batch {s.micro_batch}; gpt2 rows seq "
+                          f"{s.gpt2_seq_len} x {s.gpt2_micro_batch} x grad accum {s.gpt2_grad_accum}; medians of "
+                          f"steps {s.warmup + 1}..{s.steps}")
+
+    def write():
+        result["elapsed_s"] = round(time.monotonic() - start, 1)
+        result["skipped"] = [f"{r['label']}: {r.get('reason', '')}" for r in result["rows"] if r["status"] != "ok"]
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: stop the job, keep what was measured
+        if _current:
+            proc, log_path = _current
+            _kill(proc)
+            _append_log(args.log, f"(interrupted by signal {signum}) {' '.join(proc.args[1:])[:300]}", log_path)
+        result["rows"].append({"label": "(interrupted)", "status": "interrupted", "reason": f"signal {signum}"})
+        write()
+        raise SystemExit(124)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with tempfile.TemporaryDirectory(prefix="megagpt-bench-gpu-") as root:
+            for row in rows:
+                est = row.est_s * pace(result["rows"])
+                r = {"label": row.label, "runner": row.runner, "preset": row.preset, "planned_s": row.est_s,
+                     "est_s": round(est)}
+                left = (deadline - time.monotonic()) if deadline else None
+                reason = skip_reason(row, s)
+                if reason is None and left is not None and left < est:
+                    reason = f"skipped: out of budget (needs ~{est:.0f} s, {max(0.0, left):.0f} s left)"
+                if reason:
+                    r.update(status="skipped", reason=reason)
+                else:
+                    timeout = min(x for x in (left, s.job_timeout_s, 3 * est if s.mode != "cpu-smoke" else None)
+                                  if x is not None)
+                    t0 = time.monotonic()
+                    run = run_megagpt if row.runner == "megagpt" else run_peer
+                    r.update(run(row, s, root, timeout))
+                    r["wall_s"] = round(time.monotonic() - t0, 1)
+                    _append_log(args.log, f"{row.label}: {r['status']} {r.get('reason', '')}", r.pop("log_path", None))
+                result["rows"].append(r)
+                _print_row(r)
+                write()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    write()
+    skipped = [r for r in result["rows"] if r["status"] != "ok"]
+    print(f"device: {result['device']}; {result.get('note', s.mode)}; {len(result['rows']) - len(skipped)} rows "
+          f"measured, {len(skipped)} not, in {result['elapsed_s']:.0f} s")
+    return result
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("gpu", help="tokens/s and MFU on one CUDA GPU (bf16)")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=10, help="logged steps left out of the medians")
-    p.add_argument("--only", nargs="*", help="run only configurations whose label contains one of these")
-    p.add_argument("--json", help="also write the figures to this file")
+    p = sub.add_parser("gpu", help="tokens/s and MFU on one CUDA GPU (bf16), beside transformers and torchtitan")
+    p.add_argument("--quick", action="store_true", help="the eight main rows within --budget (one device call)")
+    p.add_argument("--cpu-smoke", action="store_true", help="the quick rows on CPU at tiny shapes, 2 steps each")
+    p.add_argument("--budget", type=float, help="seconds for all rows (quick: 300); rows that no longer fit are "
+                                                "skipped")
+    p.add_argument("--job-timeout", type=float, help="seconds per job (default: 3 x its estimate)")
+    p.add_argument("--seq-len", type=int, default=2048, help="llama rows")
+    p.add_argument("--micro-batch", type=int, default=8, help="llama rows")
+    p.add_argument("--gpt2-seq-len", type=int, default=1024)
+    p.add_argument("--gpt2-micro-batch", type=int, default=16, help="x --gpt2-grad-accum: llm.c's 64 sequences")
+    p.add_argument("--gpt2-grad-accum", type=int, default=4)
+    p.add_argument("--steps", type=int, help="steps per job (quick 20, else 40)")
+    p.add_argument("--warmup", type=int, help="steps left out of the medians (quick 8, else 10)")
+    p.add_argument("--only", nargs="*", help="run only rows whose label contains one of these")
+    p.add_argument("--json", help="also write the figures to this file (rewritten after every row)")
+    p.add_argument("--log", help="append every job's output to this file")
     p.set_defaults(run=bench_gpu)
+
+
+if __name__ == "__main__":  # one peer row, in its own process: python -m megagpt.bench.gpu '<spec json>'
+    print("BENCH_RESULT " + json.dumps(peer_main(json.loads(sys.argv[1]))), flush=True)

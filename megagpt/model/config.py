@@ -7,11 +7,13 @@ inherited, plus what only a model being built knows:
   vocab_size   required, final (the tokenizer's or model.vocab_size, padded)
   max_seq_len  required, final (model.max_seq_len or data.seq_len)
   attention    a concrete backend (flash_attn | sdpa | eager), not auto
+  compile      true or false for the device the model runs on, not None (auto)
+  loss_chunk_tokens  a number of tokens (0: the plain loss) for that device, not None
   eod_id       the end-of-document token id (document masking)
 
 `GPTConfig.from_settings` builds one from the settings by copying every field
 by name; the defaults left open (None) are resolved there (the ones that need
-the data) and in `__post_init__` (n_kv_head, mlp_hidden: the family's rule,
+the data and the device) and in `__post_init__` (n_kv_head, mlp_hidden: the family's rule,
 families.py), and nowhere else.  `check` holds the model's checks; both
 `config_checks.validate()` (on the settings) and every GPTConfig run it, and it
 raises ConfigError with one line naming the key.
@@ -41,9 +43,38 @@ LLAMA3_KEYS = ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scal
                "rope_scaling_original_max_seq_len")
 
 
+# model.loss_chunk_tokens=null (auto) on CUDA: chunks of about this many logits, 1 GiB in fp32.  A
+# chunk's transient memory is about 8 bytes per logit (its fp32 logits and log-probabilities, loss.py),
+# 2 GiB: small beside llama-1b's 8 x 2048-token micro-batch (its plain loss needs about 20 GB), while
+# each chunk's matmuls stay large (2048 x 2048 x 128256 for llama 3's vocabulary: about a TFLOP), so
+# the number of chunks costs nothing measurable; the elementwise work is the same for any chunk size.
+LOSS_CHUNK_LOGITS = 1 << 28
+LOSS_CHUNK_MULTIPLE = 1024
+
+
 def _require(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"model.{key}: {msg}")
+
+
+def auto_loss_chunk_tokens(vocab_size: int) -> int:
+    """The chunk model.loss_chunk_tokens=null gives on CUDA: LOSS_CHUNK_LOGITS logits or fewer, in
+    whole multiples of LOSS_CHUNK_MULTIPLE tokens (at least one): 2048 tokens for a 128256-token
+    vocabulary (llama 3), 5120 for 50304 (gpt2), 8192 for 32000."""
+    return max(LOSS_CHUNK_MULTIPLE, LOSS_CHUNK_LOGITS // vocab_size // LOSS_CHUNK_MULTIPLE * LOSS_CHUNK_MULTIPLE)
+
+
+def for_device(m: Any, device_type: str, vocab_size: int) -> dict:
+    """The settings whose None means "auto", for a model of `vocab_size` tokens on `device_type`:
+    the one place they are resolved.  On CUDA: compiled, and the loss in chunks
+    (auto_loss_chunk_tokens).  Elsewhere: eager and the plain loss, as CPU runs have always
+    computed (their losses are pinned bit for bit: tests/fixtures/reference_losses.json), where
+    memory is not the limit and compiling costs more than it saves.  A value set wins."""
+    cuda = device_type == "cuda"
+    chunk = m.loss_chunk_tokens
+    if chunk is None:
+        chunk = auto_loss_chunk_tokens(vocab_size) if cuda else 0
+    return {"compile": bool(cuda if m.compile is None else m.compile), "loss_chunk_tokens": int(chunk)}
 
 
 def check(m: Any, resolved: bool = False) -> None:
@@ -72,6 +103,11 @@ def check(m: Any, resolved: bool = False) -> None:
     _require(m.attention in backends, "attention", f"unknown backend {m.attention!r}; choose one of {backends}")
     _require(0.0 <= m.dropout < 1.0, "dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.vocab_size is None or m.vocab_size > 1, "vocab_size", f"must be > 1, got {m.vocab_size}")
+    if resolved:
+        _require(isinstance(m.compile, bool), "compile", f"must be true or false here, got {m.compile!r}")
+        _require(m.loss_chunk_tokens is not None, "loss_chunk_tokens", "must be a number of tokens here, got None")
+    _require(m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0, "loss_chunk_tokens",
+             f"must be >= 0 (0: the plain loss) or null (auto), got {m.loss_chunk_tokens}")
 
 
 def _check_rope_scaling(m: Any) -> None:
@@ -112,6 +148,8 @@ class GPTConfig(ModelConfig):
     vocab_size: int = field()
     max_seq_len: int = field()
     attention: str = "sdpa"
+    compile: bool = False
+    loss_chunk_tokens: int = 0
     eod_id: Optional[int] = None
 
     def __post_init__(self):
@@ -125,18 +163,20 @@ class GPTConfig(ModelConfig):
 
     @classmethod
     def from_settings(cls, m: ModelConfig, *, vocab_size: int, seq_len: int, attention: str,
-                      eod_id: int | None = None) -> "GPTConfig":
+                      eod_id: int | None = None, device_type: str = "cpu") -> "GPTConfig":
         """The model's config from the `model.*` settings (a ModelConfig or its
         DictConfig): every setting copied by name, then the defaults that need
         the data: vocab_size (model.vocab_size, else the tokenizer's
         `vocab_size`) rounded up to model.vocab_multiple for matmul-friendly
         shapes, and max_seq_len (model.max_seq_len, else data.seq_len =
         `seq_len`).  `attention`: the backend model.attention resolved to
-        (attention.resolve_backend)."""
+        (attention.resolve_backend).  `device_type`: the device the model runs on, which
+        model.compile and model.loss_chunk_tokens are resolved for (for_device)."""
         values = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)}
         v = m.vocab_size or vocab_size
-        values.update(vocab_size=-(-v // m.vocab_multiple) * m.vocab_multiple,
-                      max_seq_len=m.max_seq_len or seq_len, attention=attention, eod_id=eod_id)
+        v = -(-v // m.vocab_multiple) * m.vocab_multiple
+        values.update(vocab_size=v, max_seq_len=m.max_seq_len or seq_len, attention=attention, eod_id=eod_id,
+                      **for_device(m, device_type, v))
         return cls(**values)
 
     @classmethod

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from megagpt.model.attention import Visibility, causal_attention
 from megagpt.model.config import GPTConfig
 from megagpt.model.layers import KVCache, apply_rope, rope_tables
+from megagpt.model.loss import linear_cross_entropy
 
 __all__ = ["GPT", "GPTConfig", "decay_groups"]
 
@@ -122,7 +123,11 @@ class GPT(nn.Module):
                 x = block(x, vis, rope, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)
+        if targets is not None and self.cfg.loss_chunk_tokens:
+            # The head and the loss in chunks of tokens, never the whole (B, T, V) logits (loss.py).
+            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens)
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

@@ -1,0 +1,172 @@
+"""`python -m megagpt.bench gpu`: its rows run end to end on CPU (--cpu-smoke),
+its JSON is well-formed, its budget and SIGTERM end it on time, and every row's
+megagpt.train command composes.  The figures themselves need a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megagpt.bench import gpu
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = [r.label for r in gpu.ROWS if r.quick]
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "megagpt.bench", "gpu", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and text in cmdline:
+            out.append(f"{entry.name}: {cmdline[:200]}")
+    return out
+
+
+def test_cpu_smoke_runs_every_quick_row(tmp_path):
+    out, log = tmp_path / "bench.json", tmp_path / "log.txt"
+    r = bench("--cpu-smoke", "--json", str(out), "--log", str(log))
+    assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["mode"] == "cpu-smoke" and fig["device"] == "cpu"
+    rows = {row["label"]: row for row in fig["rows"]}
+    assert list(rows) == QUICK  # every quick row, in order, one entry each
+    for label, row in rows.items():
+        assert row["status"] in ("ok", "skipped"), (label, row)
+        if row["status"] == "ok":
+            assert row["tokens_per_sec"] > 0 and row["mfu"] > 0 and row["steps_measured"] == 2, row
+            assert row["wall_s"] > 0
+        else:
+            assert row["reason"].startswith("skipped: "), row
+    # What a CPU can run, runs: megagpt's jobs (both presets, ZeRO-3 and ZeRO-0) and transformers' loop.
+    for label in QUICK:
+        if "fp8" not in label and "torchtitan" not in label:
+            assert rows[label]["status"] == "ok", rows[label]
+    assert "CUDA" in rows["llama-1b, megagpt, fp8 tensorwise, ZeRO-0"]["reason"]
+    tt = rows["llama-1b, torchtitan, flex"]["reason"]
+    assert "torchtitan does not import" in tt or "needs CUDA" in tt
+    zero3 = rows["llama-1b, megagpt defaults (ZeRO-3)"]
+    assert "deepspeed=" not in zero3["command"] and "model=llama-1b" in zero3["command"]
+    assert any(x.startswith("attention: sdpa") for x in zero3["log_lines"])
+    assert fig["skipped"] == [f"{label}: {rows[label]['reason']}" for label in QUICK
+                              if rows[label]["status"] != "ok"]
+    text = log.read_text()
+    assert all(f"===== {label}: " in text for label in QUICK if rows[label]["status"] == "ok")
+    assert "device: cpu; cpu-smoke; 6 rows measured, 2 not" in r.stdout
+    # Each job was stopped whole: torchrun's workers (in sessions of their own) went with it.
+    root = zero3["command"].split("run.dir=")[1].split()[0].rsplit("/", 1)[0]
+    assert processes_mentioning(root) == []
+
+
+def test_budget_skips_what_no_longer_fits(tmp_path):
+    out = tmp_path / "bench.json"
+    r = bench("--cpu-smoke", "--budget", "1", "--only", "transformers", "--json", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["label"] for x in rows] == ["llama-1b, transformers, eager", "llama-1b, transformers, compile"]
+    assert all(x["status"] == "skipped" and x["reason"].startswith("skipped: out of budget (needs ~") for x in rows)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
+    # `timeout` ends the bench with SIGTERM: the running job goes, all of it, and the JSON stays.
+    out = tmp_path / "bench.json"
+    p = subprocess.Popen([sys.executable, "-m", "megagpt.bench", "gpu", "--cpu-smoke", "--only", "gpt2-124m",
+                          "--json", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = []
+    try:
+        t0 = time.monotonic()
+        while len(job) < 2 and time.monotonic() - t0 < 60:  # torchrun and its worker
+            job = [pid for pid in gpu._descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
+            time.sleep(0.2)
+        assert len(job) >= 2
+        time.sleep(2.0)
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 124, p.stderr.read()[-2000:]
+    fig = json.loads(out.read_text())
+    assert fig["rows"][-1]["status"] == "interrupted"
+    time.sleep(0.5)
+    assert [pid for pid in job if _alive(pid)] == []
+
+
+def test_quick_settings_fit_one_device_call():
+    ns = argparse.Namespace(cpu_smoke=False, quick=True, budget=None, job_timeout=None, steps=None, warmup=None,
+                            seq_len=2048, micro_batch=8, gpt2_seq_len=1024, gpt2_micro_batch=16, gpt2_grad_accum=4)
+    s = gpu.settings_from(ns)
+    assert (s.steps, s.warmup, s.budget_s) == (20, 8, 300)
+    g = s.shape("gpt2-124m")
+    assert g["seq_len"] * g["micro_batch"] * g["grad_accum"] == 64 * 1024  # llm.c's tokens per step
+    assert len(QUICK) == 8 and sum(r.est_s for r in gpu.ROWS if r.quick) > 0
+    cmd = gpu.DEVICE_COMMAND
+    assert len(cmd) <= 2000 and "\n" not in cmd
+    for part in ("--target /tmp/site .whl/*.whl", "PYTHONPATH=/tmp/site:$PWD", "MEGAGPT_CACHE=", "HF_HUB_OFFLINE=1",
+                 "megagpt.bench gpu --quick", "--json $OUT/bench.json", "pytest -m gpu", "timeout "):
+        assert part in cmd, part
+
+
+def test_pace_scales_the_estimates():
+    assert gpu.pace([]) == 1.0
+    done = [{"status": "ok", "wall_s": 50, "planned_s": 100}, {"status": "ok", "wall_s": 30, "planned_s": 100},
+            {"status": "skipped", "planned_s": 100}]
+    assert gpu.pace(done) == 0.5  # median 0.4, bounded below at 0.5
+    assert gpu.pace([{"status": "ok", "wall_s": 150, "planned_s": 100}]) == 1.5
+
+
+@pytest.mark.parametrize("row", [r for r in gpu.ROWS if r.runner == "megagpt"], ids=lambda r: r.label)
+def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp_path):
+    # The command of each row, as the GPU run builds it, composes (known keys)
+    # and passes validate() on a CUDA machine (torchao taken as present).
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from megagpt import config_checks
+    from megagpt.config import register
+
+    s = gpu.Settings("full", 40, 10, 2048, 8, 1024, 16, 4, None, None)
+    cmd = gpu.megagpt_command(row, s, str(tmp_path / "run"))
+    overrides = cmd[cmd.index("megagpt.train") + 1:]
+    assert f"model={row.preset}" in overrides and "trainer.log_every=1" in overrides
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    monkeypatch.setattr(config_checks, "torchao_problem", lambda: None)
+    config_checks.validate(cfg, 1, cuda=True)
+    assert cfg.trainer.max_steps > s.steps and cfg.trainer.save_every > cfg.trainer.max_steps  # no checkpoint
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
+def test_gpu_facts_and_flash_check_without_a_gpu():
+    assert gpu.gpu_facts() is None
+    assert gpu._flash_here() == "no CUDA device"
