@@ -175,33 +175,17 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")
     register()
     precheck(sys.argv[1:])
+    from megagpt.runtime import leave
+
     try:
         _hydra_main()
-    except SystemExit as e:
-        if e.code in (0, None):
-            raise
-        # A reported error (exit code 2).  Leave without the interpreter's
-        # finalization: a gloo worker thread may still be releasing the tensors
-        # of the last collective, and once finalization has begun it aborts the
-        # process (SIGABRT, "terminate called without an active exception";
-        # seen in 1 of 4 runs failing right after a broadcast), so torchrun
-        # would report a crash instead of the one line and exit code 2.
-        _end_process_group()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.code if isinstance(e.code, int) else 1)
-    _end_process_group()
-
-
-def _end_process_group() -> None:
+    except SystemExit as e:  # a reported error (exit code 2), or Hydra's own exit
+        leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
     # The process group outlives each job: Hydra's `-m` without a launcher runs
     # the sweep's points one after another in this process, and DeepSpeed keeps
     # its groups from the first point (it cannot be initialized a second time).
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # It ends here, with the process (runtime.leave: without finalization).
+    leave(0)
 
 
 if __name__ == "__main__":

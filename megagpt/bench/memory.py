@@ -212,7 +212,7 @@ def worker(argv: list[str]) -> None:
     with open(os.path.join(a.out, f"rank{env.rank}.json"), "w") as f:
         json.dump(record, f)
     dist.barrier()
-    dist.destroy_process_group()
+    runtime.leave(0)
 
 
 def run_job(args, stage: int, ranks: int, root: str) -> list[dict]:
