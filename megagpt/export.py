@@ -4,7 +4,7 @@ from a megagpt checkpoint.
 DIR may be a checkpoint (`.../checkpoints/step_N`), a checkpoints folder or a
 run directory (the newest complete checkpoint is used).  The ZeRO shards are
 consolidated offline (DeepSpeed's zero_to_fp32 for stages 1-3, the module
-state for stage 0), renamed for the family's transformers class (hf.py), and
+state for stage 0), renamed for the family's transformers class (megagpt/hf), and
 written as:
 
   config.json, generation_config.json, model.safetensors (or

@@ -15,7 +15,7 @@ embeddings or not: model.tie_embeddings, any family).  A row fills the slots:
              whose Hugging Face class has none (Mistral) says False
 
 Adding a family: a row here, the modules it names (layers.py), and its
-Hugging Face adapter (megagpt/hf.py).  The model, parameter counting and
+Hugging Face adapter (megagpt/hf/adapters.py).  The model, parameter counting and
 config validation read the row; nothing else branches on the family's name.
 """
 
