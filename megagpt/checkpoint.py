@@ -16,8 +16,10 @@ one (truncated, altered, a file missing) is reported, renamed
 checkpoints after each commit: it keeps the highest steps, and never the one
 just committed.
 
-With `async_commit`, hashing and committing run in a background thread, so
-training waits only for DeepSpeed's own write.
+With `async_commit`, writing, hashing and committing run in a background
+thread.  Training waits for the engine to stage its state in host memory
+(`TrainEngine.save` returns a function that writes it: staged_save.py), for
+the RNG files and the tokenizer, and for the previous save's commit.
 
 DeepSpeed's files are pickles: never load a checkpoint from a source you do
 not trust.
@@ -50,6 +52,13 @@ log = logging.getLogger("megagpt")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _files(partial: str) -> list[str]:
+    """The checkpoint's files under `partial`, relative, without the hash shares."""
+    found = (os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
+             if os.path.isfile(p))
+    return [rel for rel in found if not os.path.basename(rel).startswith(".hashes_rank")]
 
 
 def step_dir(root: str, step: int) -> str:
@@ -148,8 +157,11 @@ class Checkpointer:
         self.keep_last, self.async_commit = keep_last, async_commit
         self.tokenizer = tokenizer  # the data's tokenizer.json (rank 0): export needs nothing but the checkpoint
         self._thread: threading.Thread | None = None
+        self._timing: dict = {}
         self._error: BaseException | None = None
         self.blocked = 0.0  # seconds training waited for saves, in total
+        self.last_blocked = 0.0  # ... for the last save
+        self.last_waited_for_previous = 0.0  # the part of last_blocked spent waiting for the previous commit
         self.saved_step = -1  # the step of the last save (or of the checkpoint a rollback went back to)
         if rank == 0:
             os.makedirs(root, exist_ok=True)
@@ -164,28 +176,30 @@ class Checkpointer:
 
         t0 = time.perf_counter()
         self.wait()  # the previous commit first: commits happen in step order
+        self.last_waited_for_previous = time.perf_counter() - t0
+        self._timing: dict = {}  # this save's write and hash times, for the log
         tag = f"step_{step}"
         partial = os.path.join(self.root, tag + PARTIAL)
         if self.rank == 0 and os.path.isdir(partial):
             shutil.rmtree(partial)
         dist.barrier()
-        engine.save(self.root, tag + PARTIAL)
-        torch.save(rng.state_dict(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
+        write_staged = engine.save(self.root, tag + PARTIAL)  # a function to call where the save is staged
+        own = [f"rng_rank{self.rank}.pt"]
+        torch.save(rng.state_dict(), os.path.join(partial, own[0]))
         if self.rank == 0 and self.tokenizer is not None:
             with open(os.path.join(partial, TOKENIZER_FILE), "wb") as f:
                 f.write(self.tokenizer)
-        dist.barrier()  # every rank's files are written
-        files = sorted(os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
-                       if os.path.isfile(p))
-        mine = files[self.rank :: self.world]
+            own.append(TOKENIZER_FILE)
+        dist.barrier()  # every rank's files are written (or staged)
         if self.async_commit:
-            self._thread = threading.Thread(target=self._commit_guarded, args=(partial, tag, mine, files, state),
+            self._thread = threading.Thread(target=self._commit_guarded, args=(partial, tag, write_staged, own, state),
                                             name="megagpt-commit", daemon=True)
             self._thread.start()
         else:
-            self._commit(partial, tag, mine, files, state)
+            self._commit(partial, tag, self._share(partial, write_staged, own), state)
             dist.barrier()  # committed before anyone goes on
-        self.blocked += time.perf_counter() - t0
+        self.last_blocked = time.perf_counter() - t0
+        self.blocked += self.last_blocked
         self.saved_step = step
         return os.path.join(self.root, tag)
 
@@ -198,31 +212,43 @@ class Checkpointer:
             e, self._error = self._error, None
             raise CheckpointError(f"committing a checkpoint failed: {type(e).__name__}: {e}")
 
-    def _commit_guarded(self, *args) -> None:
+    def _share(self, partial: str, write_staged, own: list[str]) -> list[str]:
+        """The files this rank hashes: what it wrote itself, writing the staged
+        files now; or, with nothing staged, every world-th file."""
+        if write_staged is not None:
+            t0 = time.perf_counter()
+            written = write_staged()
+            self._timing["write_s"] = time.perf_counter() - t0
+            return own + [os.path.relpath(p, partial) for p in written]
+        return sorted(_files(partial))[self.rank :: self.world]
+
+    def _commit_guarded(self, partial: str, tag: str, write_staged, own: list[str], state: dict) -> None:
         try:
-            self._commit(*args)
+            self._commit(partial, tag, self._share(partial, write_staged, own), state)
         except BaseException as e:  # noqa: BLE001 - reported by wait()
             self._error = e
 
-    def _commit(self, partial: str, tag: str, mine: list[str], files: list[str], state: dict) -> None:
+    def _commit(self, partial: str, tag: str, mine: list[str], state: dict) -> None:
         """Hash this rank's share of the files; rank 0 gathers the shares
         (through the shared filesystem, so no collective is needed and it can
-        run in a thread), writes manifest and state, and renames."""
+        run in a thread), hashes any file no share covers, writes manifest and
+        state, and renames."""
+        t0 = time.perf_counter()
         hashes = {rel: dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
                   for rel in mine}
+        self._timing.update(hash_s=time.perf_counter() - t0, hashed_bytes=sum(h["bytes"] for h in hashes.values()))
         write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes, fsync=True)
         if self.rank != 0:
             return
         manifest: dict = {}
         for r in range(self.world):
             share = os.path.join(partial, f".hashes_rank{r}.json")
-            while not os.path.exists(share):  # written with an atomic rename: complete when present
+            while not os.path.exists(share):  # written with an atomic rename, after the rank's files
                 time.sleep(0.05)
             with open(share) as f:
                 manifest.update(json.load(f))
-        missing = set(files) - set(manifest)
-        if missing:
-            raise CheckpointError(f"checkpoint {partial}: no checksum for {sorted(missing)[:3]}")
+        for rel in sorted(set(_files(partial)) - set(manifest)):  # written outside the shares (none expected)
+            manifest[rel] = dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
         write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
         state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
         write_json(os.path.join(partial, STATE_FILE), state, fsync=True)
@@ -235,6 +261,11 @@ class Checkpointer:
         write_text(os.path.join(self.root, LATEST_FILE), tag + "\n")
         fsync_dir(self.root)
         self._prune(keep=final)
+        t = self._timing
+        written = f"written in {t['write_s']:.1f} s, " if "write_s" in t else ""
+        log.info("checkpoint %s committed: rank 0's files %.2f GB, %shashed (sha256) and fsynced in %.1f s "
+                 "(%.2f GB/s)", tag, t["hashed_bytes"] / 1e9, written, t["hash_s"],
+                 t["hashed_bytes"] / 1e9 / max(t["hash_s"], 1e-9))
 
     def _prune(self, keep: str) -> None:
         """Keep the `keep_last` highest steps, and always `keep`, the one just

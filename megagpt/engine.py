@@ -25,6 +25,7 @@ from megagpt import collectives
 from megagpt.config import Config
 from megagpt.model.gpt import GPT, GPTConfig
 from megagpt.optimizer import GuardedAdamW, build_optimizer
+from megagpt.staged_save import StagedCheckpointEngine
 
 log = logging.getLogger("megagpt")
 
@@ -90,6 +91,8 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     # puts step k at point k - 1: step 1 at lr / warmup_steps, the last step at
     # lr * min_lr_ratio.  (A resume loads the schedule's own state over this.)
     engine.lr_scheduler.step()
+    if cfg.trainer.async_save:  # saves staged in host memory, written by the checkpointer's thread
+        engine.checkpoint_engine = StagedCheckpointEngine(device, engine.checkpoint_serialization_enabled())
     if model_cfg.compile or cfg.deepspeed.deepcompile:
         engine.compile()  # DeepCompile: with "compile": {"deepcompile": true} in ds_config
     return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
@@ -248,9 +251,14 @@ class TrainEngine:
 
     # -- checkpoint I/O of the DeepSpeed state --------------------------------------------
 
-    def save(self, root: str, tag: str) -> None:
-        """ZeRO shards (or the whole state, ZeRO-0), optimizer, schedule: `root/tag/`."""
+    def save(self, root: str, tag: str) -> Callable[[], list[str]] | None:
+        """ZeRO shards (or the whole state, ZeRO-0), optimizer, schedule: `root/tag/`.
+        With trainer.async_save the files are only
+        copied to host memory here; the function returned writes them (from
+        any thread) and returns their paths.  None: written already."""
         self.ds_engine.save_checkpoint(root, tag=tag, save_latest=False)
+        staged = self.ds_engine.checkpoint_engine
+        return staged.write_pending if isinstance(staged, StagedCheckpointEngine) else None
 
     def load(self, root: str, tag: str, universal: bool = False) -> bool:
         """Load `root/tag/`; `universal`: a copy in DeepSpeed's universal format

@@ -87,8 +87,11 @@ class Loop:
     def save(self) -> str:
         path = self.checkpointer.save(self.engine, self.state.step, self.snapshot.state_dict(), self.rng)
         if self.is_main:
-            console(f"saved checkpoint {path}" + (" (committing in the background)"
-                                                  if self.checkpointer.async_commit else ""))
+            c = self.checkpointer
+            previous = c.last_waited_for_previous
+            console(f"saved checkpoint {path}: training waited {c.last_blocked:.2f} s"
+                    + (f", {previous:.2f} s of it for the previous save's commit" if previous >= 0.005 else "")
+                    + (" (committing in the background)" if c.async_commit else ""))
         return path
 
     def rollback(self) -> None:

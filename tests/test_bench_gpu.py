@@ -48,8 +48,11 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
     for label, row in rows.items():
         assert row["status"] in ("ok", "skipped"), (label, row)
         if row["status"] == "ok":
-            assert row["tokens_per_sec"] > 0 and row["mfu"] > 0 and row["steps_measured"] == 2, row
+            saving = "async save" in label  # two saves (steps 2 and 4) and a step
+            assert row["tokens_per_sec"] > 0 and row["mfu"] > 0 and row["steps_measured"] == (5 if saving else 2), row
             assert row["wall_s"] > 0
+            if row["command"].startswith("-m torch.distributed.run"):  # megagpt's: launch to step 1
+                assert 0 < row["first_step_s"] <= row["wall_s"] + 1, row  # wall_s is timed around the job
         else:
             assert row["reason"].startswith("skipped: "), row
     # What a CPU can run, runs: megagpt's jobs (both presets, ZeRO-3 and ZeRO-0) and transformers' loop.
@@ -66,7 +69,10 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
                               if rows[label]["status"] != "ok"]
     text = log.read_text()
     assert all(f"===== {label}: " in text for label in QUICK if rows[label]["status"] == "ok")
-    assert "device: cpu; cpu-smoke; 6 rows measured, 2 not" in r.stdout
+    assert "device: cpu; cpu-smoke; 7 rows measured, 2 not" in r.stdout
+    saves = rows["llama-1b, megagpt defaults, async save"]
+    assert len(saves["save_waited_s"]) == 2 and all(x >= 0 for x in saves["save_waited_s"]), saves
+    assert any("checkpoint step_2 committed: rank 0's files" in x for x in saves["log_lines"]), saves["log_lines"]
     # Each job was stopped whole: torchrun's workers (in sessions of their own) went with it.
     root = zero3["command"].split("run.dir=")[1].split()[0].rsplit("/", 1)[0]
     assert processes_mentioning(root) == []
@@ -125,10 +131,10 @@ def test_quick_settings_fit_one_device_call():
     ns = argparse.Namespace(cpu_smoke=False, quick=True, budget=None, job_timeout=None, steps=None, warmup=None,
                             seq_len=2048, micro_batch=8, gpt2_seq_len=1024, gpt2_micro_batch=16, gpt2_grad_accum=4)
     s = gpu.settings_from(ns)
-    assert (s.steps, s.warmup, s.budget_s) == (20, 8, 300)
+    assert (s.steps, s.warmup, s.budget_s) == (20, 8, 340)
     g = s.shape("gpt2-124m")
     assert g["seq_len"] * g["micro_batch"] * g["grad_accum"] == 64 * 1024  # llm.c's tokens per step
-    assert len(QUICK) == 8 and sum(r.est_s for r in gpu.ROWS if r.quick) > 0
+    assert len(QUICK) == 9 and sum(r.est_s for r in gpu.ROWS if r.quick) > 0
     cmd = gpu.DEVICE_COMMAND
     assert len(cmd) <= 2000 and "\n" not in cmd
     for part in ("--target /tmp/site .whl/*.whl", "PYTHONPATH=/tmp/site:$PWD", "MEGAGPT_CACHE=", "HF_HUB_OFFLINE=1",
@@ -163,7 +169,10 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     monkeypatch.setattr(config_checks, "torchao_problem", lambda: None)
     config_checks.validate(cfg, 1, cuda=True)
-    assert cfg.trainer.max_steps > s.steps and cfg.trainer.save_every > cfg.trainer.max_steps  # no checkpoint
+    if row.save_every:  # saves within the row's steps, in the background
+        assert cfg.trainer.async_save and cfg.trainer.save_every == row.save_every < row.steps < cfg.trainer.max_steps
+    else:
+        assert cfg.trainer.max_steps > s.steps and cfg.trainer.save_every > cfg.trainer.max_steps  # no checkpoint
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")

@@ -1,7 +1,7 @@
 """`python -m megagpt.bench gpu`: tokens/s, MFU and peak memory of real training
 jobs on one CUDA GPU in bf16, megagpt beside its peers measured in the same run.
 
-Rows (`--quick` runs the first eight, in this order, within `--budget` seconds):
+Rows (`--quick` runs the first nine, in this order, within `--budget` seconds):
   llama-1b, megagpt defaults (ZeRO-3)        `model=llama-1b`, no performance flags
   llama-1b, transformers, eager / compile    LlamaForCausalLM at the same shape, run as HF
                                              Trainer runs it: fp32 weights, bf16 autocast,
@@ -12,6 +12,9 @@ Rows (`--quick` runs the first eight, in this order, within `--budget` seconds):
   llama-1b, megagpt, fp8 tensorwise, ZeRO-0  torchao float8 (model.fp8), where it imports
   llama-1b, torchtitan, flex                 torchtitan 0.3.0's Llama3 "1B" (FlexAttention),
                                              where it imports (else its import error)
+  llama-1b, megagpt defaults, async save     trainer.async_save every 12 steps: the seconds
+                                             training waited at each save, the commit's
+                                             write and sha256 times (its log lines)
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
 activation checkpointing, fp8 rowwise, torchtitan compiled.
 
@@ -19,7 +22,8 @@ megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
 embedded corpus, logger=none), stopped once `--steps` steps are logged (no
 end-of-run checkpoint); peers run in a child process of this module (a small
 train loop written here, random tokens).  Figures: medians over the steps after
-`--warmup`; MFU by megagpt's FLOPs per token (6N + 12 L H Q T, flops.py) against
+`--warmup`; megagpt rows also give the seconds from launch to step 1's record
+(`first_step_s`); MFU by megagpt's FLOPs per token (6N + 12 L H Q T, flops.py) against
 the device's dense bf16 peak, for every row alike.  Each job has its own
 timeout; a row whose estimated time no longer fits the budget is skipped and
 says so; the JSON (`--json`, rewritten after every row) lists every row with
@@ -34,11 +38,11 @@ first, from the repository root:
     -d .whl torchao==0.18.0 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 \
     typeguard==4.6.1
 then give the device tool `carry: [".whl"]`, `timeout_s: 480` and the command below (one line;
-about 6.5 minutes: the bench's 300 s budget, then the GPU tests; every job's output in $OUT/log.txt,
+about 7.5 minutes: the bench's 340 s budget, then the GPU tests; every job's output in $OUT/log.txt,
 the figures in $OUT/bench.json):
 
 DEVICE COMMAND:
-L=$OUT/log.txt; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>$L 2>&1; export PYTHONPATH=/tmp/site:$PWD MEGAGPT_CACHE=/tmp/mgcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false; nvidia-smi >>$L 2>&1; python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' >>$L 2>&1; timeout 330 python3 -m megagpt.bench gpu --quick --budget 300 --json $OUT/bench.json --log $L 2>&1 | tail -30; echo '== pytest -m gpu' >>$L; timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests >>$L 2>&1; tail -4 $L
+L=$OUT/log.txt; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>$L 2>&1; export PYTHONPATH=/tmp/site:$PWD MEGAGPT_CACHE=/tmp/mgcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false; nvidia-smi >>$L 2>&1; python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' >>$L 2>&1; timeout 370 python3 -m megagpt.bench gpu --quick --budget 340 --json $OUT/bench.json --log $L 2>&1 | tail -30; echo '== pytest -m gpu' >>$L; timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests >>$L 2>&1; tail -4 $L
 
 FlashAttention 4 (flash-attn-4 and its wheels, 92 MB) does not fit one call's
 64 MiB: see the notes for sending it over two calls; with it installed the
@@ -63,7 +67,8 @@ from dataclasses import asdict, dataclass, field
 DEVICE_COMMAND = (__doc__ or "DEVICE COMMAND:\n\n").split("DEVICE COMMAND:\n", 1)[1].split("\n", 1)[0]
 LLAMA_VOCAB, GPT2_VOCAB = 128256, 50304
 # What megagpt.train prints that a row keeps: the attention backend, SDPA's kernel, float8.
-KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:)")
+KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)|checkpoint step_\d+ committed")
+SAVE_WAITED = re.compile(r"^saved checkpoint \S*step_(\d+): training waited ([0-9.]+) s(?:, ([0-9.]+) s of it for)?")
 
 
 @dataclass
@@ -77,6 +82,8 @@ class Row:
     quick: bool = False
     fp8: str | None = None  # the recipe a megagpt row asks for
     flash: bool = False  # needs FlashAttention
+    save_every: int = 0  # megagpt: save asynchronously every this many steps (else never within the row)
+    steps: int | None = None  # steps to log, where not the mode's
 
 
 ROWS = [
@@ -90,6 +97,9 @@ ROWS = [
     Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0", "megagpt", "llama-1b",
         ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=90, quick=True, fp8="tensorwise"),
     Row("llama-1b, torchtitan, flex", "torchtitan", "llama-1b", est_s=60, quick=True),
+    # Start-up and trainer.async_save at llama-1b: each save's blocking time and its background commit.
+    Row("llama-1b, megagpt defaults, async save", "megagpt", "llama-1b", ["trainer.keep_last=1"], est_s=110,
+        quick=True, save_every=12, steps=40),
     # The variants, one change at a time from megagpt's ZeRO-0 row.
     Row("llama-1b, megagpt, ZeRO-0, no compile", "megagpt", "llama-1b", ["deepspeed=zero0", "model.compile=false"],
         est_s=60),
@@ -150,7 +160,7 @@ def settings_from(args) -> Settings:
     steps = args.steps or (20 if mode == "quick" else 40)
     warmup = args.warmup if args.warmup is not None else (8 if mode == "quick" else 10)
     return Settings(mode, steps, warmup, args.seq_len, args.micro_batch, args.gpt2_seq_len, args.gpt2_micro_batch,
-                    args.gpt2_grad_accum, args.budget if args.budget is not None else (300 if mode == "quick"
+                    args.gpt2_grad_accum, args.budget if args.budget is not None else (340 if mode == "quick"
                                                                                         else None),
                     args.job_timeout)
 
@@ -220,6 +230,17 @@ def skip_reason(row: Row, s: Settings) -> str | None:
 
 # --- megagpt rows: megagpt.train jobs ---------------------------------------------------------
 
+def save_every_of(row: Row, s: Settings) -> int:
+    return min(row.save_every, 2) if s.mode == "cpu-smoke" else row.save_every
+
+
+def steps_of(row: Row, s: Settings) -> int:
+    """Steps the row logs: cpu-smoke's 2, or for a saving row two saves and a step."""
+    if s.mode == "cpu-smoke":
+        return 2 * save_every_of(row, s) + 1 if row.save_every else s.steps
+    return row.steps or s.steps
+
+
 def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
     sh = s.shape(row.preset)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
@@ -227,8 +248,9 @@ def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
            f"data.seq_len={sh['seq_len']}", f"trainer.micro_batch_size={sh['micro_batch']}",
            f"trainer.grad_accum={sh['grad_accum']}", f"model.vocab_size={sh['vocab_size']}",
            # Far beyond the steps measured: the job is stopped before any checkpoint or the end of run.
-           f"trainer.max_steps={s.steps + 1000}", f"trainer.save_every={s.steps + 2000}", "trainer.log_every=1",
-           "trainer.eval_every=0"]
+           f"trainer.max_steps={steps_of(row, s) + 1000}", "trainer.log_every=1", "trainer.eval_every=0"]
+    cmd += ([f"trainer.save_every={save_every_of(row, s)}", "trainer.async_save=true"] if row.save_every
+            else [f"trainer.save_every={steps_of(row, s) + 2000}"])
     if s.mode == "cpu-smoke":
         cmd += [f"model.{k}={sh[k]}" for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden")]
     return cmd + row.overrides
@@ -304,25 +326,32 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
     log_path = run_dir + ".log"
     cmd = megagpt_command(row, s, run_dir)
     out = {"command": " ".join(cmd[1:])}
+    steps = steps_of(row, s)
     proc = _spawn(cmd, log_path)
     t0, recs = time.monotonic(), []
     try:
         while True:
             recs = _records(os.path.join(run_dir, "metrics.jsonl"))
-            if len(recs) >= s.steps or proc.poll() is not None:
+            if recs and "first_step_s" not in out:  # launch to step 1's record, within the 0.25 s poll
+                out["first_step_s"] = round(time.monotonic() - t0, 2)
+            if len(recs) >= steps or proc.poll() is not None:
                 break
             if time.monotonic() - t0 > timeout:
-                out.update(status="timeout", reason=f"timeout after {timeout:.0f} s with {len(recs)} of {s.steps} "
+                out.update(status="timeout", reason=f"timeout after {timeout:.0f} s with {len(recs)} of {steps} "
                                                     "steps logged")
                 break
             time.sleep(0.25)
     finally:
         _kill(proc)
         _current.clear()
-    recs = _records(os.path.join(run_dir, "metrics.jsonl"))[:s.steps]
-    out["log_lines"] = [x.strip() for x in open(log_path, errors="replace") if KEPT_LINES.match(x.strip())]
+    recs = _records(os.path.join(run_dir, "metrics.jsonl"))[:steps]
+    out["log_lines"] = [x.strip() for x in open(log_path, errors="replace") if KEPT_LINES.search(x.strip())]
     out["log_path"] = log_path
-    if "status" not in out and len(recs) < s.steps:
+    if row.save_every:  # seconds training waited at each save (the first one allocates the host buffers)
+        saves = [m for m in map(SAVE_WAITED.match, out["log_lines"]) if m and int(m.group(1)) <= steps]
+        out["save_waited_s"] = [float(m.group(2)) for m in saves]  # the job may go on a little before it is stopped
+        out["save_waited_for_previous_s"] = [float(m.group(3) or 0) for m in saves]  # its commit still running
+    if "status" not in out and len(recs) < steps:
         out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {_tail(log_path)}")
     if len(recs) > s.warmup:
         measured = recs[s.warmup:]
@@ -491,9 +520,13 @@ def _device_name() -> str:
 
 def _print_row(r: dict) -> None:
     if r["status"] == "ok":
+        extra = f"  first step at {r['first_step_s']:.0f} s" if "first_step_s" in r else ""
+        if "save_waited_s" in r:
+            extra += "  saves waited " + ", ".join(f"{x:.2f} ({p:.2f} for the previous)" for x, p in
+                                                    zip(r["save_waited_s"], r["save_waited_for_previous_s"])) + " s"
         print(f"{r['label']:<44} {r['tokens_per_sec']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  "
-              f"{r['memory_gb']:6.1f} GiB  ({r['wall_s']:.0f} s)" + (f"  NOTE: {r['note']}" if r.get("note") else ""),
-              flush=True)
+              f"{r['memory_gb']:6.1f} GiB  ({r['wall_s']:.0f} s){extra}"
+              + (f"  NOTE: {r['note']}" if r.get("note") else ""), flush=True)
     else:
         reason = r.get("reason", "")
         print(f"{r['label']:<44} {reason if reason.startswith(r['status']) else r['status'] + ': ' + reason}",
@@ -581,9 +614,9 @@ def bench_gpu(args) -> dict:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("gpu", help="tokens/s and MFU on one CUDA GPU (bf16), beside transformers and torchtitan")
-    p.add_argument("--quick", action="store_true", help="the eight main rows within --budget (one device call)")
+    p.add_argument("--quick", action="store_true", help="the nine main rows within --budget (one device call)")
     p.add_argument("--cpu-smoke", action="store_true", help="the quick rows on CPU at tiny shapes, 2 steps each")
-    p.add_argument("--budget", type=float, help="seconds for all rows (quick: 300); rows that no longer fit are "
+    p.add_argument("--budget", type=float, help="seconds for all rows (quick: 340); rows that no longer fit are "
                                                 "skipped")
     p.add_argument("--job-timeout", type=float, help="seconds per job (default: 3 x its estimate)")
     p.add_argument("--seq-len", type=int, default=2048, help="llama rows")
