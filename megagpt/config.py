@@ -79,7 +79,7 @@ class ModelConfig:
     doc_mask: bool = False
     # Recompute activations in backward: 0 none, 1 every block, k every k-th block.
     activation_checkpointing: int = 0
-    # torch.compile the model (through DeepSpeed's engine.compile). None (auto): on CUDA, off on CPU.
+    # torch.compile each transformer block (GPT.compile_blocks). None (auto): on CUDA, off on CPU.
     compile: Optional[bool] = None
     # The loss without the full (tokens, vocab) fp32 logits: the output head and cross-entropy
     # in chunks of this many tokens (0: plain, one matmul and F.cross_entropy). None (auto):
@@ -163,8 +163,9 @@ class DeepSpeedConfig:
     # None (auto): 10 x the model width, as Hugging Face's integration sizes it.
     stage3_param_persistence_threshold: Optional[int] = None
     # ZeRO-3 treats each transformer block as one leaf (one gather for all its parameters,
-    # no hooks inside it): DeepSpeed's set_z3_leaf_modules.
-    stage3_leaf_blocks: bool = False
+    # no hooks inside it): DeepSpeed's set_z3_leaf_modules.  None (auto): on where the model
+    # is compiled (model.compile), which compiles each block (engine.leaf_blocks).
+    stage3_leaf_blocks: Optional[bool] = None
     # Modules with fewer parameters than this are folded into their parent for ZeRO-3's
     # hooks (stage3_module_granularity_threshold; 0: off). A value that would make the whole
     # model one leaf is refused: DeepSpeed cannot train that.

@@ -43,8 +43,10 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
                  device: torch.device, load: Callable[[str, torch.nn.Module], None] | None = None) -> TrainEngine:
     """The model is built sharded under ZeRO-3.  `load`: where the weights
     come from (see init_weights); by default a random initialisation.
-    Compiled (DeepSpeed's engine.compile) where model_cfg.compile, the resolved
-    model.compile, says so, or for DeepCompile (deepspeed.deepcompile)."""
+    Where model_cfg.compile (the resolved model.compile) says so, each block is
+    compiled (GPT.compile_blocks; under ZeRO-3 the blocks are then leaves);
+    DeepCompile (deepspeed.deepcompile) compiles the whole model through
+    DeepSpeed's engine.compile()."""
     import deepspeed
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
@@ -63,7 +65,8 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
         # torch.compile traces).  An external parameter of the root module is gathered
         # for the model's whole forward and backward (tied, it is the embedding's too).
         deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
-    if stage3 and cfg.deepspeed.stage3_leaf_blocks:
+    blocks_compiled = model_cfg.compile and not cfg.deepspeed.deepcompile
+    if stage3 and leaf_blocks(cfg.deepspeed.stage3_leaf_blocks, blocks_compiled):
         # Each block is one ZeRO-3 leaf: its parameters gathered together, no hooks inside it.
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -78,6 +81,8 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
         if rank == 0:
             print(f"fp8: converted {len(names)} Linear layers to float8 ({model_cfg.fp8}, min dim "
                   f"{model_cfg.fp8_min_dim}); the output head stays in bf16", flush=True)
+    if blocks_compiled:
+        model.compile_blocks()  # compiled at the first forward
     optimizer = build_optimizer(cfg.optim, model, device.type)
     # Saved into every checkpoint, this marks it convertible to DeepSpeed's
     # universal format (resharding to another number of ranks): without it
@@ -93,9 +98,16 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     engine.lr_scheduler.step()
     if cfg.trainer.async_save:  # saves staged in host memory, written by the checkpointer's thread
         engine.checkpoint_engine = StagedCheckpointEngine(device, engine.checkpoint_serialization_enabled())
-    if model_cfg.compile or cfg.deepspeed.deepcompile:
-        engine.compile()  # DeepCompile: with "compile": {"deepcompile": true} in ds_config
+    if cfg.deepspeed.deepcompile:
+        engine.compile()  # DeepSpeed's DeepCompile ("compile": {"deepcompile": true} in ds_config): the whole model
     return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
+
+
+def leaf_blocks(setting: bool | None, compiled: bool) -> bool:
+    """deepspeed.stage3_leaf_blocks, resolved: None (auto) is on where the
+    blocks are compiled, so that no ZeRO-3 hook runs inside a compiled block
+    (each one would break its graph)."""
+    return compiled if setting is None else setting
 
 
 def init_weights(model: GPT, seed: int, rank: int, sharded: bool,

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from helpers import make_dataset
+from helpers import REPO, make_dataset
 
 
 def test_bench_data_prints_side_by_side_figures(tmp_path):
@@ -54,3 +54,21 @@ def test_bench_gpu_says_plainly_without_cuda():
         pytest.skip("a GPU is here: the benchmark would run for real")
     r = subprocess.run([sys.executable, "-m", "megagpt.bench", "gpu"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CUDA device here" in r.stderr
+
+
+def test_bench_compile_rows_compile_once_each(tmp_path):
+    """`python -m megagpt.bench compile`: every row runs in its own process with a cold
+    inductor cache; the compiled rows each build one graph (the blocks share theirs)."""
+    out = tmp_path / "compile.json"
+    r = subprocess.run([sys.executable, "-m", "megagpt.bench", "compile", "--layers", "2", "--width", "64",
+                        "--json", str(out)], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["label"]: x for x in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["megagpt, eager", "megagpt, compiled blocks", "megagpt, compiled whole",
+                          "transformers, compiled whole"]
+    assert all("error" not in x for x in rows.values()), rows
+    assert rows["megagpt, eager"]["graphs"] == 0
+    for label in list(rows)[1:]:
+        assert rows[label]["graphs"] == 1, rows[label]
+        assert rows[label]["first_step_s"] > rows[label]["step_ms"] / 1e3  # the compile is in the first step
+    assert "megagpt, compiled blocks" in r.stdout

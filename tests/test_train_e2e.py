@@ -61,8 +61,8 @@ def test_zero3_two_ranks_train_checkpoint_resume(data_dir, tmp_path):
 
 
 def test_model_compile_through_the_engine_matches_eager(data_dir, tmp_path):
-    """model.compile=true: DeepSpeed's engine.compile (inductor on CPU) trains
-    the same losses as the eager engine, to float tolerance."""
+    """model.compile=true: the compiled blocks (inductor on CPU) train the same
+    losses as the eager engine, to float tolerance."""
     runs = {}
     for compiled in (False, True):
         run_dir = tmp_path / f"compile-{compiled}"

@@ -7,6 +7,7 @@
     python -m megagpt.bench memory    per-rank memory of ZeRO-0 and ZeRO-3 as ranks grow
     python -m megagpt.bench cost      step time and memory against model width and sequence length (CPU)
     python -m megagpt.bench gpu       tokens/s and MFU on one CUDA GPU (bf16)
+    python -m megagpt.bench compile   start-up cost of compiled blocks vs whole-model compile (and transformers)
 
 Benchmarks are not tests: they print tables (and --json files); the README
 quotes their figures with the command that made them.

@@ -10,7 +10,7 @@ import sys
 import megagpt.bench as bench
 
 # Each benchmark module has add_parser(subparsers), registering a `run(args) -> dict`.
-MODULES = ("data", "train", "scaling", "memory", "cost", "gpu", "prepare")
+MODULES = ("data", "train", "scaling", "memory", "cost", "gpu", "prepare", "compile")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,6 +132,16 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block's forward: regional compilation.
+        The blocks share one compiled graph (the same code at the same shapes;
+        Dynamo lifts each block's parameters as inputs), so compiling takes as
+        long for 32 blocks as for one; and what a wrapper does around a block
+        (ZeRO-3's gathers, in hooks) stays outside the graph.  The embeddings,
+        the final norm and the loss run eagerly."""
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward)
+
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
