@@ -138,7 +138,8 @@ def test_quick_settings_fit_one_device_call():
     cmd = gpu.DEVICE_COMMAND
     assert len(cmd) <= 2000 and "\n" not in cmd
     for part in ("--target /tmp/site .whl/*.whl", "PYTHONPATH=/tmp/site:$PWD", "MEGAGPT_CACHE=", "HF_HUB_OFFLINE=1",
-                 "megagpt.bench gpu --quick", "--json $OUT/bench.json", "pytest -m gpu", "timeout "):
+                 "megagpt.bench gpu --quick", "--json $OUT/bench.json", "pytest -m gpu", "timeout ",
+                 "if [ -d .fa4/b ]; then"):
         assert part in cmd, part
 
 

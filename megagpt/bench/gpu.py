@@ -32,21 +32,18 @@ each (rows that need CUDA, torchao or torchtitan say "skipped: ..."):
 tests/test_bench_gpu.py.
 
 On a lent GPU machine (../shared/notes/gpu-machine.md), prepare the wheels here
-first, from the repository root:
-  bash ../shared/gpu/fetch-wheels.sh && python3 -m pip download -q --no-deps --only-binary=:all: \
-    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl torchao==0.18.0 torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 docstring_parser==0.18.0 \
-    typeguard==4.6.1
-then give the device tool `carry: [".whl"]`, `timeout_s: 480` and the command below (one line;
-about 7.5 minutes: the bench's 340 s budget, then the GPU tests; every job's output in $OUT/log.txt,
-the figures in $OUT/bench.json):
+first, from the repository root: `bash launch/gpu-wheels.sh` (add `--fa4` for
+FlashAttention 4, which then takes a first call that only copies `.fa4/a` to the
+machine: see the script).  Then give the device tool `carry: [".whl"]` (with
+FlashAttention 4: `[".whl", ".fa4/b"]`), `timeout_s: 480` and the command below
+(one line; about 7.5 minutes: the bench's 340 s budget, then the GPU tests; every
+job's output in $OUT/log.txt, the figures in $OUT/bench.json):
 
 DEVICE COMMAND:
-L=$OUT/log.txt; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>$L 2>&1; export PYTHONPATH=/tmp/site:$PWD MEGAGPT_CACHE=/tmp/mgcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false; nvidia-smi >>$L 2>&1; python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' >>$L 2>&1; timeout 370 python3 -m megagpt.bench gpu --quick --budget 340 --json $OUT/bench.json --log $L 2>&1 | tail -30; echo '== pytest -m gpu' >>$L; timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests >>$L 2>&1; tail -4 $L
+L=$OUT/log.txt; python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>$L 2>&1; if [ -d .fa4/b ]; then mkdir -p /tmp/fa4w && cat /tmp/fa4/fa4.tar.part-* .fa4/b/fa4.tar.part-* | tar xf - -C /tmp/fa4w && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/fa4w/wheels/*.whl >>$L 2>&1; echo "fa4 install: $?" >>$L; fi; export PYTHONPATH=/tmp/site:$PWD MEGAGPT_CACHE=/tmp/mgcache HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false; nvidia-smi >>$L 2>&1; python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' >>$L 2>&1; timeout 370 python3 -m megagpt.bench gpu --quick --budget 340 --json $OUT/bench.json --log $L 2>&1 | tail -30; echo '== pytest -m gpu' >>$L; timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors tests >>$L 2>&1; tail -4 $L
 
-FlashAttention 4 (flash-attn-4 and its wheels, 92 MB) does not fit one call's
-64 MiB: see the notes for sending it over two calls; with it installed the
-defaults row uses it (model.attention=auto) and the flash_attn rows run.
+With FlashAttention 4 installed (launch/gpu-wheels.sh --fa4) the defaults row uses
+it (model.attention=auto) and the flash_attn rows run.
 """
 
 from __future__ import annotations
