@@ -18,9 +18,11 @@ takes the place of DeepSpeed's `TorchCheckpointEngine` for
   thread (torch.save releases the GIL while it writes).
 
 A file written here is byte for byte the file DeepSpeed's own engine writes
-from the same state (tests/test_staged_save.py, ZeRO-0 and ZeRO-3): storages
-shared by several tensors (a tied weight) stay shared, views keep their
-offsets and strides.
+from the same state on CPU (tests/test_staged_save.py, ZeRO-0, 2 and 3):
+storages shared by several tensors (a tied weight) stay shared, views keep
+their offsets and strides, tensors keep their Python attributes.  From CUDA
+the tensors are written as CPU tensors: DeepSpeed loads every checkpoint file
+with map_location to the CPU anyway.
 
 The host buffers stay and are reused by the next save of the same file with
 the same tensors: allocating page-locked memory is slow, copying into it fast.

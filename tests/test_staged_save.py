@@ -1,6 +1,6 @@
 """trainer.async_save stages DeepSpeed's state in host memory and writes it
 from the checkpointer's thread (megagpt/staged_save.py).  Real 2-rank torchrun
-jobs on CPU (fp32, gloo), for ZeRO-0 and ZeRO-3:
+jobs on CPU (fp32, gloo), for ZeRO-0, ZeRO-2 and ZeRO-3:
 
 - every file of an async checkpoint is byte for byte the file DeepSpeed's own
   engine writes at the same step of the same run;
@@ -45,7 +45,7 @@ def deepspeed_files(step_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in step_dir.glob("*.pt") if not p.name.startswith("rng_rank")}
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_async_checkpoints_equal_deepspeeds_and_resume_bit_for_bit(data_dir, tmp_path, stage):
     sync_dir, async_dir, resumed_dir = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
     r = torchrun(args(data_dir, sync_dir, stage), cwd=tmp_path)
