@@ -170,6 +170,12 @@ class DeepSpeedConfig:
     # hooks (stage3_module_granularity_threshold; 0: off). A value that would make the whole
     # model one leaf is refused: DeepSpeed cannot train that.
     stage3_module_granularity_threshold: int = 0
+    # DeepSpeed's memory-efficient linear (ZeRO-3; DeepSpeed's default): F.linear replaced, for
+    # the whole process, by an autograd Function that keeps the parameter, not a view of its
+    # gathered weight, for backward, so a released weight is freed between forward and backward.
+    # false keeps torch's F.linear: fewer Python calls per linear layer, gathered weights held
+    # until backward.
+    stage3_memory_efficient_linear: bool = True
     # DeepSpeed's DeepCompile (compiles ZeRO-3's gathers into the graph; CUDA only, ZeRO stages
     # 1-3, model.compile true or null).
     deepcompile: bool = False

@@ -105,6 +105,8 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     # ZeRO-3's module hooks: with any other stage these would do nothing, more likely a mistake than a wish.
     _require(not ds.stage3_leaf_blocks or ds.zero_stage == 3, "deepspeed.stage3_leaf_blocks",
              f"needs deepspeed.zero_stage=3, got {ds.zero_stage}")
+    _require(ds.stage3_memory_efficient_linear or ds.zero_stage == 3, "deepspeed.stage3_memory_efficient_linear",
+             f"needs deepspeed.zero_stage=3, got {ds.zero_stage}")
     _require(ds.stage3_module_granularity_threshold == 0 or ds.zero_stage == 3,
              "deepspeed.stage3_module_granularity_threshold", f"needs deepspeed.zero_stage=3, got {ds.zero_stage}")
     # DeepSpeed compiles ZeRO stages 1-3 (runtime/engine.py: get_deepcompile_backend) and falls back

@@ -42,6 +42,7 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str, n_embd: int
                     stage3_module_granularity_threshold=ds.stage3_module_granularity_threshold,
                     stage3_max_live_parameters=ds.stage3_max_live_parameters,
                     stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+                    memory_efficient_linear=ds.stage3_memory_efficient_linear,
                     # Checkpoints hold the ZeRO shards; export consolidates them offline.
                     stage3_gather_16bit_weights_on_model_save=False)
     extra = {"compile": {"deepcompile": True}} if ds.deepcompile else {}

@@ -53,6 +53,7 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     stage3 = cfg.deepspeed.zero_stage == 3
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=stage3):
         model = GPT(model_cfg)
+    _restore_torch_linear_unless(stage3 and cfg.deepspeed.stage3_memory_efficient_linear)
     if stage3 and cfg.deepspeed.stage3_module_granularity_threshold:
         from megagpt.config_checks import check_module_granularity
 
@@ -101,6 +102,18 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     if cfg.deepspeed.deepcompile:
         engine.compile()  # DeepSpeed's DeepCompile ("compile": {"deepcompile": true} in ds_config): the whole model
     return TrainEngine(engine, model, optimizer, cfg.deepspeed.zero_stage, world_size, device)
+
+
+def _restore_torch_linear_unless(memory_efficient: bool) -> None:
+    """deepspeed.zero.Init with memory_efficient_linear replaces F.linear for the
+    whole process, and nothing puts it back: a later engine in the same process
+    (a Hydra -m sweep) would keep it whatever its settings.  Put torch's back
+    unless this engine asked for DeepSpeed's."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as zero_init
+
+    original = getattr(zero_init, "linear_bk", None)  # saved by DeepSpeed when it patched
+    if not memory_efficient and original is not None:
+        torch.nn.functional.linear = original
 
 
 def leaf_blocks(setting: bool | None, compiled: bool) -> bool:

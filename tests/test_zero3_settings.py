@@ -284,3 +284,44 @@ def test_compiled_blocks_under_zero3_are_leaves_and_compile_once_without_breaks(
         assert compiled["graph_breaks"] == 0 and compiled["graphs"] == 1, compiled
         for a, b in zip(eager["losses"], compiled["losses"]):
             assert abs(a - b) <= 1e-4 * abs(a), (eager, compiled)  # inductor's kernels: test_train_e2e's tolerance
+
+
+def test_memory_efficient_linear_is_deepspeeds_key_and_zero3_only():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    assert deepspeed_config(make_cfg(), 2, "cpu")["zero_optimization"]["memory_efficient_linear"] is True
+    zero = deepspeed_config(make_cfg("deepspeed.stage3_memory_efficient_linear=false"), 2, "cpu")["zero_optimization"]
+    assert zero["memory_efficient_linear"] is False
+    assert DeepSpeedZeroConfig(**zero).memory_efficient_linear is False  # DeepSpeed reads it
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg("deepspeed=zero2", "deepspeed.stage3_memory_efficient_linear=false"), 1, cuda=False)
+    assert str(e.value) == "deepspeed.stage3_memory_efficient_linear: needs deepspeed.zero_stage=3, got 2"
+
+
+def _linear_after_builds(rank, world_size, settings):
+    """For each memory_efficient_linear setting in turn (one process, as a Hydra -m sweep):
+    which F.linear training ran with, and one step's loss."""
+    import torch
+
+    from megagpt.engine import build_engine, build_model_config
+
+    out = []
+    for value in settings:
+        cfg = make_cfg("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "data.seq_len=16",
+                       f"deepspeed.stage3_memory_efficient_linear={str(value).lower()}")
+        model_cfg = build_model_config(cfg, 300, "sdpa", 0, "cpu")
+        engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd), rank,
+                              world_size, torch.device("cpu"))
+        batch = torch.randint(0, 300, (cfg.trainer.micro_batch_size, 17), generator=torch.Generator().manual_seed(0))
+        out.append({"linear": torch.nn.functional.linear.__module__,
+                    "loss": engine.train_batch([batch]).loss.item()})
+    return out
+
+
+def test_memory_efficient_linear_false_trains_with_torchs_linear_even_after_true():
+    """DeepSpeed's replacement of F.linear is process-wide and sticky; a later engine with
+    stage3_memory_efficient_linear=false gets torch's back, and both train the same loss."""
+    for on, off, on_again in run_distributed(_linear_after_builds, [True, False, True], timeout=300):
+        assert on["linear"] == "deepspeed.runtime.zero.linear" == on_again["linear"]
+        assert off["linear"].startswith("torch"), off
+        assert off["loss"] == pytest.approx(on["loss"], rel=1e-6) and on_again["loss"] == on["loss"]

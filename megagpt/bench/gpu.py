@@ -16,7 +16,8 @@ Rows (`--quick` runs the first nine, in this order, within `--budget` seconds):
                                              training waited at each save, the commit's
                                              write and sha256 times (its log lines)
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
-activation checkpointing, fp8 rowwise, torchtitan compiled.
+activation checkpointing, fp8 rowwise, torchtitan compiled, and ZeRO-3's
+settings (torch's F.linear, no leaf blocks).
 
 megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
 embedded corpus, logger=none), stopped once `--steps` steps are logged (no
@@ -113,6 +114,13 @@ ROWS = [
     Row("gpt2-124m, megagpt, ZeRO-0, no compile", "megagpt", "gpt2-124m", ["deepspeed=zero0", "model.compile=false"],
         est_s=45),
     Row("llama-1b, torchtitan, flex, compile", "torchtitan", "llama-1b", compile=True, est_s=120),
+    # ZeRO-3's settings, one at a time from the defaults (ZeRO-3): target ZeRO-3 >= 0.9x ZeRO-0.
+    Row("llama-1b, megagpt defaults, torch's F.linear", "megagpt", "llama-1b",
+        ["deepspeed.stage3_memory_efficient_linear=false"], est_s=100),
+    Row("gpt2-124m, megagpt defaults, torch's F.linear", "megagpt", "gpt2-124m",
+        ["deepspeed.stage3_memory_efficient_linear=false"], est_s=60),
+    Row("gpt2-124m, megagpt defaults, no leaf blocks", "megagpt", "gpt2-124m",
+        ["deepspeed.stage3_leaf_blocks=false"], est_s=60),
 ]
 
 # Tiny shapes for --cpu-smoke: the same rows and code paths, seconds each on 2 cores.
