@@ -92,6 +92,31 @@ class InjectFaults(Hook):
         return loss
 
 
+class CompileReport(Hook):
+    """With a compiled model (model.compile), after this process's first step:
+    how many graphs Dynamo built and how often it broke one (each break is a
+    piece compiled apart, with a trip through Python between), and how long
+    the step took with compiling.  Main rank only."""
+
+    def __init__(self):
+        self.started: float | None = None
+        self.done = False
+
+    def before_step(self, loop):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def after_step(self, loop, result, outcome, record):
+        if self.done:
+            return
+        self.done = True
+        from torch._dynamo.utils import counters
+
+        breaks = sum(counters["graph_break"].values())
+        console(f"compiled: {counters['stats']['unique_graphs']} graph(s), {breaks} graph break(s); the first "
+                f"step took {time.perf_counter() - self.started:.1f} s, compiling included")
+
+
 class SpikeWatch(Hook):
     """A loss above spike_factor x the mean of the last spike_window finite
     losses is logged as a spike and counted.  The window is checkpointed, so a

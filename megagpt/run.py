@@ -209,6 +209,7 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
                          env.world_size, device),
         hooks.Evaluation(t.eval_every if data.val else 0, t.max_steps, t.eval_batches, t.micro_batch_size,
                          val_sets, env.world_size, device),
+        *([hooks.CompileReport()] if env.is_main and engine.model.cfg.compile else []),
         hooks.MetricsWriter(run_dir, cfg.logger, config, t.max_steps, env.is_main),
         hooks.StopAndRequeue(stop, t.requeue, env.is_main),
         hooks.CheckpointPolicy(t.save_every, t.max_steps),
