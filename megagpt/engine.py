@@ -278,9 +278,9 @@ class TrainEngine:
 
     def save(self, root: str, tag: str) -> Callable[[], list[str]] | None:
         """ZeRO shards (or the whole state, ZeRO-0), optimizer, schedule: `root/tag/`.
-        With trainer.async_save the files are only
-        copied to host memory here; the function returned writes them (from
-        any thread) and returns their paths.  None: written already."""
+        With trainer.async_save the files are only copied to host memory here
+        (staged_save.py); the function returned writes them (from any thread)
+        and returns their paths.  None: written already."""
         self.ds_engine.save_checkpoint(root, tag=tag, save_latest=False)
         staged = self.ds_engine.checkpoint_engine
         return staged.write_pending if isinstance(staged, StagedCheckpointEngine) else None
