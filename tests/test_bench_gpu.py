@@ -42,7 +42,7 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
     r = bench("--cpu-smoke", "--json", str(out), "--log", str(log))
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-3000:]
     fig = json.loads(out.read_text())
-    assert fig["mode"] == "cpu-smoke" and fig["device"] == "cpu"
+    assert fig["mode"] == "cpu-smoke" and fig["device"] == "cpu" and fig["corpus_prepare_s"] >= 0
     rows = {row["label"]: row for row in fig["rows"]}
     assert list(rows) == QUICK  # every quick row, in order, one entry each
     for label, row in rows.items():
