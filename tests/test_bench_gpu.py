@@ -52,6 +52,7 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
             assert row["tokens_per_sec"] > 0 and row["mfu"] > 0 and row["steps_measured"] == (5 if saving else 2), row
             assert row["wall_s"] > 0
             if row["command"].startswith("-m torch.distributed.run"):  # megagpt's: launch to step 1
+                assert len(row["losses"]) == row["steps_measured"], row  # every step's loss (no warm-up here)
                 assert 0 < row["first_step_s"] <= row["wall_s"] + 1, row  # wall_s is timed around the job
         else:
             assert row["reason"].startswith("skipped: "), row
@@ -180,3 +181,22 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
 def test_gpu_facts_and_flash_check_without_a_gpu():
     assert gpu.gpu_facts() is None
     assert gpu._flash_here() == "no CUDA device"
+
+
+def test_loss_agreement_compares_moving_means():
+    ref = [10.0 - 0.01 * i for i in range(300)]
+    same = gpu.loss_agreement(ref, ref)
+    assert same == {"steps": 300, "max_rel_diff_moving": 0.0, "window": 10, "rel_diff_last_50": 0.0}
+    noisy = [x * (1.02 if i % 2 else 0.98) for i, x in enumerate(ref)]  # +-2% per step, even on average
+    a = gpu.loss_agreement(noisy, ref)
+    assert a["max_rel_diff_moving"] < 0.001 and a["rel_diff_last_50"] < 0.001
+    drift = [x * (1.0 + 0.03 * i / 299) for i, x in enumerate(ref)]  # 3% apart by the end
+    b = gpu.loss_agreement(drift, ref)
+    assert 0.025 < b["max_rel_diff_moving"] < 0.031 and 0.025 < b["rel_diff_last_50"] < 0.03
+    assert gpu.loss_agreement(ref[:5], ref) == {"steps": 5}
+    # The float8 row is compared with the bf16 row of the same shape, data and schedule.
+    rows = {r.label: r for r in gpu.ROWS}
+    fp8 = rows["llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps"]
+    bf16 = rows[fp8.loss_vs]
+    assert fp8.steps == bf16.steps == 300 and [o for o in fp8.overrides if o != "model.fp8=tensorwise"] == \
+        bf16.overrides

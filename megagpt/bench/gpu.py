@@ -16,8 +16,9 @@ Rows (`--quick` runs the first nine, in this order, within `--budget` seconds):
                                              training waited at each save, the commit's
                                              write and sha256 times (its log lines)
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
-activation checkpointing, fp8 rowwise, torchtitan compiled, and ZeRO-3's
-settings (torch's F.linear, no leaf blocks).
+activation checkpointing, fp8 rowwise, torchtitan compiled, float8 against bf16
+over 300 steps (`--only "300 steps"`: the losses compared step by step,
+`loss_vs` in the JSON), and ZeRO-3's settings (torch's F.linear, no leaf blocks).
 
 megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
 embedded corpus, logger=none), stopped once `--steps` steps are logged (no
@@ -83,6 +84,7 @@ class Row:
     flash: bool = False  # needs FlashAttention
     save_every: int = 0  # megagpt: save asynchronously every this many steps (else never within the row)
     steps: int | None = None  # steps to log, where not the mode's
+    loss_vs: str | None = None  # the label of a row whose losses this row's are compared with, step by step
 
 
 ROWS = [
@@ -115,6 +117,11 @@ ROWS = [
     Row("gpt2-124m, megagpt, ZeRO-0, no compile", "megagpt", "gpt2-124m", ["deepspeed=zero0", "model.compile=false"],
         est_s=45),
     Row("llama-1b, torchtitan, flex, compile", "torchtitan", "llama-1b", compile=True, est_s=120),
+    # float8's loss against bf16's over 300 steps (the same data, seed and schedule): target within 1%.
+    Row("llama-1b, megagpt, ZeRO-0, 300 steps", "megagpt", "llama-1b", ["deepspeed=zero0"], est_s=150, steps=300),
+    Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps", "megagpt", "llama-1b",
+        ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=150, fp8="tensorwise", steps=300,
+        loss_vs="llama-1b, megagpt, ZeRO-0, 300 steps"),
     # ZeRO-3's settings, one at a time from the defaults (ZeRO-3): target ZeRO-3 >= 0.9x ZeRO-0.
     Row("llama-1b, megagpt defaults, torch's F.linear", "megagpt", "llama-1b",
         ["deepspeed.stage3_memory_efficient_linear=false"], est_s=100),
@@ -359,6 +366,7 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
         out["save_waited_for_previous_s"] = [float(m.group(3) or 0) for m in saves]  # its commit still running
     if "status" not in out and len(recs) < steps:
         out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {_tail(log_path)}")
+    out["losses"] = [r["loss"] for r in recs]
     if len(recs) > s.warmup:
         measured = recs[s.warmup:]
         out.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in measured),
@@ -372,6 +380,21 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
         out["note"] = ("the job printed no 'fp8:' line: model.fp8 may not be wired into the engine yet "
                        "(these figures may be bf16)")
     return out
+
+
+def loss_agreement(losses: list[float], reference: list[float], window: int = 10) -> dict:
+    """How close a run's losses stay to a reference run's over the same steps:
+    the largest relative difference of their `window`-step moving means (from
+    step `window` on: single steps are noisy), and that of their means over the
+    last 50 steps."""
+    n = min(len(losses), len(reference))
+    if n < window:
+        return {"steps": n}
+    moving = [abs(sum(losses[i - window:i]) - sum(reference[i - window:i])) / abs(sum(reference[i - window:i]))
+              for i in range(window, n + 1)]
+    tail = min(50, n)
+    final = abs(sum(losses[n - tail:n]) - sum(reference[n - tail:n])) / abs(sum(reference[n - tail:n]))
+    return {"steps": n, "max_rel_diff_moving": max(moving), "window": window, "rel_diff_last_50": final}
 
 
 # --- peers: a train loop written here, in a child process -----------------------------------
@@ -623,6 +646,16 @@ def bench_gpu(args) -> dict:
                 write()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    by_label = {r["label"]: r for r in result["rows"]}
+    for row in rows:
+        mine, ref = by_label.get(row.label), by_label.get(row.loss_vs or "")
+        if mine and ref and mine.get("losses") and ref.get("losses"):
+            mine["loss_vs"] = dict(loss_agreement(mine["losses"], ref["losses"]), reference=row.loss_vs)
+            a = mine["loss_vs"]
+            if "max_rel_diff_moving" in a:
+                print(f"{row.label}: loss vs {row.loss_vs} over {a['steps']} steps: at most "
+                      f"{a['max_rel_diff_moving']:.2%} apart ({a['window']}-step means), "
+                      f"{a['rel_diff_last_50']:.2%} over the last 50", flush=True)
     write()
     skipped = [r for r in result["rows"] if r["status"] != "ok"]
     print(f"device: {result['device']}; {result.get('note', s.mode)}; {len(result['rows']) - len(skipped)} rows "
