@@ -28,7 +28,9 @@ The host buffers stay and are reused by the next save of the same file with
 the same tensors: allocating page-locked memory is slow, copying into it fast.
 They hold one checkpoint of this rank: about 14 bytes per parameter on one
 GPU with bf16 weights and fp32 Adam (17 GB for llama-1b), and 1/world_size
-of the optimizer's part under ZeRO-1..3.  A save must be written before the
+of the optimizer's part under ZeRO-1..3.  On CUDA, torch's page-locked
+allocator rounds each buffer (one per storage) up to a power of two, so the
+page-locked memory held can reach up to twice that (unmeasured).  A save must be written before the
 next one is staged (the checkpointer waits for its thread first).
 """
 
