@@ -126,7 +126,8 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is not None and self.cfg.loss_chunk_tokens:
             # The head and the loss in chunks of tokens, never the whole (B, T, V) logits (loss.py).
-            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens)
+            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens,
+                                        fused=self.cfg.compile)
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits

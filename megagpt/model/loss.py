@@ -28,7 +28,10 @@ gradients by the incoming gradient (1 / accumulation steps, a loss scale).
                        out_dtype=torch.float32) on CUDA, would also round once
                        less; not used: untested here)
   cost                 the plain loss's three matmuls (logits, both gradients)
-                       and the same elementwise work; no recomputation
+                       and the same elementwise work; no recomputation.  Fused
+                       (`fused`, with model.compile), that work is one compiled
+                       function per chunk instead of about six passes over the
+                       chunk's fp32 logits
 
 Exactness: the loss is F.cross_entropy's (log_softmax, then nll_loss's sum,
 divided by the count of target tokens; targets equal to `ignore_index`,
@@ -64,27 +67,31 @@ IGNORE_INDEX = -100
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX, fused: bool = False) -> torch.Tensor:
     """F.cross_entropy((hidden @ weight.T).float(), targets) (the mean over the
     target tokens not equal to ignore_index), chunk_tokens rows at a time.
-    hidden (..., C), weight (V, C), targets (...) int64.  Returns an fp32 scalar."""
+    hidden (..., C), weight (V, C), targets (...) int64.  Returns an fp32 scalar.
+    `fused`: each chunk's elementwise work (log-softmax, loss, the logits'
+    gradient) is one torch.compile'd function (model.compile), so the fp32
+    logits are not written out and read back pass after pass."""
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     h = hidden.reshape(-1, hidden.size(-1))
     t = targets.reshape(-1)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, t, chunk_tokens, ignore_index)
+        return _LinearCrossEntropy.apply(h, weight, t, chunk_tokens, ignore_index, fused)
     with torch.no_grad():
-        return _loss_and_grads(h, weight, t, chunk_tokens, ignore_index, False, False)[0]
+        return _loss_and_grads(h, weight, t, chunk_tokens, ignore_index, False, False, fused)[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and both gradients; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, fused):
         loss, grad_hidden, grad_weight, deferred = _loss_and_grads(
-            hidden, weight, targets, chunk_tokens, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            hidden, weight, targets, chunk_tokens, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            fused)
         ctx.save_for_backward(grad_hidden, grad_weight, deferred)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
@@ -100,11 +107,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | float,
+                 ignore_index: int, out_dtype: torch.dtype):
+    """One chunk's summed loss (fp32) and the gradient w.r.t. its logits (out_dtype): the
+    eager path's arithmetic, written without in-place ops so that torch.compile fuses it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+    loss = F.nll_loss(logp, targets, ignore_index=ignore_index, reduction="sum")
+    row_scale = (valid * scale)[:, None]  # (n, 1): 1/count, or 0 where ignored
+    g = (logp.exp() * row_scale).scatter_add(1, torch.where(valid, targets, 0)[:, None], -row_scale)
+    return loss, g.to(out_dtype)
+
+
+_fused_chunk_terms = None  # torch.compile(_chunk_terms), made at first use
+
+
+def _fused():
+    global _fused_chunk_terms
+    if _fused_chunk_terms is None:
+        _fused_chunk_terms = torch.compile(_chunk_terms)
+    return _fused_chunk_terms
 
 
 def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                    ignore_index: int, need_hidden: bool, need_weight: bool):
+                    ignore_index: int, need_hidden: bool, need_weight: bool, fused: bool = False):
     """(the mean loss, d loss / d hidden or None, d loss / d weight or None, deferred), one chunk of
     rows at a time.  hidden (N, C), weight (V, C), targets (N,).  The gradients are in the inputs'
     dtypes, except for fp16 inputs: fp16 has 5 exponent bits, and a logit's gradient
@@ -124,18 +152,23 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
         h, t, v = hidden[start:end], targets[start:end], valid[start:end]
-        logp = torch.log_softmax(torch.mm(h, weight.t()).float(), dim=-1)  # (n, V) fp32
-        loss = loss + F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
-        if not (need_hidden or need_weight):
-            continue
-        # log_softmax's backward for nll_loss's gradient (-1/count at each valid
-        # target), in place: softmax x 1/count, minus 1/count at the target; rows
-        # of ignored targets are zero.
-        row_scale = (v * (1.0 if defer else scale))[:, None]  # (n, 1): 1/count, or 0 where ignored
-        g = logp.exp_().mul_(row_scale)
-        g.scatter_add_(1, torch.where(v, t, 0)[:, None], -row_scale)
-        del logp
-        g = g.to(hidden.dtype)
+        if fused and (need_hidden or need_weight):
+            chunk_loss, g = _fused()(torch.mm(h, weight.t()), t, v, 1.0 if defer else scale, ignore_index,
+                                     hidden.dtype)
+            loss = loss + chunk_loss
+        else:
+            logp = torch.log_softmax(torch.mm(h, weight.t()).float(), dim=-1)  # (n, V) fp32
+            loss = loss + F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
+            if not (need_hidden or need_weight):
+                continue
+            # log_softmax's backward for nll_loss's gradient (-1/count at each valid
+            # target), in place: softmax x 1/count, minus 1/count at the target; rows
+            # of ignored targets are zero.
+            row_scale = (v * (1.0 if defer else scale))[:, None]  # (n, 1): 1/count, or 0 where ignored
+            g = logp.exp_().mul_(row_scale)
+            g.scatter_add_(1, torch.where(v, t, 0)[:, None], -row_scale)
+            del logp
+            g = g.to(hidden.dtype)
         if need_hidden:
             if defer:
                 grad_hidden[start:end] = torch.mm(g, weight)
