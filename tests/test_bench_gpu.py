@@ -84,7 +84,7 @@ def test_budget_skips_what_no_longer_fits(tmp_path):
     r = bench("--cpu-smoke", "--budget", "1", "--only", "transformers", "--json", str(out), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [x["label"] for x in rows] == ["llama-1b, transformers, eager", "llama-1b, transformers, compile"]
+    assert [x["label"] for x in rows] == ["llama-1b, transformers, compile", "llama-1b, transformers, eager"]
     assert all(x["status"] == "skipped" and x["reason"].startswith("skipped: out of budget (needs ~") for x in rows)
 
 

@@ -1,20 +1,22 @@
 """`python -m megagpt.bench gpu`: tokens/s, MFU and peak memory of real training
 jobs on one CUDA GPU in bf16, megagpt beside its peers measured in the same run.
 
-Rows (`--quick` runs the first nine, in this order, within `--budget` seconds):
+Rows (`--quick` runs the first nine, in this order, within `--budget` seconds;
+the ones the budget leaves out say so, and `--only` runs them in another call):
   llama-1b, megagpt defaults (ZeRO-3)        `model=llama-1b`, no performance flags
-  llama-1b, transformers, eager / compile    LlamaForCausalLM at the same shape, run as HF
+  llama-1b, transformers, compile            LlamaForCausalLM at the same shape, run as HF
                                              Trainer runs it: fp32 weights, bf16 autocast,
                                              fused AdamW, grad clipping; torch_compile
   gpt2-124m, megagpt defaults (ZeRO-3)       llm.c's setting: 64 x 1024 tokens per step
   gpt2-124m, megagpt, ZeRO-0                 (micro-batch 16 x grad accum 4)
   llama-1b, megagpt, ZeRO-0
   llama-1b, megagpt, fp8 tensorwise, ZeRO-0  torchao float8 (model.fp8), where it imports
-  llama-1b, torchtitan, flex                 torchtitan 0.3.0's Llama3 "1B" (FlexAttention),
-                                             where it imports (else its import error)
   llama-1b, megagpt defaults, async save     trainer.async_save every 12 steps: the seconds
                                              training waited at each save, the commit's
                                              write and sha256 times (its log lines)
+  llama-1b, torchtitan, flex                 torchtitan 0.3.0's Llama3 "1B" (FlexAttention),
+                                             where it imports (else its import error)
+  llama-1b, transformers, eager              the same peer, not compiled
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
 activation checkpointing, fp8 rowwise, torchtitan compiled, float8 against bf16
 over 300 steps (`--only "300 steps"`: the losses compared step by step,
@@ -90,17 +92,17 @@ class Row:
 ROWS = [
     # --quick: these, in this order (most telling first), each if its estimate still fits the budget.
     Row("llama-1b, megagpt defaults (ZeRO-3)", "megagpt", "llama-1b", [], est_s=100, quick=True),
-    Row("llama-1b, transformers, eager", "transformers", "llama-1b", est_s=35, quick=True),
     Row("llama-1b, transformers, compile", "transformers", "llama-1b", compile=True, est_s=80, quick=True),
     Row("gpt2-124m, megagpt defaults (ZeRO-3)", "megagpt", "gpt2-124m", [], est_s=60, quick=True),
     Row("gpt2-124m, megagpt, ZeRO-0", "megagpt", "gpt2-124m", ["deepspeed=zero0"], est_s=45, quick=True),
     Row("llama-1b, megagpt, ZeRO-0", "megagpt", "llama-1b", ["deepspeed=zero0"], est_s=80, quick=True),
     Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0", "megagpt", "llama-1b",
         ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=90, quick=True, fp8="tensorwise"),
-    Row("llama-1b, torchtitan, flex", "torchtitan", "llama-1b", est_s=60, quick=True),
     # Start-up and trainer.async_save at llama-1b: each save's blocking time and its background commit.
     Row("llama-1b, megagpt defaults, async save", "megagpt", "llama-1b", ["trainer.keep_last=1"], est_s=110,
         quick=True, save_every=12, steps=40),
+    Row("llama-1b, torchtitan, flex", "torchtitan", "llama-1b", est_s=60, quick=True),
+    Row("llama-1b, transformers, eager", "transformers", "llama-1b", est_s=35, quick=True),
     # The variants, one change at a time from megagpt's ZeRO-0 row.
     Row("llama-1b, megagpt, ZeRO-0, no compile", "megagpt", "llama-1b", ["deepspeed=zero0", "model.compile=false"],
         est_s=60),
