@@ -37,11 +37,14 @@ next one is staged (the checkpointer waits for its thread first).
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
+
+log = logging.getLogger("megagpt")
 
 
 class StagedCheckpointEngine(CheckpointEngine):
@@ -55,15 +58,15 @@ class StagedCheckpointEngine(CheckpointEngine):
         self.pinned = device.type == "cuda"
         self._buffers: dict[str, list[torch.Tensor]] = {}  # file name -> its host buffers, in staging order
         self._pending: list[tuple[object, str]] = []  # (staged state, path), in DeepSpeed's order
-        self.staged_bytes = 0  # tensor bytes of the last save
-        self.allocated_seconds = 0.0  # time spent allocating host buffers, in total
+        self.staged_bytes = 0  # storage bytes of the last save
+        self._allocated = [0, 0.0]  # bytes and seconds of host buffers allocated during the last save
 
     # -- DeepSpeed's interface ------------------------------------------------------------
 
     def create(self, info: CheckpointCommitInfo) -> None:
         if self._pending:
             raise RuntimeError(f"checkpoint {info.tag}: the previous save's files are not written yet")
-        self.staged_bytes = 0
+        self.staged_bytes, self._allocated = 0, [0, 0.0]
 
     def save(self, state_dict, path: str) -> None:
         self._pending.append((self._stage(state_dict, os.path.basename(path)), path))
@@ -71,6 +74,10 @@ class StagedCheckpointEngine(CheckpointEngine):
     def commit(self, info: CheckpointCommitInfo) -> bool:
         if self.pinned:
             torch.cuda.current_stream(self.device).synchronize()  # the staged copies are complete
+        if self._allocated[0]:  # the first save (or a new shape): the buffers it allocated
+            log.info("checkpoint %s: staged %.2f GB in host memory; %.2f GB of %s buffers allocated in %.1f s",
+                     info.tag, self.staged_bytes / 1e9, self._allocated[0] / 1e9,
+                     "page-locked" if self.pinned else "host", self._allocated[1])
         return True
 
     def load(self, path: str, map_location=None):
@@ -88,9 +95,6 @@ class StagedCheckpointEngine(CheckpointEngine):
         for state, path in pending:
             torch.save(state, path, _use_new_zipfile_serialization=self.zipfile_serialization)
         return [path for _, path in pending]
-
-    def discard_pending(self) -> None:
-        self._pending = []
 
     # -- staging --------------------------------------------------------------------------
 
@@ -116,7 +120,8 @@ class StagedCheckpointEngine(CheckpointEngine):
             if buf is None:
                 t0 = time.perf_counter()
                 buf = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=self.pinned)
-                self.allocated_seconds += time.perf_counter() - t0
+                self._allocated[0] += nbytes
+                self._allocated[1] += time.perf_counter() - t0
             whole = torch.empty(0, dtype=torch.uint8, device=t.device).set_(live)  # the storage's bytes
             buf.copy_(whole, non_blocking=self.pinned)
             new.append(buf)

@@ -14,6 +14,7 @@ jobs on CPU (fp32, gloo), for ZeRO-0, ZeRO-2 and ZeRO-3:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def test_async_checkpoints_equal_deepspeeds_and_resume_bit_for_bit(data_dir, tmp
     assert resumed == {s: x for s, x in losses(sync_dir).items() if s > 4}
 
 
-def test_staged_state_is_a_copy_taken_at_the_save(tmp_path):
+def test_staged_state_is_a_copy_taken_at_the_save(tmp_path, caplog):
     from megagpt.staged_save import StagedCheckpointEngine
 
     weight = torch.nn.Parameter(torch.randn(4, 3))
@@ -86,9 +87,15 @@ def test_staged_state_is_a_copy_taken_at_the_save(tmp_path):
              "flat": flat, "piece": flat[2:8].view(2, 3).t(), "ds_version": "x"}
     expected = {"module": {"w": weight.detach().clone(), "tied": None},
                 "optimizer": {"exp_avg": moment.detach().clone(), "step": 3, "betas": [0.9, 0.95]}}
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+
+    info = CheckpointCommitInfo(tag="step_1", save_dir=str(tmp_path), save_latest=False)
     engine = StagedCheckpointEngine(torch.device("cpu"))
-    engine.create(None)
+    engine.create(info)
     engine.save(state, str(tmp_path / "a.pt"))
+    with caplog.at_level(logging.INFO, logger="megagpt"):
+        engine.commit(info)  # the first save allocates its buffers, and says so
+    assert "checkpoint step_1: staged 0.00 GB in host memory; 0.00 GB of host buffers allocated in" in caplog.text
     with pytest.raises(RuntimeError, match="not written yet"):
         engine.create(type("Info", (), {"tag": "step_2"})())
     with torch.no_grad():  # training goes on before the file is written
@@ -113,9 +120,13 @@ def test_staged_state_is_a_copy_taken_at_the_save(tmp_path):
 
     # The next save of the same file reuses the host buffers and sees the new values.
     buffers = [b.data_ptr() for b in engine._buffers["a.pt"]]
-    engine.create(None)
+    engine.create(info)
     (tmp_path / "next").mkdir()
     engine.save(state, str(tmp_path / "next" / "a.pt"))  # DeepSpeed's file names repeat in each step's folder
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="megagpt"):
+        engine.commit(info)
+    assert "allocated" not in caplog.text  # reused, nothing allocated
     assert [b.data_ptr() for b in engine._buffers["a.pt"]] == buffers
     engine.write_pending()
     again = torch.load(tmp_path / "next" / "a.pt", weights_only=False)
@@ -130,18 +141,21 @@ def test_staging_from_cuda_is_pinned_asynchronous_and_a_copy(tmp_path):
     Prints the staging rate of 1 GiB (device to page-locked host memory)."""
     from megagpt.staged_save import StagedCheckpointEngine
 
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+
+    info = CheckpointCommitInfo(tag="step_1", save_dir=str(tmp_path), save_latest=False)
     device = torch.device("cuda")
     big = torch.randn(256 * 2**20, device=device)  # 1 GiB of fp32
     small = torch.randn(1000, device=device, dtype=torch.bfloat16)
     engine = StagedCheckpointEngine(device)
     for attempt in range(2):  # the second save reuses the page-locked buffers
         expected = {"big": big[:: 2**16].cpu(), "small": small.cpu(), "tail": big[-4:].cpu()}
-        engine.create(None)
+        engine.create(info)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         (tmp_path / str(attempt)).mkdir()
         engine.save({"big": big, "small": small}, str(tmp_path / str(attempt) / "state.pt"))
-        engine.commit(None)
+        engine.commit(info)
         seconds = time.perf_counter() - t0
         # Read on the host at once, as the writer thread will: commit() waited for the copy's last bytes.
         assert torch.equal(engine._buffers["state.pt"][0][-16:].view(torch.float32), expected["tail"])

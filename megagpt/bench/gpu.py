@@ -69,7 +69,8 @@ from dataclasses import asdict, dataclass, field
 DEVICE_COMMAND = (__doc__ or "DEVICE COMMAND:\n\n").split("DEVICE COMMAND:\n", 1)[1].split("\n", 1)[0]
 LLAMA_VOCAB, GPT2_VOCAB = 128256, 50304
 # What megagpt.train prints that a row keeps: the attention backend, SDPA's kernel, float8.
-KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)|checkpoint step_\d+ committed")
+KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)"
+                        r"|checkpoint step_\d+( committed|: staged)")
 SAVE_WAITED = re.compile(r"^saved checkpoint \S*step_(\d+): training waited ([0-9.]+) s(?:, ([0-9.]+) s of it for)?")
 
 
