@@ -171,6 +171,8 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     monkeypatch.setattr(config_checks, "torchao_problem", lambda: None)
     config_checks.validate(cfg, 1, cuda=True)
+    assert cfg.trainer.micro_batch_size == (row.micro_batch or s.shape(row.preset)["micro_batch"])
+    assert cfg.model.vocab_size == gpu.PRESET_SHAPE[row.preset]["vocab_size"]
     if row.save_every:  # saves within the row's steps, in the background
         assert cfg.trainer.async_save and cfg.trainer.save_every == row.save_every < row.steps < cfg.trainer.max_steps
     else:

@@ -20,7 +20,9 @@ the ones the budget leaves out say so, and `--only` runs them in another call):
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
 activation checkpointing, fp8 rowwise, torchtitan compiled, float8 against bf16
 over 300 steps (`--only "300 steps"`: the losses compared step by step,
-`loss_vs` in the JSON), and ZeRO-3's settings (torch's F.linear, no leaf blocks).
+`loss_vs` in the JSON), the larger presets (`--only llama-3b llama-8b`: which
+one trains on this GPU, and how), and ZeRO-3's settings (torch's F.linear, no
+leaf blocks).
 
 megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
 embedded corpus, logger=none), stopped once `--steps` steps are logged (no
@@ -88,6 +90,7 @@ class Row:
     save_every: int = 0  # megagpt: save asynchronously every this many steps (else never within the row)
     steps: int | None = None  # steps to log, where not the mode's
     loss_vs: str | None = None  # the label of a row whose losses this row's are compared with, step by step
+    micro_batch: int | None = None  # megagpt: trainer.micro_batch_size, where not the mode's
 
 
 ROWS = [
@@ -125,6 +128,14 @@ ROWS = [
     Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps", "megagpt", "llama-1b",
         ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=150, fp8="tensorwise", steps=300,
         loss_vs="llama-1b, megagpt, ZeRO-0, 300 steps"),
+    # The largest preset that trains on one GPU, and with which settings (an out-of-memory error is
+    # the row's result): llama-3b as it comes and with activation checkpointing, llama-8b with both
+    # and one sequence per step (ZeRO-3 holds 14 bytes per parameter on one GPU: 112 GB for 8B).
+    Row("llama-3b, megagpt defaults", "megagpt", "llama-3b", [], est_s=150),
+    Row("llama-3b, megagpt defaults, act. ckpt", "megagpt", "llama-3b", ["model.activation_checkpointing=1"],
+        est_s=150),
+    Row("llama-8b, megagpt defaults, act. ckpt, micro-batch 1", "megagpt", "llama-8b",
+        ["model.activation_checkpointing=1"], est_s=240, micro_batch=1),
     # ZeRO-3's settings, one at a time from the defaults (ZeRO-3): target ZeRO-3 >= 0.9x ZeRO-0.
     Row("llama-1b, megagpt defaults, torch's F.linear", "megagpt", "llama-1b",
         ["deepspeed.stage3_memory_efficient_linear=false"], est_s=100),
@@ -139,10 +150,12 @@ SMOKE_SHAPE = {
     "llama-1b": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=128, vocab_size=4096),
     "gpt2-124m": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=4, mlp_hidden=256, vocab_size=4096),
 }
-# The presets' shapes, for the peers (conf/model/*.yaml).
+# The presets' shapes (conf/model/*.yaml): the peers' models, and the vocabulary of megagpt's rows.
 PRESET_SHAPE = {
     "llama-1b": dict(n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, mlp_hidden=8192, vocab_size=LLAMA_VOCAB),
     "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, mlp_hidden=3072, vocab_size=GPT2_VOCAB),
+    "llama-3b": dict(n_layer=28, n_embd=3072, n_head=24, n_kv_head=8, mlp_hidden=8192, vocab_size=LLAMA_VOCAB),
+    "llama-8b": dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, mlp_hidden=14336, vocab_size=LLAMA_VOCAB),
 }
 
 
@@ -161,7 +174,7 @@ class Settings:
 
     def shape(self, preset: str) -> dict:
         """Model dims, sequence, micro-batch and grad accumulation of a preset's rows."""
-        dims = SMOKE_SHAPE[preset] if self.mode == "cpu-smoke" else PRESET_SHAPE[preset]
+        dims = SMOKE_SHAPE.get(preset, SMOKE_SHAPE["llama-1b"]) if self.mode == "cpu-smoke" else PRESET_SHAPE[preset]
         if preset == "gpt2-124m":
             return dict(dims, seq_len=self.gpt2_seq_len, micro_batch=self.gpt2_micro_batch,
                         grad_accum=self.gpt2_grad_accum, family="gpt2")
@@ -261,7 +274,7 @@ def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
     sh = s.shape(row.preset)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
            "megagpt.train", f"model={row.preset}", f"run.dir={run_dir}", "logger=none",
-           f"data.seq_len={sh['seq_len']}", f"trainer.micro_batch_size={sh['micro_batch']}",
+           f"data.seq_len={sh['seq_len']}", f"trainer.micro_batch_size={row.micro_batch or sh['micro_batch']}",
            f"trainer.grad_accum={sh['grad_accum']}", f"model.vocab_size={sh['vocab_size']}",
            # Far beyond the steps measured: the job is stopped before any checkpoint or the end of run.
            f"trainer.max_steps={steps_of(row, s) + 1000}", "trainer.log_every=1", "trainer.eval_every=0"]
