@@ -111,13 +111,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | float,
-                 ignore_index: int, out_dtype: torch.dtype):
-    """One chunk's summed loss (fp32) and the gradient w.r.t. its logits (out_dtype): the
-    eager path's arithmetic, written without in-place ops so that torch.compile fuses it."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V)
+                 ignore_index: int, out_dtype: torch.dtype | None):
+    """One chunk's summed loss (fp32) and the gradient of the loss w.r.t. its logits in
+    `out_dtype` (None: no gradient), the logits' rows scaled by `scale` (1/count).  Eager, or
+    compiled whole by torch.compile (`_fused`), which fuses the passes over the logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (n, V) fp32
     loss = F.nll_loss(logp, targets, ignore_index=ignore_index, reduction="sum")
+    if out_dtype is None:
+        return loss, None
+    # log_softmax's backward for nll_loss's gradient (-1/count at each valid target), in
+    # place: softmax x 1/count, minus 1/count at the target; rows of ignored targets are zero.
     row_scale = (valid * scale)[:, None]  # (n, 1): 1/count, or 0 where ignored
-    g = (logp.exp() * row_scale).scatter_add(1, torch.where(valid, targets, 0)[:, None], -row_scale)
+    g = logp.exp_().mul_(row_scale)
+    g.scatter_add_(1, torch.where(valid, targets, 0)[:, None], -row_scale)
     return loss, g.to(out_dtype)
 
 
@@ -149,26 +155,16 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if need_hidden:
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32 if defer else hidden.dtype, device=hidden.device)
     grad_weight = None  # fp32 accumulator (V, C)
+    need_grad = need_hidden or need_weight
+    terms = _fused() if fused and need_grad else _chunk_terms
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
         h, t, v = hidden[start:end], targets[start:end], valid[start:end]
-        if fused and (need_hidden or need_weight):
-            chunk_loss, g = _fused()(torch.mm(h, weight.t()), t, v, 1.0 if defer else scale, ignore_index,
-                                     hidden.dtype)
-            loss = loss + chunk_loss
-        else:
-            logp = torch.log_softmax(torch.mm(h, weight.t()).float(), dim=-1)  # (n, V) fp32
-            loss = loss + F.nll_loss(logp, t, ignore_index=ignore_index, reduction="sum")
-            if not (need_hidden or need_weight):
-                continue
-            # log_softmax's backward for nll_loss's gradient (-1/count at each valid
-            # target), in place: softmax x 1/count, minus 1/count at the target; rows
-            # of ignored targets are zero.
-            row_scale = (v * (1.0 if defer else scale))[:, None]  # (n, 1): 1/count, or 0 where ignored
-            g = logp.exp_().mul_(row_scale)
-            g.scatter_add_(1, torch.where(v, t, 0)[:, None], -row_scale)
-            del logp
-            g = g.to(hidden.dtype)
+        chunk_loss, g = terms(torch.mm(h, weight.t()), t, v, 1.0 if defer else scale, ignore_index,
+                              hidden.dtype if need_grad else None)
+        loss = loss + chunk_loss
+        if not need_grad:
+            continue
         if need_hidden:
             if defer:
                 grad_hidden[start:end] = torch.mm(g, weight)
