@@ -61,6 +61,11 @@ def _files(partial: str) -> list[str]:
     return [rel for rel in found if not os.path.basename(rel).startswith(".hashes_rank")]
 
 
+def _manifest_entry(partial: str, rel: str) -> dict:
+    """{"bytes", "sha256"} of a file, made durable first (fsync)."""
+    return dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
+
+
 def step_dir(root: str, step: int) -> str:
     return os.path.join(root, f"step_{step}")
 
@@ -177,7 +182,7 @@ class Checkpointer:
         t0 = time.perf_counter()
         self.wait()  # the previous commit first: commits happen in step order
         self.last_waited_for_previous = time.perf_counter() - t0
-        self._timing: dict = {}  # this save's write and hash times, for the log
+        self._timing = {}  # this save's write and hash times, for the log
         tag = f"step_{step}"
         partial = os.path.join(self.root, tag + PARTIAL)
         if self.rank == 0 and os.path.isdir(partial):
@@ -234,8 +239,7 @@ class Checkpointer:
         run in a thread), hashes any file no share covers, writes manifest and
         state, and renames."""
         t0 = time.perf_counter()
-        hashes = {rel: dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
-                  for rel in mine}
+        hashes = {rel: _manifest_entry(partial, rel) for rel in mine}
         self._timing.update(hash_s=time.perf_counter() - t0, hashed_bytes=sum(h["bytes"] for h in hashes.values()))
         write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes, fsync=True)
         if self.rank != 0:
@@ -247,8 +251,8 @@ class Checkpointer:
                 time.sleep(0.05)
             with open(share) as f:
                 manifest.update(json.load(f))
-        for rel in sorted(set(_files(partial)) - set(manifest)):  # written outside the shares (none expected)
-            manifest[rel] = dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
+        for rel in sorted(set(_files(partial)) - set(manifest)):  # written outside the shares (DeepSpeed's script)
+            manifest[rel] = _manifest_entry(partial, rel)
         write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
         state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
         write_json(os.path.join(partial, STATE_FILE), state, fsync=True)

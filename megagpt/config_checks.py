@@ -25,8 +25,9 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     `cuda`: whether the run will train on CUDA (None: whether a CUDA device is
     here, as runtime.device_for decides)."""
     m, d, t, o, ds, lg = cfg.model, cfg.data, cfg.trainer, cfg.optim, cfg.deepspeed, cfg.logger
+    cuda = _cuda_here() if cuda is None else cuda
     check_model(m)
-    _check_kernels(m, _cuda_here() if cuda is None else cuda)
+    _check_kernels(m, cuda)
     _require(m.max_seq_len is None or m.max_seq_len >= d.seq_len, "model.max_seq_len",
              f"{m.max_seq_len} is shorter than data.seq_len={d.seq_len}")
     _require(m.sliding_window is None or m.sliding_window >= d.seq_len, "model.sliding_window",
@@ -112,7 +113,7 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     # DeepSpeed compiles ZeRO stages 1-3 (runtime/engine.py: get_deepcompile_backend) and falls back
     # to plain torch.compile at stage 0; it needs engine.compile(), so model.compile must not be false.
     # CUDA only (deepspeed.compile.util.is_deepcompile_supported; ds_config.deepspeed_config refuses it too).
-    _require(not ds.deepcompile or (_cuda_here() if cuda is None else cuda), "deepspeed.deepcompile",
+    _require(not ds.deepcompile or cuda, "deepspeed.deepcompile",
              "needs CUDA (DeepSpeed's DeepCompile); training runs on CPU here")
     _require(not ds.deepcompile or ds.zero_stage in (1, 2, 3), "deepspeed.deepcompile",
              f"needs deepspeed.zero_stage 1, 2 or 3, got {ds.zero_stage}")

@@ -25,7 +25,6 @@ from megagpt import collectives
 from megagpt.config import Config
 from megagpt.model.gpt import GPT, GPTConfig
 from megagpt.optimizer import GuardedAdamW, build_optimizer
-from megagpt.staged_save import StagedCheckpointEngine
 
 log = logging.getLogger("megagpt")
 
@@ -98,6 +97,8 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
     # lr * min_lr_ratio.  (A resume loads the schedule's own state over this.)
     engine.lr_scheduler.step()
     if cfg.trainer.async_save:  # saves staged in host memory, written by the checkpointer's thread
+        from megagpt.staged_save import StagedCheckpointEngine
+
         engine.checkpoint_engine = StagedCheckpointEngine(device, engine.checkpoint_serialization_enabled())
     if cfg.deepspeed.deepcompile:
         engine.compile()  # DeepSpeed's DeepCompile ("compile": {"deepcompile": true} in ds_config): the whole model
@@ -281,6 +282,8 @@ class TrainEngine:
         With trainer.async_save the files are only copied to host memory here
         (staged_save.py); the function returned writes them (from any thread)
         and returns their paths.  None: written already."""
+        from megagpt.staged_save import StagedCheckpointEngine  # imports DeepSpeed: not at megagpt's import
+
         self.ds_engine.save_checkpoint(root, tag=tag, save_latest=False)
         staged = self.ds_engine.checkpoint_engine
         return staged.write_pending if isinstance(staged, StagedCheckpointEngine) else None

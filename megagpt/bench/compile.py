@@ -32,22 +32,19 @@ ROWS = [("megagpt, eager", "megagpt", "eager"), ("megagpt, compiled blocks", "me
 
 
 def _model(runner: str, layers: int, width: int, seq: int):
-    import torch
-
+    """The row's model (fp32, CPU) and its loss function; transformers' is the gpu bench's peer."""
     vocab, heads = 512, max(1, width // 32)
     if runner == "megagpt":
         from megagpt.model.gpt import GPT, GPTConfig
 
         model = GPT(GPTConfig(vocab_size=vocab, max_seq_len=seq, n_layer=layers, n_head=heads, n_kv_head=heads,
-                              n_embd=width, family="llama"))
+                              n_embd=width, mlp_hidden=4 * width, family="llama"))
         return model, lambda x, y: model(x, y)
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from megagpt.bench.gpu import _peer_model
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
-                                         num_hidden_layers=layers, num_attention_heads=heads,
-                                         num_key_value_heads=heads, max_position_embeddings=seq,
-                                         attn_implementation="sdpa", tie_word_embeddings=True))
-    torch.nn.init.normal_(model.lm_head.weight, std=0.02)
+    shape = dict(vocab_size=vocab, n_embd=width, mlp_hidden=4 * width, n_layer=layers, n_head=heads,
+                 n_kv_head=heads, seq_len=seq)
+    model, _ = _peer_model({"runner": "transformers", "shape": shape}, "cpu")
     return model, lambda x, y: model(input_ids=x, labels=y).loss
 
 

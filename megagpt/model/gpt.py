@@ -139,7 +139,8 @@ class GPT(nn.Module):
         Dynamo lifts each block's parameters as inputs), so compiling takes as
         long for 32 blocks as for one; and what a wrapper does around a block
         (ZeRO-3's gathers, in hooks) stays outside the graph.  The embeddings,
-        the final norm and the loss run eagerly."""
+        the final norm and the head's matmuls run eagerly (the chunked loss
+        compiles its own elementwise work: loss.py, `fused`)."""
         for block in self.blocks:
             block.forward = torch.compile(block.forward)
 
