@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from megagpt.bench import gpu
+from megagpt.bench import gpu, gpu_rows, jobs
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = [r.label for r in gpu.ROWS if r.quick]
+QUICK = [r.label for r in gpu_rows.ROWS if r.quick]
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -111,7 +111,7 @@ def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
     try:
         t0 = time.monotonic()
         while len(job) < 2 and time.monotonic() - t0 < 60:  # torchrun and its worker
-            job = [pid for pid in gpu._descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
+            job = [pid for pid in jobs.descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
             time.sleep(0.2)
         assert len(job) >= 2
         time.sleep(2.0)
@@ -131,11 +131,11 @@ def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
 def test_quick_settings_fit_one_device_call():
     ns = argparse.Namespace(cpu_smoke=False, quick=True, budget=None, job_timeout=None, steps=None, warmup=None,
                             seq_len=2048, micro_batch=8, gpt2_seq_len=1024, gpt2_micro_batch=16, gpt2_grad_accum=4)
-    s = gpu.settings_from(ns)
+    s = gpu_rows.settings_from(ns)
     assert (s.steps, s.warmup, s.budget_s) == (20, 8, 340)
     g = s.shape("gpt2-124m")
     assert g["seq_len"] * g["micro_batch"] * g["grad_accum"] == 64 * 1024  # llm.c's tokens per step
-    assert len(QUICK) == 9 and sum(r.est_s for r in gpu.ROWS if r.quick) > 0
+    assert len(QUICK) == 9 and sum(r.est_s for r in gpu_rows.ROWS if r.quick) > 0
     cmd = gpu.DEVICE_COMMAND
     assert len(cmd) <= 2000 and "\n" not in cmd
     for part in ("--target /tmp/site .whl/*.whl", "PYTHONPATH=/tmp/site:$PWD", "MEGAGPT_CACHE=", "HF_HUB_OFFLINE=1",
@@ -152,7 +152,7 @@ def test_pace_scales_the_estimates():
     assert gpu.pace([{"status": "ok", "wall_s": 150, "planned_s": 100}]) == 1.5
 
 
-@pytest.mark.parametrize("row", [r for r in gpu.ROWS if r.runner == "megagpt"], ids=lambda r: r.label)
+@pytest.mark.parametrize("row", [r for r in gpu_rows.ROWS if r.runner == "megagpt"], ids=lambda r: r.label)
 def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp_path):
     # The command of each row, as the GPU run builds it, composes (known keys)
     # and passes validate() on a CUDA machine (torchao taken as present).
@@ -162,7 +162,7 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
     from megagpt import config_checks
     from megagpt.config import register
 
-    s = gpu.Settings("full", 40, 10, 2048, 8, 1024, 16, 4, None, None)
+    s = gpu_rows.Settings("full", 40, 10, 2048, 8, 1024, 16, 4, None, None)
     cmd = gpu.megagpt_command(row, s, str(tmp_path / "run"))
     overrides = cmd[cmd.index("megagpt.train") + 1:]
     assert f"model={row.preset}" in overrides and "trainer.log_every=1" in overrides
@@ -172,7 +172,7 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
     monkeypatch.setattr(config_checks, "torchao_problem", lambda: None)
     config_checks.validate(cfg, 1, cuda=True)
     assert cfg.trainer.micro_batch_size == (row.micro_batch or s.shape(row.preset)["micro_batch"])
-    assert cfg.model.vocab_size == gpu.PRESET_SHAPE[row.preset]["vocab_size"]
+    assert cfg.model.vocab_size == gpu_rows.PRESET_SHAPE[row.preset]["vocab_size"]
     if row.save_every:  # saves within the row's steps, in the background
         assert cfg.trainer.async_save and cfg.trainer.save_every == row.save_every < row.steps < cfg.trainer.max_steps
     else:
@@ -197,7 +197,7 @@ def test_loss_agreement_compares_moving_means():
     assert 0.025 < b["max_rel_diff_moving"] < 0.031 and 0.025 < b["rel_diff_last_50"] < 0.03
     assert gpu.loss_agreement(ref[:5], ref) == {"steps": 5}
     # The float8 row is compared with the bf16 row of the same shape, data and schedule.
-    rows = {r.label: r for r in gpu.ROWS}
+    rows = {r.label: r for r in gpu_rows.ROWS}
     fp8 = rows["llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps"]
     bf16 = rows[fp8.loss_vs]
     assert fp8.steps == bf16.steps == 300 and [o for o in fp8.overrides if o != "model.fp8=tensorwise"] == \

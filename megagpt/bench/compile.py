@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 
+from megagpt.bench.jobs import last_line, report, result_in
+
 ROWS = [("megagpt, eager", "megagpt", "eager"), ("megagpt, compiled blocks", "megagpt", "blocks"),
         ("megagpt, compiled whole", "megagpt", "whole"), ("transformers, compiled whole", "transformers", "whole")]
 
@@ -40,11 +42,11 @@ def _model(runner: str, layers: int, width: int, seq: int):
         model = GPT(GPTConfig(vocab_size=vocab, max_seq_len=seq, n_layer=layers, n_head=heads, n_kv_head=heads,
                               n_embd=width, mlp_hidden=4 * width, family="llama"))
         return model, lambda x, y: model(x, y)
-    from megagpt.bench.gpu import _peer_model
+    from megagpt.bench.peer import peer_model
 
     shape = dict(vocab_size=vocab, n_embd=width, mlp_hidden=4 * width, n_layer=layers, n_head=heads,
                  n_kv_head=heads, seq_len=seq)
-    model, _ = _peer_model({"runner": "transformers", "shape": shape}, "cpu")
+    model, _ = peer_model({"runner": "transformers", "shape": shape}, "cpu")
     return model, lambda x, y: model(input_ids=x, labels=y).loss
 
 
@@ -80,10 +82,8 @@ def run_row(spec: dict) -> dict:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         r = subprocess.run([sys.executable, "-m", "megagpt.bench.compile", json.dumps(spec)], capture_output=True,
                            text=True, env=env, timeout=1200)
-    for line in reversed(r.stdout.splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    return {"error": (r.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    result = result_in(r.stdout)
+    return result if result is not None else {"error": last_line(r.stderr) or "no output"}
 
 
 def bench_compile(args) -> dict:
@@ -115,4 +115,4 @@ def add_parser(sub) -> None:
 
 
 if __name__ == "__main__":  # one row, in a child process: python -m megagpt.bench.compile SPEC
-    print("BENCH_RESULT " + json.dumps(row_main(json.loads(sys.argv[1]))), flush=True)
+    report(row_main(json.loads(sys.argv[1])))

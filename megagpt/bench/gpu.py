@@ -26,8 +26,9 @@ leaf blocks).
 
 megagpt rows are `torchrun --nproc_per_node=1 -m megagpt.train` jobs (the
 embedded corpus, logger=none), stopped once `--steps` steps are logged (no
-end-of-run checkpoint); peers run in a child process of this module (a small
-train loop written here, random tokens).  Figures: medians over the steps after
+end-of-run checkpoint); peers run in a child process each (megagpt/bench/peer.py:
+a small train loop written here, random tokens).  The rows and their shapes are
+in megagpt/bench/gpu_rows.py, the process plumbing in jobs.py.  Figures: medians over the steps after
 `--warmup`; megagpt rows also give the seconds from launch to step 1's record
 (`first_step_s`; the embedded corpus is prepared before the first row, once:
 `corpus_prepare_s`); MFU by megagpt's FLOPs per token (6N + 12 L H Q T, flops.py) against
@@ -64,134 +65,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+
+from megagpt.bench import jobs
+from megagpt.bench.gpu_rows import ROWS, Row, Settings, settings_from
 
 # The one-line command for the device tool, as the docstring gives it.
 DEVICE_COMMAND = (__doc__ or "DEVICE COMMAND:\n\n").split("DEVICE COMMAND:\n", 1)[1].split("\n", 1)[0]
-LLAMA_VOCAB, GPT2_VOCAB = 128256, 50304
 # What megagpt.train prints that a row keeps: the attention backend, SDPA's kernel, float8.
 KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)"
                         r"|checkpoint step_\d+( committed|: staged)")
 SAVE_WAITED = re.compile(r"^saved checkpoint \S*step_(\d+): training waited ([0-9.]+) s(?:, ([0-9.]+) s of it for)?")
-
-
-@dataclass
-class Row:
-    label: str
-    runner: str  # megagpt | transformers | torchtitan
-    preset: str  # llama-1b | gpt2-124m
-    overrides: list[str] = field(default_factory=list)  # megagpt.train overrides beyond the shape
-    compile: bool = False  # peers: torch.compile
-    est_s: float = 60.0  # wall seconds on an H100, start-up included: what the budget plans with
-    quick: bool = False
-    fp8: str | None = None  # the recipe a megagpt row asks for
-    flash: bool = False  # needs FlashAttention
-    save_every: int = 0  # megagpt: save asynchronously every this many steps (else never within the row)
-    steps: int | None = None  # steps to log, where not the mode's
-    loss_vs: str | None = None  # the label of a row whose losses this row's are compared with, step by step
-    micro_batch: int | None = None  # megagpt: trainer.micro_batch_size, where not the mode's
-
-
-ROWS = [
-    # --quick: these, in this order (most telling first), each if its estimate still fits the budget.
-    Row("llama-1b, megagpt defaults (ZeRO-3)", "megagpt", "llama-1b", [], est_s=100, quick=True),
-    Row("llama-1b, transformers, compile", "transformers", "llama-1b", compile=True, est_s=80, quick=True),
-    Row("gpt2-124m, megagpt defaults (ZeRO-3)", "megagpt", "gpt2-124m", [], est_s=60, quick=True),
-    Row("gpt2-124m, megagpt, ZeRO-0", "megagpt", "gpt2-124m", ["deepspeed=zero0"], est_s=45, quick=True),
-    Row("llama-1b, megagpt, ZeRO-0", "megagpt", "llama-1b", ["deepspeed=zero0"], est_s=80, quick=True),
-    Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=90, quick=True, fp8="tensorwise"),
-    # Start-up and trainer.async_save at llama-1b: each save's blocking time and its background commit.
-    Row("llama-1b, megagpt defaults, async save", "megagpt", "llama-1b", ["trainer.keep_last=1"], est_s=110,
-        quick=True, save_every=12, steps=40),
-    Row("llama-1b, torchtitan, flex", "torchtitan", "llama-1b", est_s=60, quick=True),
-    Row("llama-1b, transformers, eager", "transformers", "llama-1b", est_s=35, quick=True),
-    # The variants, one change at a time from megagpt's ZeRO-0 row.
-    Row("llama-1b, megagpt, ZeRO-0, no compile", "megagpt", "llama-1b", ["deepspeed=zero0", "model.compile=false"],
-        est_s=60),
-    Row("llama-1b, megagpt, ZeRO-0, sdpa cudnn", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.attention=sdpa", "model.sdpa_backend=cudnn"], est_s=100),
-    Row("llama-1b, megagpt, ZeRO-0, sdpa flash", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.attention=sdpa", "model.sdpa_backend=flash"], est_s=100),
-    Row("llama-1b, megagpt, ZeRO-0, flash_attn", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.attention=flash_attn"], est_s=120, flash=True),
-    Row("llama-1b, megagpt, ZeRO-0, act. ckpt", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.activation_checkpointing=1"], est_s=100),
-    Row("llama-1b, megagpt, fp8 rowwise, ZeRO-0", "megagpt", "llama-1b", ["deepspeed=zero0", "model.fp8=rowwise"],
-        est_s=110, fp8="rowwise"),
-    Row("gpt2-124m, megagpt, ZeRO-0, no compile", "megagpt", "gpt2-124m", ["deepspeed=zero0", "model.compile=false"],
-        est_s=45),
-    Row("llama-1b, torchtitan, flex, compile", "torchtitan", "llama-1b", compile=True, est_s=120),
-    # float8's loss against bf16's over 300 steps (the same data, seed and schedule): target within 1%.
-    Row("llama-1b, megagpt, ZeRO-0, 300 steps", "megagpt", "llama-1b", ["deepspeed=zero0"], est_s=150, steps=300),
-    Row("llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps", "megagpt", "llama-1b",
-        ["deepspeed=zero0", "model.fp8=tensorwise"], est_s=150, fp8="tensorwise", steps=300,
-        loss_vs="llama-1b, megagpt, ZeRO-0, 300 steps"),
-    # The largest preset that trains on one GPU, and with which settings (an out-of-memory error is
-    # the row's result): llama-3b as it comes and with activation checkpointing, llama-8b with both
-    # and one sequence per step (ZeRO-3 holds 14 bytes per parameter on one GPU: 112 GB for 8B).
-    Row("llama-3b, megagpt defaults", "megagpt", "llama-3b", [], est_s=150),
-    Row("llama-3b, megagpt defaults, act. ckpt", "megagpt", "llama-3b", ["model.activation_checkpointing=1"],
-        est_s=150),
-    Row("llama-8b, megagpt defaults, act. ckpt, micro-batch 1", "megagpt", "llama-8b",
-        ["model.activation_checkpointing=1"], est_s=240, micro_batch=1),
-    # ZeRO-3's settings, one at a time from the defaults (ZeRO-3): target ZeRO-3 >= 0.9x ZeRO-0.
-    Row("llama-1b, megagpt defaults, torch's F.linear", "megagpt", "llama-1b",
-        ["deepspeed.stage3_memory_efficient_linear=false"], est_s=100),
-    Row("gpt2-124m, megagpt defaults, torch's F.linear", "megagpt", "gpt2-124m",
-        ["deepspeed.stage3_memory_efficient_linear=false"], est_s=60),
-    Row("gpt2-124m, megagpt defaults, no leaf blocks", "megagpt", "gpt2-124m",
-        ["deepspeed.stage3_leaf_blocks=false"], est_s=60),
-]
-
-# Tiny shapes for --cpu-smoke: the same rows and code paths, seconds each on 2 cores.
-SMOKE_SHAPE = {
-    "llama-1b": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=128, vocab_size=4096),
-    "gpt2-124m": dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=4, mlp_hidden=256, vocab_size=4096),
-}
-# The presets' shapes (conf/model/*.yaml): the peers' models, and the vocabulary of megagpt's rows.
-PRESET_SHAPE = {
-    "llama-1b": dict(n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, mlp_hidden=8192, vocab_size=LLAMA_VOCAB),
-    "gpt2-124m": dict(n_layer=12, n_embd=768, n_head=12, n_kv_head=12, mlp_hidden=3072, vocab_size=GPT2_VOCAB),
-    "llama-3b": dict(n_layer=28, n_embd=3072, n_head=24, n_kv_head=8, mlp_hidden=8192, vocab_size=LLAMA_VOCAB),
-    "llama-8b": dict(n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, mlp_hidden=14336, vocab_size=LLAMA_VOCAB),
-}
-
-
-@dataclass
-class Settings:
-    mode: str  # quick | full | cpu-smoke
-    steps: int
-    warmup: int
-    seq_len: int  # llama rows
-    micro_batch: int
-    gpt2_seq_len: int
-    gpt2_micro_batch: int
-    gpt2_grad_accum: int
-    budget_s: float | None
-    job_timeout_s: float | None
-
-    def shape(self, preset: str) -> dict:
-        """Model dims, sequence, micro-batch and grad accumulation of a preset's rows."""
-        dims = SMOKE_SHAPE.get(preset, SMOKE_SHAPE["llama-1b"]) if self.mode == "cpu-smoke" else PRESET_SHAPE[preset]
-        if preset == "gpt2-124m":
-            return dict(dims, seq_len=self.gpt2_seq_len, micro_batch=self.gpt2_micro_batch,
-                        grad_accum=self.gpt2_grad_accum, family="gpt2")
-        return dict(dims, seq_len=self.seq_len, micro_batch=self.micro_batch, grad_accum=1, family="llama")
-
-
-def settings_from(args) -> Settings:
-    mode = "cpu-smoke" if args.cpu_smoke else "quick" if args.quick else "full"
-    if mode == "cpu-smoke":
-        return Settings(mode, steps=2, warmup=0, seq_len=32, micro_batch=2, gpt2_seq_len=32, gpt2_micro_batch=2,
-                        gpt2_grad_accum=2, budget_s=args.budget, job_timeout_s=args.job_timeout or 240)
-    steps = args.steps or (20 if mode == "quick" else 40)
-    warmup = args.warmup if args.warmup is not None else (8 if mode == "quick" else 10)
-    return Settings(mode, steps, warmup, args.seq_len, args.micro_batch, args.gpt2_seq_len, args.gpt2_micro_batch,
-                    args.gpt2_grad_accum, args.budget if args.budget is not None else (340 if mode == "quick"
-                                                                                        else None),
-                    args.job_timeout)
 
 
 # --- what a row needs ---------------------------------------------------------------------
@@ -220,13 +104,8 @@ def _flash_here() -> str | None:
             "sys.stdout.write('' if a.flash_attn_available() else a.flash_unavailable_reason())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
-        return f"the check failed: {_last_line(r.stderr)}"
+        return f"the check failed: {jobs.last_line(r.stderr)}"
     return r.stdout.strip() or None
-
-
-def _last_line(text: str) -> str:
-    lines = [x for x in text.splitlines() if x.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def skip_reason(row: Row, s: Settings) -> str | None:
@@ -285,82 +164,17 @@ def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
     return cmd + row.overrides
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a job and everything it started.  torchrun's workers run in
-    sessions of their own, so killing torchrun's group would orphan them; and
-    SIGTERM would make megagpt save a checkpoint first (preemption)."""
-    if proc.poll() is None:
-        tree = [proc.pid, *_descendants(proc.pid)]  # listed before any dies and is re-parented
-        for pid in tree:
-            try:
-                group = os.getpgid(pid)
-                if group != os.getpgrp():
-                    os.killpg(group, signal.SIGKILL)
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-    proc.wait()
-
-
-_current: list = []  # the job running now and its log, for the SIGTERM handler
-
-
-def _spawn(cmd: list[str], log_path: str) -> subprocess.Popen:
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    log.close()
-    _current[:] = [proc, log_path]
-    return proc
-
-
-def _tail(path: str, n: int = 1) -> str:
-    try:
-        lines = [x.strip() for x in open(path, errors="replace") if x.strip()]
-    except OSError:
-        return ""
-    errors = [x for x in lines if "error" in x.lower() and not x.startswith(("E1", "W1", "I1"))]
-    return " | ".join((errors or lines)[-n:])[:400]
-
-
-def _records(path: str) -> list[dict]:
-    try:
-        with open(path) as f:
-            return [json.loads(x) for x in f if x.endswith("\n")]
-    except (OSError, json.JSONDecodeError):
-        return []
-
-
 def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
-    run_dir = os.path.join(root, _slug(row.label))
+    run_dir = os.path.join(root, jobs.slug(row.label))
     log_path = run_dir + ".log"
     cmd = megagpt_command(row, s, run_dir)
     out = {"command": " ".join(cmd[1:])}
     steps = steps_of(row, s)
-    proc = _spawn(cmd, log_path)
+    proc = jobs.spawn(cmd, log_path)
     t0, recs = time.monotonic(), []
     try:
         while True:
-            recs = _records(os.path.join(run_dir, "metrics.jsonl"))
+            recs = jobs.records(os.path.join(run_dir, "metrics.jsonl"))
             if recs and "first_step_s" not in out:  # launch to step 1's record, within the 0.25 s poll
                 out["first_step_s"] = round(time.monotonic() - t0, 2)
             if len(recs) >= steps or proc.poll() is not None:
@@ -371,9 +185,9 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
                 break
             time.sleep(0.25)
     finally:
-        _kill(proc)
-        _current.clear()
-    recs = _records(os.path.join(run_dir, "metrics.jsonl"))[:steps]
+        jobs.kill_tree(proc)
+        jobs.current.clear()
+    recs = jobs.records(os.path.join(run_dir, "metrics.jsonl"))[:steps]
     out["log_lines"] = [x.strip() for x in open(log_path, errors="replace") if KEPT_LINES.search(x.strip())]
     out["log_path"] = log_path
     if row.save_every:  # seconds training waited at each save (the first one allocates the host buffers)
@@ -381,7 +195,7 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
         out["save_waited_s"] = [float(m.group(2)) for m in saves]  # the job may go on a little before it is stopped
         out["save_waited_for_previous_s"] = [float(m.group(3) or 0) for m in saves]  # its commit still running
     if "status" not in out and len(recs) < steps:
-        out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {_tail(log_path)}")
+        out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {jobs.log_tail(log_path)}")
     out["losses"] = [r["loss"] for r in recs]
     if len(recs) > s.warmup:
         measured = recs[s.warmup:]
@@ -413,7 +227,7 @@ def loss_agreement(losses: list[float], reference: list[float], window: int = 10
     return {"steps": n, "max_rel_diff_moving": max(moving), "window": window, "rel_diff_last_50": final}
 
 
-# --- peers: a train loop written here, in a child process -----------------------------------
+# --- peers: megagpt.bench.peer, in a child process -------------------------------------------
 
 def peer_spec(row: Row, s: Settings) -> dict:
     return {"runner": row.runner, "compile": row.compile, "steps": s.steps, "warmup": s.warmup,
@@ -421,126 +235,21 @@ def peer_spec(row: Row, s: Settings) -> dict:
 
 
 def run_peer(row: Row, s: Settings, root: str, timeout: float) -> dict:
-    log_path = os.path.join(root, _slug(row.label) + ".log")
-    cmd = [sys.executable, "-m", "megagpt.bench.gpu", json.dumps(peer_spec(row, s))]
-    command = f"-m megagpt.bench.gpu '{cmd[-1]}'"
-    proc = _spawn(cmd, log_path)
+    log_path = os.path.join(root, jobs.slug(row.label) + ".log")
+    cmd = [sys.executable, "-m", "megagpt.bench.peer", json.dumps(peer_spec(row, s))]
+    out = {"log_path": log_path, "command": f"-m megagpt.bench.peer '{cmd[-1]}'"}
+    proc = jobs.spawn(cmd, log_path)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
-        return {"status": "timeout", "reason": f"timeout after {timeout:.0f} s", "log_path": log_path,
-                "command": command}
+        return dict(out, status="timeout", reason=f"timeout after {timeout:.0f} s")
     finally:
-        _kill(proc)
-        _current.clear()
-    for line in reversed(open(log_path, errors="replace").read().splitlines()):
-        if line.startswith("BENCH_RESULT "):
-            return dict(json.loads(line[len("BENCH_RESULT "):]), log_path=log_path, command=command)
-    return {"status": "error", "reason": f"exit {proc.returncode}: {_tail(log_path)}", "log_path": log_path,
-            "command": command}
-
-
-def _peer_model(spec: dict, device):
-    """The peer's model in fp32 on `device`, and (n_params, n_layer, n_head, head_dim)."""
-    import torch
-
-    sh = spec["shape"]
-    if spec["runner"] == "transformers":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(vocab_size=sh["vocab_size"], hidden_size=sh["n_embd"], intermediate_size=sh["mlp_hidden"],
-                          num_hidden_layers=sh["n_layer"], num_attention_heads=sh["n_head"],
-                          num_key_value_heads=sh["n_kv_head"], max_position_embeddings=sh["seq_len"],
-                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    else:
-        from torchtitan.models.llama3 import llama3_configs
-
-        model_cfg = llama3_configs["1B"](attn_backend="flex")
-        with torch.device("meta"):
-            model = model_cfg.build()
-        model.to_empty(device=device)
-        with torch.no_grad():
-            model.init_states(buffer_device=device)
-        # torchtitan's "1B" is the llama-1b preset's shape (PRESET_SHAPE): 16 layers, width 2048, 32 heads.
-        assert (len(model.layers), model_cfg.dim, model_cfg.vocab_size) == (sh["n_layer"], sh["n_embd"],
-                                                                            sh["vocab_size"])
-    n_params = sum(p.numel() for p in model.parameters())  # a tied table counted once
-    return model, (n_params, sh["n_layer"], sh["n_head"], sh["n_embd"] // sh["n_head"])
-
-
-def peer_main(spec: dict) -> dict:
-    """One peer row: HF Trainer's recipe (fp32 weights, bf16 autocast, fused
-    AdamW, grad norm clipped to 1.0) on random tokens; medians after warm-up."""
-    import torch
-
-    from megagpt.flops import flops_per_token, peak_flops
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if spec["runner"] == "torchtitan":
-        try:
-            import torchtitan.models.llama3  # noqa: F401
-            imported = "imports"
-        except Exception as e:
-            traceback.print_exc()  # the whole chain, in the job's log
-            return {"status": "skipped", "reason": f"skipped: torchtitan does not import: {type(e).__name__}: "
-                                                   f"{str(e).splitlines()[0] if str(e) else ''}"[:400]}
-        if not cuda:
-            return {"status": "skipped", "reason": f"skipped: needs CUDA (FlexAttention has no backward on CPU); "
-                                                   f"torchtitan {imported}"}
-        if spec["smoke"]:
-            return {"status": "skipped", "reason": "skipped: torchtitan's 1B has no tiny shape"}
-    torch.manual_seed(0)
-    model, (n_params, n_layer, n_head, head_dim) = _peer_model(spec, device)
-    model.train()
-    sh = spec["shape"]
-    B, T, accum = sh["micro_batch"], sh["seq_len"], sh["grad_accum"]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0, fused=True)
-    forward = model
-    if spec["compile"]:
-        backend = "eager" if spec["smoke"] else "inductor"  # the smoke run traces, without C++ builds
-        if spec["runner"] == "torchtitan":  # as torchtitan does: each block, whole graphs
-            for block in model.layers.values():
-                block.compile(backend=backend, fullgraph=True)
-        else:  # as HF Trainer's torch_compile=True does
-            forward = torch.compile(model, backend=backend)
-
-    def loss_of(tokens):
-        x, y = tokens[:, :-1], tokens[:, 1:]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            if spec["runner"] == "transformers":
-                logits = forward(input_ids=x).logits
-            else:
-                positions = torch.arange(T, device=device).expand(B, T)
-                logits = forward(x, positions, model.get_attention_masks(positions))
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    times = []
-    for _ in range(spec["steps"]):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(accum):
-            tokens = torch.randint(0, sh["vocab_size"], (B, T + 1), device=device, generator=gen)
-            (loss_of(tokens) / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    measured = times[spec["warmup"]:]
-    step = statistics.median(measured)
-    tps = B * T * accum / step
-    fpt = flops_per_token(n_params, n_layer, n_head, head_dim, T)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return {"status": "ok", "tokens_per_sec": tps, "mfu": fpt * tps / peak_flops(device), "memory_gb": mem,
-            "step_time": step, "steps_measured": len(measured), "params": n_params}
+        jobs.kill_tree(proc)
+        jobs.current.clear()
+    result = jobs.result_in(open(log_path, errors="replace").read())
+    if result is None:
+        return dict(out, status="error", reason=f"exit {proc.returncode}: {jobs.log_tail(log_path)}")
+    return dict(result, **out)
 
 
 # --- the table --------------------------------------------------------------------------------
@@ -550,10 +259,6 @@ def pace(done: list[dict]) -> float:
     median, within 0.5..2): the remaining estimates are scaled by it."""
     ratios = [r["wall_s"] / r["planned_s"] for r in done if r.get("status") == "ok" and r.get("planned_s")]
     return min(2.0, max(0.5, statistics.median(ratios))) if ratios else 1.0
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
 
 
 def _device_name() -> str:
@@ -628,9 +333,9 @@ def bench_gpu(args) -> dict:
                 json.dump(result, f, indent=1)
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: stop the job, keep what was measured
-        if _current:
-            proc, log_path = _current
-            _kill(proc)
+        if jobs.current:
+            proc, log_path = jobs.current
+            jobs.kill_tree(proc)
             _append_log(args.log, f"(interrupted by signal {signum}) {' '.join(proc.args[1:])[:300]}", log_path)
         result["rows"].append({"label": "(interrupted)", "status": "interrupted", "reason": f"signal {signum}"})
         write()
@@ -697,7 +402,3 @@ def add_parser(sub) -> None:
     p.add_argument("--json", help="also write the figures to this file (rewritten after every row)")
     p.add_argument("--log", help="append every job's output to this file")
     p.set_defaults(run=bench_gpu)
-
-
-if __name__ == "__main__":  # one peer row, in its own process: python -m megagpt.bench.gpu '<spec json>'
-    print("BENCH_RESULT " + json.dumps(peer_main(json.loads(sys.argv[1]))), flush=True)
