@@ -28,9 +28,10 @@ import xxhash
 
 from helpers import make_dataset, make_two_sources, next_batch, rank_sequences
 from megagpt.data.buffers import BufferPool
-from megagpt.data.shards import (DataError, Shard, _ustar_index, fetch_shard, open_dataset, parse_shard,
+from megagpt.data.shards import (DataError, Shard, fetch_shard, open_dataset, parse_shard,
                                  read_shard)
 from megagpt.data.shardwriter import ShardSink, manifest_entry, tar_header
+from megagpt.data.tar_index import ustar_index
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import permutation, permutations
@@ -75,8 +76,8 @@ def parse(raw: bytes) -> np.ndarray:
 
 
 def check_index(raw: bytes) -> None:
-    """_ustar_index finds exactly tarfile's `.tokens` members: data offsets, sizes, names."""
-    idx = _ustar_index(as_buf(raw))
+    """ustar_index finds exactly tarfile's `.tokens` members: data offsets, sizes, names."""
+    idx = ustar_index(as_buf(raw))
     assert idx is not None
     starts, sizes, names = idx
     members = token_members(raw)
@@ -223,7 +224,7 @@ def test_gnu_and_pax_extension_headers_leave_the_fast_index(fmt):
         assert any(m.name.startswith("c" * 120) for m in tar)
     kinds = {raw[i + 156 : i + 157] for i in range(0, len(raw), 512) if raw[i + 257 : i + 262] == b"ustar"}
     assert kinds & {tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE}
-    assert _ustar_index(as_buf(raw)) is None
+    assert ustar_index(as_buf(raw)) is None
 
 
 @pytest.mark.parametrize("fmt", EXTENDED, ids=["gnu", "pax"])
@@ -238,7 +239,7 @@ def test_members_under_dunder_dirs_count_on_both_paths(fmt):
     raw = write_tar([("__x__/a.tokens", tokens_bytes(5, 1)), ("d" * 120 + ".tokens", tokens_bytes(3, 2))]
                     if fmt != tarfile.USTAR_FORMAT else
                     [("__x__/a.tokens", tokens_bytes(5, 1)), ("b.tokens", tokens_bytes(3, 2))], fmt)
-    assert (_ustar_index(as_buf(raw)) is None) == (fmt != tarfile.USTAR_FORMAT)
+    assert (ustar_index(as_buf(raw)) is None) == (fmt != tarfile.USTAR_FORMAT)
     got = parse(raw)
     assert len(got) == 5 + 1 + 3 + 1
     np.testing.assert_array_equal(got, reference(raw))
@@ -247,7 +248,7 @@ def test_members_under_dunder_dirs_count_on_both_paths(fmt):
 @pytest.mark.parametrize("fmt", EXTENDED, ids=["gnu", "pax"])
 def test_general_reader_with_no_documents(fmt):
     raw = write_tar([("d" * 120 + ".json", b"{}"), ("sub", None)], fmt)
-    assert _ustar_index(as_buf(raw)) is None
+    assert ustar_index(as_buf(raw)) is None
     assert len(parse(raw)) == 0
 
 
@@ -255,7 +256,7 @@ def test_general_reader_with_no_documents(fmt):
 def test_empty_archive(fmt):
     raw = write_tar([], fmt)
     assert len(raw) >= 1024 and not any(raw)
-    starts, sizes, _ = _ustar_index(as_buf(raw))
+    starts, sizes, _ = ustar_index(as_buf(raw))
     assert len(starts) == len(sizes) == 0
     tokens = parse(raw)
     assert len(tokens) == 0 and tokens.dtype == np.dtype("<u2")
@@ -292,7 +293,7 @@ def test_header_lookalike_in_data_is_never_indexed(raw):
         assert len([m for m in tar if m.isreg()]) == 3
     blocks = [raw[i : i + 512] for i in range(0, len(raw), 512)]
     assert sum(b[257:262] == b"ustar" for b in blocks) == 4  # three headers and the lookalike
-    idx = _ustar_index(as_buf(raw))
+    idx = ustar_index(as_buf(raw))
     if idx is not None:  # a smarter index may handle it, but only exactly right
         check_index(raw)
 
@@ -316,7 +317,7 @@ def damaged(data_dir, member: int):
 
 def test_damaged_first_header_checksum_is_a_data_error(data_dir):
     ds, shard, raw = damaged(data_dir, 0)
-    assert _ustar_index(as_buf(raw)) is None  # header checksums are verified by the fast index
+    assert ustar_index(as_buf(raw)) is None  # header checksums are verified by the fast index
     with pytest.raises(DataError) as e:
         parse_shard(shard, as_buf(raw), ds.dtype, ds.vocab_size, ds.eod_id)
     assert shard.url in str(e.value) and "after document 0" in str(e.value) and "checksum" in str(e.value)
@@ -326,7 +327,7 @@ def test_damaged_later_header_checksum_is_a_data_error(data_dir):
     """tarfile stops quietly at a bad header after the first: the documents before it are read,
     and the manifest's counts must then name the shard as short."""
     ds, shard, raw = damaged(data_dir, 2)
-    assert _ustar_index(as_buf(raw)) is None
+    assert ustar_index(as_buf(raw)) is None
     with pytest.raises(DataError, match=f"{shard.url}.*holds 2 documents"):
         parse_shard(shard, as_buf(raw), ds.dtype, ds.vocab_size, ds.eod_id)
 
