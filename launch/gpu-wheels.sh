@@ -8,7 +8,8 @@
 #   .whl/            megagpt's dependencies the image lacks (../shared/gpu/fetch-wheels.sh: DeepSpeed,
 #                    Hydra, webdataset, ...) plus torchao (model.fp8) and torchtitan 0.3.0 (a peer)
 #   .fa4/a, .fa4/b   with --fa4: FlashAttention 4 (flash-attn-4 and its CUDA 13 CuTe DSL libraries,
-#                    92 MB) as one tar stream cut in two, because one device call carries 64 MiB
+#                    and what they require, 106 MiB) as one tar stream cut in two, because one
+#                    device call carries 64 MiB
 #
 # With --fa4 the device work takes two calls in a row (the machine is given back after 30 s idle):
 #   1. carry [".fa4/a"], timeout_s 60:
@@ -33,10 +34,14 @@ if [ "${1:-}" = "--fa4" ]; then
     python3 -m pip download -q --no-deps --only-binary=:all: "${PLATFORM[@]}" -d .fa4/wheels \
         flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
         nvidia-cutlass-dsl-libs-cu13==4.8.1 quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 \
-        torch-c-dlpack-ext==0.1.5
-    # One tar of the wheels (they are zip-compressed already), cut into 55 MiB + the rest:
-    # the second call also carries .whl (about 11 MiB).
-    tar cf - -C .fa4 wheels | split -b 55M -d - .fa4/part-
+        torch-c-dlpack-ext==0.1.5 \
+        nvidia-cutlass-dsl-libs-core==4.8.1 cuda-bindings==13.5.0 cuda-pathfinder==1.9.1 einops==0.8.2 \
+        protobuf==6.33.6
+    # (The last line: what flash-attn-4 and the CuTe DSL libraries require that the image may lack;
+    # einops is imported by flash_attn.cute.interface itself.)
+    # One tar of the wheels (they are zip-compressed already), cut into 58 MiB + the rest (about
+    # 48 MiB): the second call also carries .whl (about 11 MiB); a call carries 64 MiB in all.
+    tar cf - -C .fa4 wheels | split -b 58M -d - .fa4/part-
     mv .fa4/part-00 .fa4/a/fa4.tar.part-00
     mv .fa4/part-* .fa4/b/
     for f in .fa4/b/part-*; do mv "$f" ".fa4/b/fa4.tar.${f##*/}"; done

@@ -34,8 +34,8 @@ from megagpt.engine import build_engine, build_model_config
 from megagpt.flops import flops_per_token, peak_flops
 from megagpt.loop import Loop
 from megagpt.metrics import console, new_wandb_id
-from megagpt.model.attention import resolve_backend, resolve_sdpa_backend, set_sdpa_backend
-from megagpt.model.config import for_device
+from megagpt.model.attention import flash_trial, resolve_backend, resolve_sdpa_backend, set_sdpa_backend
+from megagpt.model.config import GPTConfig, for_device
 from megagpt.resilience import Faults, NanPolicy, StopRequest
 from megagpt.state import RngState, Snapshot, TrainState
 
@@ -105,7 +105,6 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
         console(f"run.dir: {run_dir}")
-        console(f"attention: {attention} (model.attention={cfg.model.attention})")
 
     # A model folder to start from is checked through (files, names, shapes) before any heavy work.
     folder = _on_every_rank(lambda: hf_import.open_folder(cfg.model.init_from)) if cfg.model.init_from else None
@@ -123,6 +122,7 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
             return dataclasses.replace(c, loss_chunk_tokens=auto["loss_chunk_tokens"])
 
         model_cfg = _on_every_rank(from_folder)
+    model_cfg = _try_flash(model_cfg, cfg.model.attention, device, console if env.is_main else None)
     if env.is_main:
         def setting(v):
             return "null (auto)" if v is None else str(v).lower()
@@ -215,6 +215,28 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
         hooks.CheckpointPolicy(t.save_every, t.max_steps),
         hooks.WatchdogHook(t.watchdog_seconds, env.rank),
     ]
+
+
+def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, log) -> GPTConfig:
+    """The model's config once FlashAttention, where chosen, has passed a trial
+    call at the model's head shape on every rank (attention.flash_trial).  If it
+    fails on any rank: `auto` falls back to SDPA on all of them and says why; an
+    explicit model.attention=flash_attn stops the run, on every rank, with the
+    reason."""
+    chosen = model_cfg.attention
+    failure = None
+    if chosen == "flash_attn":
+        failure = collectives.first_message(flash_trial(model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim,
+                                                        model_cfg.doc_mask, device))
+        if failure is not None and setting != "auto":
+            raise ConfigError(f"model.attention=flash_attn: FlashAttention failed a trial call at this model's "
+                              f"head shape: {failure}")
+        if failure is not None:
+            model_cfg = dataclasses.replace(model_cfg, attention="sdpa")
+    if log is not None:
+        why = f"; FlashAttention failed a trial call: {failure}" if failure else ""
+        log(f"attention: {model_cfg.attention} (model.attention={setting}{why})")
+    return model_cfg
 
 
 def _raise(problem: Exception | None) -> None:

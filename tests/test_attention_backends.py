@@ -15,7 +15,8 @@ import torch
 from megagpt.config import ConfigError
 from megagpt.model import attention as A
 from megagpt.model.attention import (Visibility, causal_attention, choose_flash_impl, choose_sdpa_backend,
-                                     cu_seqlens, cu_seqlens_from_eod, document_ids, resolve_sdpa_backend)
+                                     resolve_sdpa_backend)
+from megagpt.model.visibility import cu_seqlens, cu_seqlens_from_eod, document_ids
 
 REPO = Path(__file__).resolve().parents[1]
 EOD = 0
@@ -182,6 +183,62 @@ def test_fa4_with_dropout_falls_back(monkeypatch):
     torch.manual_seed(0)
     b = causal_attention(q, q, q, "sdpa", dropout_p=0.5)
     torch.testing.assert_close(a, b)
+
+
+def _failing_flash(*a, **k):
+    raise RuntimeError("cute DSL: kernel compilation failed\nmore detail")
+
+
+def _wrong_flash(q, k, v, causal=True, **_):  # a broken kernel: wrong values
+    return _reference_flash(q, k, v[:, :1].expand_as(v) + 1.0), None
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_flash_trial_passes_a_kernel_that_computes_attention(doc_mask, monkeypatch):
+    monkeypatch.setattr(A, "flash_impl", lambda *a, **k: "fa4")
+    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (fake_flash(True), "")})
+    assert A.flash_trial(4, 2, 8, doc_mask, device="cpu", dtype=torch.float32, seq_len=32) is None
+
+
+@pytest.mark.parametrize("kernel, expected", [
+    (_failing_flash, "^RuntimeError: cute DSL: kernel compilation failed$"),  # one line
+    (_wrong_flash, "^its output differs from SDPA's by up to "),
+])
+def test_flash_trial_says_why_a_kernel_cannot_train(kernel, expected, monkeypatch):
+    import re
+
+    monkeypatch.setattr(A, "flash_impl", lambda *a, **k: "fa4")
+    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (types.SimpleNamespace(flash_attn_func=kernel), "")})
+    why = A.flash_trial(4, 2, 8, device="cpu", dtype=torch.float32, seq_len=32)
+    assert why is not None and re.search(expected, why), why
+
+
+def test_auto_falls_back_to_sdpa_when_flash_fails_its_trial(monkeypatch):
+    # run._try_flash: auto keeps FlashAttention that passes, falls back (saying why)
+    # from one that fails, and an explicit flash_attn stops the run with the reason.
+    from megagpt import run
+    from megagpt.model.config import GPTConfig
+
+    cfg = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
+                    attention="flash_attn")
+    monkeypatch.setattr(A, "flash_impl", lambda *a, **k: "fa4")
+    monkeypatch.setattr(run, "flash_trial", lambda *a: A.flash_trial(*a, dtype=torch.float32, seq_len=32))
+    lines = []
+    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (fake_flash(True), "")})
+    assert run._try_flash(cfg, "auto", torch.device("cpu"), lines.append).attention == "flash_attn"
+    assert lines == ["attention: flash_attn (model.attention=auto)"]
+    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (types.SimpleNamespace(flash_attn_func=_failing_flash),
+                                                             "")})
+    assert run._try_flash(cfg, "auto", torch.device("cpu"), lines.append).attention == "sdpa"
+    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention failed a trial call: "
+                         "RuntimeError: cute DSL: kernel compilation failed)")
+    with pytest.raises(ConfigError, match="^model.attention=flash_attn: FlashAttention failed a trial call at this "
+                                          "model's head shape: RuntimeError: cute DSL"):
+        run._try_flash(cfg, "flash_attn", torch.device("cpu"), None)
+    sdpa = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_embd=32, attention="sdpa")
+    monkeypatch.setattr(run, "flash_trial", None)  # never tried for another backend
+    assert run._try_flash(sdpa, "auto", torch.device("cpu"), lines.append) is sdpa
+    assert lines[-1] == "attention: sdpa (model.attention=auto)"
 
 
 def test_resolve_backend_message_names_both_flash_packages():
@@ -371,3 +428,12 @@ def test_auto_sdpa_kernel_is_measured_on_gpu(doc_mask):
     assert chosen in A.sdpa_candidates(doc_mask) or chosen is None
     assert len(lines) == 1 and "sdpa kernel:" in lines[0]
     print(lines[0])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_flash_trial_on_gpu():
+    if not A.flash_attn_available():
+        pytest.skip(f"no FlashAttention here: {A.flash_unavailable_reason()}")
+    for doc_mask in (False, True):
+        assert A.flash_trial(32, 8, 64, doc_mask) is None

@@ -74,6 +74,7 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
     saves = rows["llama-1b, megagpt defaults, async save"]
     assert len(saves["save_waited_s"]) == 2 and all(x >= 0 for x in saves["save_waited_s"]), saves
     assert any("checkpoint step_2 committed: rank 0's files" in x for x in saves["log_lines"]), saves["log_lines"]
+    assert any("checkpoint step_2.partial: staged " in x for x in saves["log_lines"]), saves["log_lines"]
     # Each job was stopped whole: torchrun's workers (in sessions of their own) went with it.
     root = zero3["command"].split("run.dir=")[1].split()[0].rsplit("/", 1)[0]
     assert processes_mentioning(root) == []
@@ -132,7 +133,7 @@ def test_quick_settings_fit_one_device_call():
     ns = argparse.Namespace(cpu_smoke=False, quick=True, budget=None, job_timeout=None, steps=None, warmup=None,
                             seq_len=2048, micro_batch=8, gpt2_seq_len=1024, gpt2_micro_batch=16, gpt2_grad_accum=4)
     s = gpu_rows.settings_from(ns)
-    assert (s.steps, s.warmup, s.budget_s) == (20, 8, 340)
+    assert (s.steps, s.warmup, s.budget_s) == (20, 8, 330)
     g = s.shape("gpt2-124m")
     assert g["seq_len"] * g["micro_batch"] * g["grad_accum"] == 64 * 1024  # llm.c's tokens per step
     assert len(QUICK) == 9 and sum(r.est_s for r in gpu_rows.ROWS if r.quick) > 0

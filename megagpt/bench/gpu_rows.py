@@ -122,6 +122,6 @@ def settings_from(args) -> Settings:
     steps = args.steps or (20 if mode == "quick" else 40)
     warmup = args.warmup if args.warmup is not None else (8 if mode == "quick" else 10)
     return Settings(mode, steps, warmup, args.seq_len, args.micro_batch, args.gpt2_seq_len, args.gpt2_micro_batch,
-                    args.gpt2_grad_accum, args.budget if args.budget is not None else (340 if mode == "quick"
+                    args.gpt2_grad_accum, args.budget if args.budget is not None else (330 if mode == "quick"
                                                                                         else None),
                     args.job_timeout)

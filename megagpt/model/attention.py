@@ -11,8 +11,8 @@ softmax(Q K^T / sqrt(d)) V with a causal mask, computed by one of:
   eager       the reference math, written out
 `auto` picks the best one available on the device the model runs on.
 
-What a query may see is described once per forward pass by `Visibility`:
-causal over the keys in the cache plus the new ones, and with document masking
+What a query may see is described once per forward pass by `Visibility`
+(visibility.py): causal over the keys in the cache plus the new ones, and with document masking
 only the keys of its own document (a packed sequence holds several documents
 separated by the end-of-document token).  The SDPA and eager paths get it as a
 boolean mask; FlashAttention as cumulative segment lengths (`cu_seqlens`, one
@@ -29,11 +29,12 @@ import importlib
 import math
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from megagpt.model.visibility import Visibility
 
 BACKENDS = ("flash_attn", "sdpa", "eager")
 
@@ -130,6 +131,45 @@ def resolve_backend(name: str, device_type: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"model.attention: unknown backend {name!r}; choose auto or one of {BACKENDS}")
     return name
+
+
+def flash_trial(n_head: int, n_kv_head: int, head_dim: int, doc_mask: bool = False,
+                device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                seq_len: int = 128, tolerance: float = 0.05) -> str | None:
+    """Why FlashAttention cannot train this model here, or None: one forward +
+    backward through the run's own path (dense, or varlen with `doc_mask`) at
+    the model's head shape on a short batch, its output checked against SDPA's.
+
+    FlashAttention 4 compiles its kernels at the first call; a kernel that
+    fails to compile or to run (a CUDA library that does not match) shows here,
+    at start, where `auto` can still fall back to SDPA, instead of in the first
+    step.  Its kernels are cached by head shape and dtype, not by sequence
+    length, so the first step reuses what this compiled."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    B = 2
+    q = torch.randn(B, n_head, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(B, n_kv_head, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
+            for _ in range(2))
+    vis = Visibility(seq_len)
+    if doc_mask:  # two documents per row, cut at different places
+        cut = torch.tensor([[seq_len // 3], [seq_len // 2]], device=device)
+        vis.doc = (torch.arange(seq_len, device=device)[None, :] >= cut).long()  # (B, T)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    try:
+        out = causal_attention(q, k, v, "flash_attn", vis)
+        out.float().square().sum().backward()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - a kernel's compile or launch failure, whatever its type
+        return f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+    with torch.no_grad():
+        reference = _sdpa(q, k, v, vis, 0.0)
+        error = float((out.float() - reference.float()).abs().max())
+    if not error <= tolerance:  # NaN too
+        return f"its output differs from SDPA's by up to {error:.3g} (more than {tolerance})"
+    if any(x.grad is None or not torch.isfinite(x.grad).all() for x in (q, k, v)):
+        return "its backward left a missing or non-finite gradient"
+    return None
 
 
 # --- SDPA: which kernel -------------------------------------------------------------------
@@ -244,79 +284,6 @@ def resolve_sdpa_backend(name: str, device_type: str, *, batch: int, n_head: int
         log(f"sdpa kernel: {chosen or 'torch default'} (auto; forward+backward at batch {batch}, {n_head} heads "
             f"({n_kv_head} key/value), seq {seq_len}, head dim {head_dim}, bf16: {', '.join(parts)})")
     return chosen
-
-
-# --- Who sees what ------------------------------------------------------------------------
-
-def document_ids(idx: torch.Tensor, eod_id: int) -> torch.Tensor:
-    """(B, T) token ids -> (B, T) the document index of every token within its
-    row; an EOD closes (belongs to) its own document."""
-    is_eod = (idx == eod_id).int()
-    return torch.cumsum(is_eod, dim=1) - is_eod
-
-
-def cu_seqlens(doc: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, T) document ids -> (cu_seqlens int32 (n_segments + 1,), longest
-    segment) over the batch flattened to B * T tokens: a segment is one
-    document inside one row (a row start always starts one), as FlashAttention's
-    varlen kernels take them."""
-    B, T = doc.shape
-    start = torch.ones_like(doc, dtype=torch.bool)
-    start[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    starts = torch.nonzero(start.flatten()).flatten()  # one host sync: the number of segments
-    cu = torch.cat([starts, torch.tensor([B * T], device=doc.device)]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
-
-
-def cu_seqlens_from_eod(idx: torch.Tensor, eod_id: int) -> tuple[torch.Tensor, int]:
-    """cu_seqlens of a packed batch of token ids (B, T) from its EOD positions."""
-    return cu_seqlens(document_ids(idx, eod_id))
-
-
-@dataclass
-class Visibility:
-    """Which keys each query sees, computed once per forward pass.
-
-    T new queries at absolute positions offset..offset+T-1 attend to the
-    offset + T keys before and at them (the cache plus the new ones)."""
-    T: int
-    offset: int = 0
-    doc: torch.Tensor | None = None  # (B, T) document index of every token, or None
-    _mask: torch.Tensor | None = None
-    _varlen: tuple | None = None
-
-    @staticmethod
-    def of(idx: torch.Tensor, offset: int = 0, eod_id: int | None = None) -> "Visibility":
-        """Visibility for token ids idx (B, T); eod_id set: document masking."""
-        doc = document_ids(idx, eod_id) if eod_id is not None else None
-        return Visibility(idx.size(1), offset, doc)
-
-    @property
-    def plain_causal(self) -> bool:
-        return self.doc is None and self.offset == 0
-
-    def mask(self, device: torch.device) -> torch.Tensor | None:
-        """Boolean (B or 1, 1, T, offset + T), True where a query may attend;
-        None where no mask is needed (one new token sees every cached key)."""
-        if self._mask is None:
-            if self.doc is None and self.T == 1:
-                return None
-            S = self.offset + self.T
-            q = torch.arange(self.offset, S, device=device)[:, None]
-            k = torch.arange(S, device=device)[None, :]
-            m = (k <= q)[None, None]  # (1, 1, T, S)
-            if self.doc is not None:
-                if self.offset:
-                    raise ValueError("document masking with a key/value cache is not supported")
-                m = m & (self.doc[:, None, :, None] == self.doc[:, None, None, :])  # (B, 1, T, T)
-            self._mask = m
-        return self._mask
-
-    def varlen(self) -> tuple[torch.Tensor, int]:
-        """cu_seqlens(self.doc), computed once."""
-        if self._varlen is None:
-            self._varlen = cu_seqlens(self.doc)
-        return self._varlen
 
 
 # --- The kernels --------------------------------------------------------------------------
