@@ -18,7 +18,7 @@ the ones the budget leaves out say so, and `--only` runs them in another call):
                                              where it imports (else its import error)
   llama-1b, transformers, eager              the same peer, not compiled
 and, without --quick, variants: no compile, SDPA's kernels, FlashAttention,
-activation checkpointing, fp8 rowwise, torchtitan compiled, float8 against bf16
+activation checkpointing, fp8 rowwise, fp8 under ZeRO-3, torchtitan compiled, float8 against bf16
 over 300 steps (`--only "300 steps"`: the losses compared step by step,
 `loss_vs` in the JSON), the larger presets (`--only llama-3b llama-8b`: which
 one trains on this GPU, and how), and ZeRO-3's settings (torch's F.linear, no
