@@ -122,7 +122,8 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
             return dataclasses.replace(c, loss_chunk_tokens=auto["loss_chunk_tokens"])
 
         model_cfg = _on_every_rank(from_folder)
-    model_cfg = _try_flash(model_cfg, cfg.model.attention, device, console if env.is_main else None)
+    precision = resolve_precision(cfg.deepspeed.precision, device.type)
+    model_cfg = _try_flash(model_cfg, cfg.model.attention, device, precision, console if env.is_main else None)
     if env.is_main:
         def setting(v):
             return "null (auto)" if v is None else str(v).lower()
@@ -217,24 +218,27 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
     ]
 
 
-def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, log) -> GPTConfig:
+def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, precision: str, log) -> GPTConfig:
     """The model's config once FlashAttention, where chosen, has passed a trial
-    call at the model's head shape on every rank (attention.flash_trial).  If it
-    fails on any rank: `auto` falls back to SDPA on all of them and says why; an
-    explicit model.attention=flash_attn stops the run, on every rank, with the
-    reason."""
-    chosen = model_cfg.attention
+    call at the model's head shape and the run's precision on every rank
+    (attention.flash_trial).  If it cannot train this run on some rank: `auto`
+    falls back to SDPA on all of them and says why; an explicit
+    model.attention=flash_attn stops the run, on every rank, with the reason."""
     failure = None
-    if chosen == "flash_attn":
-        failure = collectives.first_message(flash_trial(model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim,
-                                                        model_cfg.doc_mask, device))
+    if model_cfg.attention == "flash_attn":
+        if precision == "fp32":  # FlashAttention's kernels take fp16 and bf16 only
+            failure = "it takes fp16 or bf16, and deepspeed.precision is fp32"
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+            trial = flash_trial(model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim, model_cfg.doc_mask,
+                                device, dtype)
+            failure = collectives.first_message(trial and f"its trial call at this model's head shape failed: {trial}")
         if failure is not None and setting != "auto":
-            raise ConfigError(f"model.attention=flash_attn: FlashAttention failed a trial call at this model's "
-                              f"head shape: {failure}")
+            raise ConfigError(f"model.attention=flash_attn: FlashAttention cannot train this run: {failure}")
         if failure is not None:
             model_cfg = dataclasses.replace(model_cfg, attention="sdpa")
     if log is not None:
-        why = f"; FlashAttention failed a trial call: {failure}" if failure else ""
+        why = f"; FlashAttention not used: {failure}" if failure else ""
         log(f"attention: {model_cfg.attention} (model.attention={setting}{why})")
     return model_cfg
 

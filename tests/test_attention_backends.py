@@ -221,23 +221,40 @@ def test_auto_falls_back_to_sdpa_when_flash_fails_its_trial(monkeypatch):
 
     cfg = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
                     attention="flash_attn")
+    cpu = torch.device("cpu")
+    tried = []
+
+    def trial(n_head, n_kv_head, head_dim, doc_mask, device, dtype):  # the run's shape and precision
+        tried.append((n_head, n_kv_head, head_dim, doc_mask, dtype))
+        return A.flash_trial(n_head, n_kv_head, head_dim, doc_mask, device, torch.float32, seq_len=32)
+
     monkeypatch.setattr(A, "flash_impl", lambda *a, **k: "fa4")
-    monkeypatch.setattr(run, "flash_trial", lambda *a: A.flash_trial(*a, dtype=torch.float32, seq_len=32))
+    monkeypatch.setattr(run, "flash_trial", trial)
     lines = []
     monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (fake_flash(True), "")})
-    assert run._try_flash(cfg, "auto", torch.device("cpu"), lines.append).attention == "flash_attn"
+    assert run._try_flash(cfg, "auto", cpu, "bf16", lines.append).attention == "flash_attn"
     assert lines == ["attention: flash_attn (model.attention=auto)"]
+    assert tried == [(4, 2, 8, False, torch.bfloat16)]
     monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (types.SimpleNamespace(flash_attn_func=_failing_flash),
                                                              "")})
-    assert run._try_flash(cfg, "auto", torch.device("cpu"), lines.append).attention == "sdpa"
-    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention failed a trial call: "
-                         "RuntimeError: cute DSL: kernel compilation failed)")
-    with pytest.raises(ConfigError, match="^model.attention=flash_attn: FlashAttention failed a trial call at this "
-                                          "model's head shape: RuntimeError: cute DSL"):
-        run._try_flash(cfg, "flash_attn", torch.device("cpu"), None)
+    assert run._try_flash(cfg, "auto", cpu, "fp16", lines.append).attention == "sdpa"
+    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention not used: its trial call at this "
+                         "model's head shape failed: RuntimeError: cute DSL: kernel compilation failed)")
+    assert tried[-1][-1] == torch.float16
+    with pytest.raises(ConfigError, match="^model.attention=flash_attn: FlashAttention cannot train this run: its "
+                                          "trial call at this model's head shape failed: RuntimeError: cute DSL"):
+        run._try_flash(cfg, "flash_attn", cpu, "bf16", None)
+    # fp32 runs: no FlashAttention kernel takes fp32, so nothing is tried.
+    calls = len(tried)
+    assert run._try_flash(cfg, "auto", cpu, "fp32", lines.append).attention == "sdpa"
+    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention not used: it takes fp16 or bf16, "
+                         "and deepspeed.precision is fp32)")
+    with pytest.raises(ConfigError, match="deepspeed.precision is fp32$"):
+        run._try_flash(cfg, "flash_attn", cpu, "fp32", None)
+    assert len(tried) == calls
     sdpa = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_embd=32, attention="sdpa")
     monkeypatch.setattr(run, "flash_trial", None)  # never tried for another backend
-    assert run._try_flash(sdpa, "auto", torch.device("cpu"), lines.append) is sdpa
+    assert run._try_flash(sdpa, "auto", cpu, "bf16", lines.append) is sdpa
     assert lines[-1] == "attention: sdpa (model.attention=auto)"
 
 
