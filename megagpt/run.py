@@ -156,7 +156,7 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
         console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), {model_cfg.family}, "
                 f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads ({model_cfg.n_kv_head} key/value), "
                 f"width {model_cfg.n_embd}, vocab {model_cfg.vocab_size}; ZeRO stage {cfg.deepspeed.zero_stage}, "
-                f"{resolve_precision(cfg.deepspeed.precision, device.type)}")
+                f"{precision}")
 
     accum, batch = grad_accum(t, env.world_size), global_batch(t, env.world_size)
     batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch)

@@ -185,8 +185,7 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
                 break
             time.sleep(0.25)
     finally:
-        jobs.kill_tree(proc)
-        jobs.current.clear()
+        jobs.stop(proc)
     recs = jobs.records(os.path.join(run_dir, "metrics.jsonl"))[:steps]
     out["log_lines"] = [x.strip() for x in open(log_path, errors="replace") if KEPT_LINES.search(x.strip())]
     out["log_path"] = log_path
@@ -244,8 +243,7 @@ def run_peer(row: Row, s: Settings, root: str, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return dict(out, status="timeout", reason=f"timeout after {timeout:.0f} s")
     finally:
-        jobs.kill_tree(proc)
-        jobs.current.clear()
+        jobs.stop(proc)
     result = jobs.result_in(open(log_path, errors="replace").read())
     if result is None:
         return dict(out, status="error", reason=f"exit {proc.returncode}: {jobs.log_tail(log_path)}")

@@ -65,6 +65,13 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """End the job `spawn` started (kill_tree), whether it is still running or
+    not, and forget it as the current one."""
+    kill_tree(proc)
+    current.clear()
+
+
 def records(path: str) -> list[dict]:
     """The complete lines of a JSON-lines file that may still be being written."""
     try:
