@@ -96,6 +96,9 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", f"must be 0-3, got {ds.zero_stage}")
     _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
              f"unknown precision {ds.precision!r}; choose auto, fp32, bf16 or fp16")
+    # (With model.attention=auto, an fp32 run falls back to SDPA: run._try_flash.)
+    _require(not (m.attention == "flash_attn" and ds.precision == "fp32"), "model.attention",
+             "flash_attn takes fp16 or bf16, and deepspeed.precision is fp32; use sdpa or auto")
     _require(ds.backend in ("auto", "nccl", "gloo"), "deepspeed.backend",
              f"unknown backend {ds.backend!r}; choose auto, nccl or gloo")
     _require(ds.stage3_param_persistence_threshold is None or ds.stage3_param_persistence_threshold >= 0,

@@ -351,6 +351,8 @@ def settings(*overrides: str):
      "model.sdpa_backend: unknown kernel 'fast'; choose one of ('auto', 'cudnn', 'flash', 'efficient', 'math')"),
     (["model.sdpa_backend=flash", "model.doc_mask=true"], True,
      "model.sdpa_backend: flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto"),
+    (["model.attention=flash_attn", "deepspeed.precision=fp32"], True,  # at start, before the data and the model
+     "model.attention: flash_attn takes fp16 or bf16, and deepspeed.precision is fp32; use sdpa or auto"),
 ])
 def test_validate_sdpa_backend(overrides, cuda, message):
     from megagpt.config_checks import validate
