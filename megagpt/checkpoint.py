@@ -47,6 +47,7 @@ TOKENIZER_FILE = "tokenizer.json"
 LATEST_FILE = "latest"
 PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_DAMAGED_DIR = re.compile(r"^step_(\d+)\.damaged-\d+$")
 log = logging.getLogger("megagpt")
 
 
@@ -126,21 +127,37 @@ def verify(path: str) -> str | None:
 
 def resolve_resume(resume: str, root: str) -> str | None:
     """The checkpoint directory to resume from, or None to start fresh.
-    `auto`: the newest checkpoint that verifies; damaged ones are reported,
-    set aside as step_<N>.damaged, and the one before is tried. Call on one
-    rank (it renames) and share the answer."""
+    `auto`: the newest checkpoint that verifies; damaged ones newer than it
+    are reported and set aside as step_<N>.damaged-<time>.  None only where
+    root holds no checkpoint at all: if it holds some and none verifies
+    (including ones set aside by an earlier start), nothing is renamed and
+    CheckpointError lists each with the reason (`trainer.resume=never`
+    starts over on purpose).  Call on one rank (it renames) and share the
+    answer."""
     if resume == "never":
         return None
     if resume == "auto":
-        for step, path in reversed(complete_checkpoints(root)):
+        intact, refused = None, []  # newest first, verified up to the first intact one
+        for _, path in reversed(complete_checkpoints(root)):
             problem = verify(path)
             if problem is None:
-                return path
+                intact = path
+                break
+            refused.append((path, problem))
+        if intact is None:
+            refused += [(path, "set aside as damaged by an earlier start") for path in set_aside(root)]
+            if refused:
+                listed = "; ".join(f"{os.path.basename(path)}: {problem}" for path, problem in refused)
+                raise CheckpointError(f"trainer.resume=auto: {root} holds {len(refused)} checkpoint(s) and none "
+                                      f"verifies ({listed}); not starting over: repair or remove them, resume "
+                                      "from a path (trainer.resume=PATH), or start over with trainer.resume=never")
+            return None
+        for path, problem in refused:
             aside = f"{path}.damaged-{int(time.time())}"
-            log.warning("checkpoint %s is damaged (%s); set aside as %s, trying the one before",
-                        path, problem, os.path.basename(aside))
+            log.warning("checkpoint %s is damaged (%s); set aside as %s, using %s", path, problem,
+                        os.path.basename(aside), os.path.basename(intact))
             os.rename(path, aside)
-        return None
+        return intact
     path = os.path.abspath(resume)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(f"trainer.resume: {resume} is not a complete megagpt checkpoint "
@@ -149,6 +166,14 @@ def resolve_resume(resume: str, root: str) -> str | None:
     if problem:
         raise CheckpointError(f"trainer.resume: checkpoint {resume} is damaged: {problem}")
     return path
+
+
+def set_aside(root: str) -> list[str]:
+    """The checkpoints an earlier start set aside as damaged (step_<N>.damaged-<time>), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((os.path.join(root, n) for n in os.listdir(root) if _DAMAGED_DIR.match(n)),
+                  key=lambda p: int(_DAMAGED_DIR.match(os.path.basename(p)).group(1)))
 
 
 # -- saving ---------------------------------------------------------------------------------

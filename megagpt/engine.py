@@ -180,6 +180,10 @@ _malloc_trim = None
 
 # -- the engine adapter ---------------------------------------------------------------------
 
+# The optimizer settings of a parameter group that come from the config (optim.*), besides the
+# learning rate, which the schedule sets.
+CONFIGURED = ("weight_decay", "betas", "eps")
+
 # The per-step exchange between ranks, one all-reduce (sum) of these, in this order.
 EXCHANGE = ("loss", "nonfinite", "stop", "data_error")
 
@@ -226,6 +230,9 @@ class TrainEngine:
         self._local: torch.Tensor | None = None  # this rank's EXCHANGE values for the step under way
         self._agreed: torch.Tensor | None = None
         optimizer.agree = self._agree
+        # This run's optimizer settings per parameter group (decay and no-decay), as
+        # the config gives them: a loaded checkpoint brings its own, which must not win.
+        self._configured = [{key: group[key] for key in CONFIGURED} for group in optimizer.param_groups]
 
     # -- one step -------------------------------------------------------------------------
 
@@ -297,9 +304,27 @@ class TrainEngine:
             load_path, _ = engine.load_checkpoint(root, tag=tag)
         finally:
             engine._config.load_universal_checkpoint = False
-        if load_path is not None and universal and self.zero_stage == 3:
+        if load_path is None:
+            return False
+        if universal and self.zero_stage == 3:
             _repair_stage3_universal_load(engine, os.path.join(root, tag))
-        return load_path is not None
+        self._follow_config()
+        return True
+
+    def _follow_config(self) -> None:
+        """After a load: the config this run was started with applies from its
+        first step.  A checkpoint restores the optimizer's parameter groups with
+        the hyperparameters and the learning rate they had when it was saved,
+        and the schedule's position (DeepSpeed's WarmupCosineLR keeps only its
+        iteration; its shape, trainer.max_steps, optim.warmup_steps, optim.lr and
+        optim.min_lr_ratio, is this run's ds_config).  Without this the first
+        step after a resume ran at the old schedule's learning rate, and with
+        the old weight decay and betas for good.  Unchanged settings give the
+        same values, bit for bit."""
+        for group, configured in zip(self.optimizer.param_groups, self._configured):
+            group.update(configured)
+        scheduler = self.ds_engine.lr_scheduler
+        scheduler.step(scheduler.last_batch_iteration)  # the next step's rate, by this run's schedule
 
     # -- evaluation -----------------------------------------------------------------------
 

@@ -100,7 +100,13 @@ class Loop:
         is not seen again; the event counters keep counting."""
         self.checkpointer.wait()
         root = self.checkpointer.root
-        path = collectives.broadcast_from_main(checkpoint.resolve_resume("auto", root) if self.is_main else None)
+        path = None
+        if self.is_main:
+            try:
+                path = checkpoint.resolve_resume("auto", root)
+            except checkpoint.CheckpointError:  # checkpoints, but none that verifies
+                path = None
+        path = collectives.broadcast_from_main(path)
         if path is None:
             raise TrainingDiverged(f"step {self.state.step}: non-finite loss or gradient and no checkpoint "
                                    "to roll back to")

@@ -27,13 +27,14 @@ SECTIONS = {
     "loss_spikes": "train", "rollbacks": "train",
     "val_loss": "val",
     "tokens_per_sec": "perf", "mfu": "perf", "step_time": "perf", "eta_sec": "perf", "save_blocked_sec": "perf",
-    "data_wait": "data", "data_skipped_shards": "data",
+    "data_wait": "data", "data_skipped_shards": "data", "data_epoch": "data",
     "memory_gb": "system",
 }
 
 
 def wandb_name(key: str) -> str:
-    """`loss` -> `train/loss`, `val_loss/code` -> `val/loss/code`, `mix/code` -> `data/mix/code`."""
+    """`loss` -> `train/loss`, `val_loss/code` -> `val/loss/code`, `mix/code` -> `data/mix/code`,
+    `data_epoch/code` -> `data/epoch/code`."""
     head, _, rest = key.partition("/")
     if head == "mix":
         return f"data/{key}"
@@ -59,7 +60,15 @@ def wandb_credentials() -> bool:
 class MetricsSink:
     def __init__(self, run_dir: str, logger_cfg, config: dict, run_id: str | None, resumed_step: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        _truncate_after(self.path, resumed_step)  # a resumed run never repeats a step
+        if resumed_step > 0:
+            _truncate_after(self.path, resumed_step)  # a resumed run never repeats a step
+        else:
+            # A new start (no checkpoint yet, or trainer.resume=never) appends: the
+            # records of an earlier start in this run.dir are never dropped.
+            kept = _count_records(self.path)
+            if kept:
+                log.warning("metrics.jsonl: %d record(s) of an earlier start kept; this start's records (from "
+                            "step 1) follow them", kept)
         self.file = open(self.path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.kind == "wandb":
@@ -99,6 +108,20 @@ class MetricsSink:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _count_records(path: str) -> int:
+    """The records in metrics.jsonl; a last line cut short by a crash is dropped
+    (it was never a record), so that the next one starts on a line of its own."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        with atomic_open(path) as f:
+            f.writelines(lines[:-1])
+        lines = lines[:-1]
+    return sum(1 for line in lines if line.strip())
 
 
 def _truncate_after(path: str, step: int) -> None:

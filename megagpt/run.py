@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import OmegaConf
 
-from megagpt import checkpoint, collectives, hf_import, hooks, runtime
+from megagpt import checkpoint, collectives, hf_import, hooks, resume_check, runtime
 from megagpt.atomic import write_json
 from megagpt.config import Config, ConfigError, global_batch, grad_accum
 from megagpt.config_checks import validate
@@ -145,6 +145,10 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
     resume_from = collectives.broadcast_from_main(_resolve_resume(t.resume, ckpt_root) if env.is_main else None)
     if isinstance(resume_from, Exception):
         raise resume_from
+    config_record = OmegaConf.to_container(OmegaConf.structured(cfg))
+    if resume_from:  # what the checkpoint cannot resume with stops here, before anything is loaded
+        resume_check.check(resume_from, checkpoint.load_state(resume_from), config_record, asdict(model_cfg),
+                           precision, data.mix.layout(), console if env.is_main else None)
     # A restart resumes from the run's own checkpoint, never from the folder again.
     load = hf_import.module_loader(folder, model_cfg) if folder is not None and not resume_from else None
     engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type, model_cfg.n_embd),
@@ -162,13 +166,13 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
     batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch)
     state, rng, stop = TrainState(), RngState(device), StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
     # The run as the checkpoints and W&B describe it: the resolved config, and where the weights came from.
-    description = {"config": OmegaConf.to_container(OmegaConf.structured(cfg)),
-                   "init_from": folder.record if folder is not None else None}
+    description = {"config": config_record, "init_from": folder.record if folder is not None else None}
     hook_list = _hooks(cfg, env, device, run_dir, engine, data, batch * cfg.data.seq_len, stop,
                        flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim,
                                        cfg.data.seq_len), description)
     snapshot = Snapshot(state, batches, {h.name: h for h in hook_list if h.name},
-                        {"world_size": env.world_size, **description, "model": asdict(model_cfg)})
+                        {"world_size": env.world_size, **description, "model": asdict(model_cfg),
+                         "precision": precision})
     restore_args = {"env": env, "seed": t.seed}
     if resume_from:
         checkpoint.restore(resume_from, engine=engine, rng=rng, snapshot=snapshot, **restore_args)

@@ -78,9 +78,12 @@ def _fail(msg: str) -> None:
 
 
 def _say(e: BaseException) -> None:
-    """Print e's one-line report now, once (the exit comes later, in _hydra_main)."""
+    """Print e's one-line report now, once (the exit comes later, in _hydra_main).
+    An error with several independent causes (`lines`, e.g. each config key a
+    resume cannot honour) gets one line per cause."""
     if not getattr(e, "_megagpt_said", False):
-        _error_line(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        for line in getattr(e, "lines", None) or [str(e).splitlines()[0] if str(e) else type(e).__name__]:
+            _error_line(line)
         e._megagpt_said = True
 
 

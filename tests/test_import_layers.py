@@ -23,7 +23,7 @@ LAYERS = [
     ("data", ["megagpt.data"]),
     ("checks", ["megagpt.config_checks"]),
     ("engine", ["megagpt.optimizer", "megagpt.ds_config", "megagpt.staged_save", "megagpt.engine"]),
-    ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.hooks", "megagpt.loop"]),
+    ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.resume_check", "megagpt.hooks", "megagpt.loop"]),
     ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
     ("entry", ["megagpt.run", "megagpt.train", "megagpt.bench"]),
 ]
