@@ -353,39 +353,44 @@ def test_resume_after_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert counter.calls == 48 - sum(finished[name] for name in written)
 
 
-def test_changed_input_or_options_start_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_input_or_options_start_over_with_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     docs = _many_corpus(tmp_path / "in")
     out = tmp_path / "o"
     m = prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=4, log=None)
     with open(tmp_path / "in" / "b.jsonl", "a") as f:
         f.write(json.dumps({"text": "a new document"}) + "\n")
+    with pytest.raises(ValueError, match=rf"changed input {tmp_path / 'in' / 'b.jsonl'}\); give --overwrite"):
+        prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=4, log=None)
     logs: list[str] = []
-    m2 = prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=4, log=logs.append)
-    assert any("starting over" in line for line in logs) and any("training" in line for line in logs)
+    m2 = prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=4, log=logs.append, overwrite=True)
+    assert any(line.startswith(f"replacing the prepared dataset in {out}") for line in logs)
+    assert any("training" in line for line in logs)
     assert m2["documents"] == m["documents"] + 1 and "a new document" in _decoded(out, m2)
 
-    m3 = prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=100, log=None)
+    m3 = prepare([str(tmp_path / "in")], str(out), vocab_size=300, docs_per_shard=100, log=None, overwrite=True)
     assert len(m3["shards"]) == 1 and m3["documents"] == len(docs) + 1
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".tar") == ["shard-000000.tar"]  # old shards removed
 
 
 def test_unreadable_inputs(tmp_path: Path) -> None:
-    (tmp_path / "ok.txt").write_text("fine")
-    bad = tmp_path / "bad.jsonl.gz"
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "ok.txt").write_text("fine")
+    bad = src / "bad.jsonl.gz"
     bad.write_bytes(b"this is not gzip data at all")
     with pytest.raises(ValueError, match=rf"cannot read {bad}: Not a gzipped file"):
-        prepare([str(tmp_path)], str(tmp_path / "o1"), log=None)
+        prepare([str(src)], str(tmp_path / "o1"), log=None)
     whole = gzip.compress(b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(2000)))
     bad.write_bytes(whole[: len(whole) // 2])  # truncated
     with pytest.raises(ValueError, match=rf"cannot read {bad}: Compressed file ended"):
-        prepare([str(tmp_path)], str(tmp_path / "o2"), log=None, tokenizer=None)
+        prepare([str(src)], str(tmp_path / "o2"), log=None, tokenizer=None)
     bad.write_bytes(whole[:20] + b"\xff" * 50 + whole[70:])  # corrupt deflate stream
     with pytest.raises(ValueError, match=rf"cannot read {bad}: "):
-        prepare([str(tmp_path)], str(tmp_path / "o3"), log=None)
+        prepare([str(src)], str(tmp_path / "o3"), log=None)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(
-        [sys.executable, "-m", "megagpt.data.prepare", "--input", str(tmp_path / "*.*"), "--output",
+        [sys.executable, "-m", "megagpt.data.prepare", "--input", str(src / "*.*"), "--output",
          str(tmp_path / "cli"), "--val-docs", "1"],
         capture_output=True, text=True, env=env, timeout=60,
     )
@@ -396,11 +401,12 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
 def test_permission_denied(tmp_path: Path) -> None:
-    locked = tmp_path / "locked.txt"
+    locked = tmp_path / "in" / "locked.txt"
+    locked.parent.mkdir()
     locked.write_text("secret")
     locked.chmod(0)
     with pytest.raises(ValueError, match=rf"cannot read {locked}: .*Permission denied"):
-        prepare([str(tmp_path)], str(tmp_path / "o"), tokenizer=None, log=None)
+        prepare([str(locked.parent)], str(tmp_path / "o"), tokenizer=None, log=None)
 
 
 def test_progress_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

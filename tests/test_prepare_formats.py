@@ -277,9 +277,11 @@ def test_http_inputs(tmp_path: Path, tokenizer: str, served, monkeypatch: pytest
 
     write_zst(root / "b.jsonl.zst", DOCS[20:36])  # the remote file changes: size and Last-Modified
     os.utime(root / "b.jsonl.zst", (1, 1))
+    with pytest.raises(ValueError, match=rf"changed input {base}/b.jsonl.zst\); give --overwrite"):
+        prepare(urls, str(out), log=None, **kw)
     logs.clear()
-    m2 = prepare(urls, str(out), log=logs.append, **kw)
-    assert any("starting over" in line for line in logs)
+    m2 = prepare(urls, str(out), log=logs.append, overwrite=True, **kw)
+    assert any(line.startswith(f"replacing the prepared dataset in {out}") for line in logs)
     assert m2["documents"] + m2["val_documents"] == m["documents"] + m["val_documents"] + 1
 
     missing = f"{base}/nope.jsonl.zst"

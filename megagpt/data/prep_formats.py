@@ -17,10 +17,20 @@ Empty documents are skipped. Compressed and remote inputs are streamed; Parquet 
 a batch of rows at a time (a URL is first copied to a temporary file: Parquet needs
 random access). Reading, decompressing and cutting happen in the main process, which
 runs far ahead of the tokenizing workers (hundreds of MB/s against ~2 MB/s a worker).
+
+Text is UTF-8. A document that is a whole file or a tar's ``.txt`` member is skipped as
+not text when its first 8 KiB hold a NUL byte (binaries, UTF-16) or when more than a tenth
+of their characters are not UTF-8 (another encoding, random bytes): tokens of such bytes
+teach nothing. Bytes that are not UTF-8 in the text that is kept (a Latin-1 accent, a
+stray byte in a JSON line) become U+FFFD and are counted. Each such event is a ``Note``
+the workers hand back, so the main process can warn per file and count them. Parquet
+strings are UTF-8 by Arrow's own check, and a binary file named ``.jsonl`` or a ``.json``
+member fails as malformed JSON, so neither needs the test.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import tarfile
@@ -33,6 +43,9 @@ from megagpt.data.shards import is_local
 
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: bounded memory whatever the row groups' size
 ZSTD_MAX_WINDOW = 1 << 31  # accept files compressed with --long=31 (zstd's default limit is 128 MiB)
+SNIFF_BYTES = 8192  # how much of a document decides whether it is text
+MAX_INVALID_SHARE = 0.1  # above this share of characters not UTF-8 there, a document is not text
+_ENCODED_FFFD = "\ufffd".encode()
 
 
 class InputError(ValueError):
@@ -56,6 +69,16 @@ class Unit(NamedTuple):
     size: int
     error: str | None = None  # a read error, raised when the unit is processed so errors come in input order
     kind: str = "file"
+
+
+class Note(NamedTuple):
+    """Something parsing did to one document: ``skipped`` it as not text (the warning,
+    naming the input), or put ``replaced`` U+FFFD characters for bytes that are not UTF-8."""
+
+    file: int
+    pos: int
+    replaced: int = 0
+    skipped: str = ""
 
 
 # ---------------------------------------------------------------- reading (main process)
@@ -234,31 +257,69 @@ _READERS: dict[str, Callable[[int, Input, int], Iterator[Unit]]] = {
 # ---------------------------------------------------------------- parsing (workers)
 
 
-def unit_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
-    """``(position, text)`` of the unit's non-empty documents; errors name the input and position."""
+def unit_texts(u: Unit, text_field: str, notes: list[Note] | None = None) -> Iterator[tuple[int, str]]:
+    """``(position, text)`` of the unit's non-empty documents; errors name the input and position.
+    What parsing skipped or replaced is appended to ``notes``, in position order."""
     if u.error:
         raise ValueError(u.error)
-    return _PARSERS[u.kind](u, text_field)
+    return _PARSERS[u.kind](u, text_field, [] if notes is None else notes)
 
 
-def _file_texts(u: Unit, _: str) -> Iterator[tuple[int, str]]:
+def decode(data: bytes) -> tuple[str, int]:
+    """The UTF-8 text of ``data`` and how many U+FFFD stand in for bytes that are not UTF-8."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # An encoded U+FFFD always decodes to one U+FFFD; every other one is a replacement.
+        return text, text.count("\ufffd") - data.count(_ENCODED_FFFD)
+
+
+def not_text(data: bytes) -> str | None:
+    """Why ``data`` is not UTF-8 text (judged by its first ``SNIFF_BYTES``), or None if it is."""
+    head = data[:SNIFF_BYTES]
+    if b"\0" in head:
+        return f"a NUL byte in its first {SNIFF_BYTES // 1024} KiB"
+    # Not final unless the block is all of it: a character cut at the block's end is not an error.
+    text = codecs.getincrementaldecoder("utf-8")("replace").decode(head, final=len(data) <= SNIFF_BYTES)
+    invalid = text.count("\ufffd") - head.count(_ENCODED_FFFD)
+    if invalid > MAX_INVALID_SHARE * len(text):
+        return f"{invalid} invalid UTF-8 sequences in its first {len(head)} bytes"
+    return None
+
+
+def _document(data: bytes, file: int, pos: int, where: str, notes: list[Note]) -> str:
+    """The text of a document that is a whole file or member: '' (and a note) if it is not text."""
+    if why := not_text(data):
+        notes.append(Note(file, pos, skipped=f"{where}: not UTF-8 text ({why})"))
+        return ""
+    text, invalid = decode(data)
+    if invalid:
+        notes.append(Note(file, pos, replaced=invalid))
+    return text
+
+
+def _file_texts(u: Unit, _: str, notes: list[Note]) -> Iterator[tuple[int, str]]:
     try:
         # Bytes + explicit decode keeps the text exact (no newline translation).
         data = Path(u.path).read_bytes()
     except OSError as e:
         raise ValueError(f"cannot read {u.path}: {e}") from None
-    if text := data.decode("utf-8", errors="replace"):
+    if text := _document(data, u.file, 0, u.path, notes):
         yield 0, text
 
 
-def _text_texts(u: Unit, _: str) -> Iterator[tuple[int, str]]:
-    if text := u.data.decode("utf-8", errors="replace"):
+def _text_texts(u: Unit, _: str, notes: list[Note]) -> Iterator[tuple[int, str]]:
+    if text := _document(u.data, u.file, 0, u.path, notes):
         yield 0, text
 
 
-def _jsonl_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
+def _jsonl_texts(u: Unit, text_field: str, notes: list[Note]) -> Iterator[tuple[int, str]]:
     for lineno, raw in enumerate(u.data.split(b"\n"), start=u.first_line):
-        line = raw.decode("utf-8", errors="replace").strip()
+        line, invalid = decode(raw)
+        line = line.strip()
+        if invalid:
+            notes.append(Note(u.file, lineno, replaced=invalid))
         if not line:  # tolerate blank lines, e.g. a trailing newline
             continue
         try:
@@ -269,7 +330,7 @@ def _jsonl_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
             yield lineno, text
 
 
-def _row_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
+def _row_texts(u: Unit, text_field: str, _: list[Note]) -> Iterator[tuple[int, str]]:
     for row, text in u.data:
         if text is None:
             raise ValueError(f"{u.path}: row {row}: field {text_field!r} is null")
@@ -277,13 +338,15 @@ def _row_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
             yield row, text
 
 
-def _member_texts(u: Unit, text_field: str) -> Iterator[tuple[int, str]]:
+def _member_texts(u: Unit, text_field: str, notes: list[Note]) -> Iterator[tuple[int, str]]:
     for number, (member, ext, data) in u.data:
-        raw = data.decode("utf-8", errors="replace")
+        where = f"{u.path}: member {member}"
         if ext == "txt":
-            text = raw
+            text = _document(data, u.file, number, where, notes)
         else:
-            where = f"{u.path}: member {member}"
+            raw, invalid = decode(data)
+            if invalid:
+                notes.append(Note(u.file, number, replaced=invalid))
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
@@ -304,7 +367,7 @@ def _field_text(obj: object, text_field: str, where: str) -> str:
     return text
 
 
-_PARSERS: dict[str, Callable[[Unit, str], Iterator[tuple[int, str]]]] = {
+_PARSERS: dict[str, Callable[[Unit, str, list[Note]], Iterator[tuple[int, str]]]] = {
     "file": _file_texts,
     "text": _text_texts,
     "jsonl": _jsonl_texts,

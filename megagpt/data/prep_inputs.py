@@ -11,6 +11,7 @@ index and its line, row or member number there, whatever unit carried it.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import http.client
@@ -29,7 +30,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 from tokenizers import Tokenizer
 
-from megagpt.data.prep_formats import InputError, Unit, read_units, unit_texts
+from megagpt.data.prep_formats import InputError, Note, Unit, read_units, unit_texts
 from megagpt.data.prep_progress import Progress
 from megagpt.data.prep_sources import Input, as_inputs, is_url
 
@@ -53,13 +54,15 @@ class Job(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """Tokenized documents of one task; ``lengths[i] == -1``: skipped (already written)."""
+    """Tokenized documents of one task; ``lengths[i] == -1``: skipped (already written).
+    ``notes``: documents skipped as not text, and replaced characters, in position order."""
 
     files: list[int]
     lines: list[int]
     val: list[bool]
     lengths: list[int]
     tokens: np.ndarray
+    notes: list[Note]
 
 
 # ---------------------------------------------------------------- files
@@ -96,6 +99,52 @@ def find_inputs(inputs: Sequence[str]) -> list[Path | str]:
         for p in matches:
             found.setdefault(os.path.normpath(p), p)
     return [found[k] for k in sorted(found)]
+
+
+def check_apart(inputs: Sequence[str], files: Sequence[Path | str], output: str) -> None:
+    """Refuse an output folder inside (or equal to) an input folder, and an input inside the
+    output folder: a run would read its own shards, and a re-run would replace its inputs.
+    A glob counts by what it could match, so the output it would match only once it exists
+    is refused on the first run already."""
+    out = os.path.realpath(output)
+    advice = "; choose an output folder outside the inputs"
+    for spec in inputs:
+        if is_url(spec):
+            continue
+        hits = glob.glob(spec, recursive=True) if glob.has_magic(spec) else [spec]
+        for hit in filter(os.path.isdir, hits):
+            folder = os.path.realpath(hit)
+            if out == folder or _within(out, folder):
+                relation = "is" if out == folder else "is inside"
+                raise ValueError(f"the output folder {output} {relation} the input folder {hit}{advice}")
+        if glob.has_magic(spec) and _reaches(os.path.abspath(spec), os.path.abspath(output)):
+            raise ValueError(f"the input {spec} reaches into the output folder {output}{advice}")
+    for f in files:
+        if is_url(str(f)):
+            continue
+        if _within(os.path.realpath(f), out):
+            raise ValueError(f"the input {f} is inside the output folder {output}{advice}")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
+def _reaches(pattern: str, folder: str) -> bool:
+    """Whether the glob ``pattern`` could match ``folder``, an ancestor (walked) or something in it."""
+    return _match_prefix(Path(pattern).parts, Path(folder).parts)
+
+
+def _match_prefix(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    # True when all of ``parts`` are matched by a prefix of ``pattern``, or when the pattern
+    # matches fewer parts (an ancestor folder, walked whole).
+    if not pattern or not parts:
+        return True
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":  # any number of folders (glob's recursive form)
+        return any(_match_prefix(rest, parts[i:]) for i in range(len(parts) + 1))
+    hidden_ok = head.startswith(".") or not parts[0].startswith(".")  # glob's * skips hidden names
+    return hidden_ok and fnmatch.fnmatchcase(parts[0], head) and _match_prefix(rest, parts[1:])
 
 
 # What reading an input can raise besides InputError: a missing file, a failed download or
@@ -149,7 +198,7 @@ def iter_tasks(units: Iterable[Unit], chunk: int | None = None) -> Iterator[list
 
 
 def iter_documents(files: Sequence[Path | str | Input], text_field: str = "text") -> Iterator[tuple[int, str]]:
-    """Yield ``(file_index, text)`` for every non-empty document, in input order (in this process)."""
+    """Yield ``(file_index, text)`` for every non-empty text document, in input order (in this process)."""
     for u in iter_units(as_inputs(files, text_field)):
         for _, text in unit_texts(u, text_field):
             yield u.file, text
@@ -190,10 +239,10 @@ def scan_task(job: Job, units: list[Unit]) -> tuple[int, list[int]]:
 
 
 def tokenize_task(job: Job, units: list[Unit]) -> Batch:
-    b = Batch([], [], [], [], np.empty(0))
+    b = Batch([], [], [], [], np.empty(0), [])
     parts: list[np.ndarray] = []
     for u in units:
-        for line, text in unit_texts(u, job.text_field):
+        for line, text in unit_texts(u, job.text_field, b.notes):
             val = job.val_below > 0 and split_hash(job.seed, u.file, line) < job.val_below
             skip = job.skip_val if val else job.skip_train
             b.files.append(u.file)

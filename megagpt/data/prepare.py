@@ -16,6 +16,18 @@ directory is complete once ``manifest.json`` exists: it is written last, and eve
 shard is written under a ``.tmp`` name first, so an interrupted run never leaves
 output that looks finished. Running the same command again keeps the shards that
 are finished (``.prepare_state.jsonl`` records them) and continues after them.
+
+The output folder is prepare's alone: it refuses one that holds a dataset made from
+other inputs or settings (finished, or with finished shards or a trained tokenizer, or
+one whose inputs are not recorded), or other files, unless ``--overwrite`` is given; even
+then only prepare's own files there (``manifest.json``, ``.prepare_state.jsonl``,
+``tokenizer.json``, ``shard-NNNNNN.tar``, ``val-NNNNNN.tar``) are replaced or removed,
+never anything else. A run that stopped before making either is simply started over.
+It refuses an output folder inside an input folder and an input inside the output
+folder, flag or not.
+
+Inputs that are not UTF-8 text are skipped with a warning, and bytes that are not UTF-8
+in the text kept are replaced and counted per input (see ``prep_formats``).
 """
 
 from __future__ import annotations
@@ -31,15 +43,29 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from megagpt.atomic import write_text
-from megagpt.data.prep_inputs import CHUNK_BYTES, Job, Pool, cpu_count, find_inputs, iter_documents, val_threshold
+from megagpt.data.prep_inputs import (
+    CHUNK_BYTES,
+    Job,
+    Pool,
+    check_apart,
+    cpu_count,
+    find_inputs,
+    iter_documents,
+    val_threshold,
+)
 from megagpt.data.prep_progress import Progress, clearing
 from megagpt.data.prep_sources import Input, as_inputs, check_readers, identity
 from megagpt.data.shards import FORMAT, VERSION, check_manifest
 from megagpt.data.shardwriter import (
+    MANIFEST,
     SPLITS,
     STATE_FILE,
+    TOKENIZER_FILE,
     State,
+    Tally,
     manifest_entry,
+    other_entries,
+    plural,
     remove_outputs,
     sha256_file,
     shard_ok,
@@ -50,10 +76,8 @@ from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bp
 __all__ = ["MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read_manifest"]
 
 STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a change means starting over
-MANIFEST = "manifest.json"
 DEFAULT_DOCS_PER_SHARD = 2000
 DEFAULT_SHARD_BYTES = 64 << 20
-TOKENIZER_FILE = "tokenizer.json"
 PROG = "megagpt.data.prepare"
 
 Log = Callable[[str], None]
@@ -68,16 +92,19 @@ def _quiet(_: str) -> None:
 UNKNOWN_INPUT_BYTES = 1 << 30
 
 
-def _fingerprint(files: Sequence[Input], options: dict) -> tuple[str, int]:
+def _fingerprint(files: Sequence[Input], options: dict) -> tuple[str, int, list[list[str]]]:
     """Hash of the options and every input's identity (a file's path, size and mtime; a
-    URL's metadata; a command's text: see prep_sources.identity); and the total input size."""
+    URL's metadata; a command's text: see prep_sources.identity); the total input size; and
+    each input's name with a digest of its identity, recorded to say what changed."""
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     total = 0
+    record = []
     for inp in files:
         line, size = identity(inp)
         h.update(line.encode())
         total += UNKNOWN_INPUT_BYTES if size is None else size
-    return h.hexdigest(), total
+        record.append([line.split("\0")[0].rstrip("\n"), hashlib.sha256(line.encode()).hexdigest()[:16]])
+    return h.hexdigest(), total, record
 
 
 def _save_tokenizer(tok: Tokenizer, out: Path) -> str:
@@ -116,6 +143,46 @@ def _complete(out: Path, state: State) -> dict | None:
     return m if all(shard_ok(out, s) for shards in state.shards.values() for s in shards) else None
 
 
+def _claim(out: Path, state: State | None, fingerprint: str, options: dict, inputs: list[list[str]],
+           overwrite: bool, say: Log) -> State | None:
+    """The earlier run of this very call to continue, or None to start afresh. What is in
+    ``out`` otherwise is refused unless ``overwrite``: a dataset made from other inputs or
+    settings, one whose inputs are not recorded, or files of someone else's."""
+    if state is not None and state.header.get("fingerprint") == fingerprint:
+        return state
+    kind = "prepared dataset" if (out / MANIFEST).is_file() else "partly prepared dataset"
+    if state is not None and kind != "prepared dataset" and _nothing_made(state):
+        say(f"the unfinished run in {out} wrote no shards (other inputs or settings: "
+            f"{state.differences(options, inputs)}): starting over")
+        return None
+    if state is not None:
+        why = f"made from other inputs or settings ({state.differences(options, inputs)})"
+        refusal, action = f"holds a {kind} {why}", "replace it"
+        done = f"replacing the {kind} in {out} ({why.replace(' (', ': ', 1)}"
+    elif (out / MANIFEST).exists() or (out / STATE_FILE).exists():
+        refusal, action = f"holds a {kind} whose inputs are not recorded (no readable {STATE_FILE})", "replace it"
+        done = f"replacing the {kind} in {out} (its inputs are not recorded)"
+    elif names := other_entries(out):
+        listed = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        refusal = f"is not empty and holds no megagpt dataset ({listed})"
+        action = "write into it (only prepare's own files there are replaced)"
+        done = f"writing into {out} beside other files (only prepare's own files there are replaced)"
+    else:
+        return None
+    if not overwrite:
+        raise ValueError(f"{out} {refusal}; give --overwrite (overwrite=True) to {action}")
+    say(done)
+    return None
+
+
+def _nothing_made(state: State) -> bool:
+    """A run that stopped (an input error, Ctrl-C) before its first shard, and before it
+    trained a tokenizer (a given one is only a copy): replacing it loses nothing."""
+    trained = isinstance(state.header.get("options", {}).get("tokenizer"), dict)
+    made_tokenizer = trained and state.header.get("tokenizer_sha256") is not None
+    return not made_tokenizer and not any(state.shards.values())
+
+
 def _clear(out: Path) -> None:
     # The manifest goes first: from here until the new one is written the directory reads as incomplete.
     (out / MANIFEST).unlink(missing_ok=True)
@@ -138,6 +205,7 @@ def prepare(
     val_docs: int = 0,
     seed: int = 0,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into shards under ``output``; returns the manifest.
 
@@ -145,7 +213,9 @@ def prepare(
     inputs); the output does not depend on it. ``val_fraction`` (about that share) or
     ``val_docs`` (exactly that many) documents, picked by a hash of their position and
     ``seed``, go to ``val-NNNNNN.tar`` shards instead. A re-run with the same inputs and
-    options keeps the finished shards and continues after them.
+    options keeps the finished shards and continues after them. ``overwrite`` lets it
+    replace what ``output`` holds otherwise (see the module docstring); without it that
+    is a ValueError, as is an output inside the inputs.
     """
     say = log or _quiet
     if docs_per_shard < 1 or shard_bytes < 1:
@@ -157,10 +227,10 @@ def prepare(
     if val_fraction and val_docs:
         raise ValueError("give val_fraction or val_docs, not both")
     files = as_inputs(find_inputs(inputs), text_field)
+    check_apart(inputs, [f.name for f in files], output)
     check_readers(files)
     say(f"{len(files)} input files")
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
 
     given = load_tokenizer(tokenizer) if tokenizer else None
     options = {
@@ -174,12 +244,10 @@ def prepare(
         # A given tokenizer by content; a trained one by its recipe (its file is checked separately).
         "tokenizer": hashlib.sha256(given.to_str().encode()).hexdigest() if given else {"train_vocab": vocab_size},
     }
-    fingerprint, input_bytes = _fingerprint(files, options)
+    fingerprint, input_bytes, input_record = _fingerprint(files, options)
 
-    state = State.load(out)
-    if state is not None and state.header.get("fingerprint") != fingerprint:
-        say("inputs or options differ from the earlier run in this directory: starting over")
-        state = None
+    state = _claim(out, State.load(out), fingerprint, options, input_record, overwrite, say)
+    out.mkdir(parents=True, exist_ok=True)
     if state is not None and (done := _complete(out, state)) is not None:
         say(f"all {len(done['shards']) + len(done.get('val_shards', []))} shards already complete in {out}")
         return done
@@ -193,12 +261,15 @@ def prepare(
             say(f"reusing {TOKENIZER_FILE} trained by the earlier run")
     if state is None:
         _clear(out)
+        header = {"fingerprint": fingerprint, "options": options, "inputs": input_record, "val_below": None}
+        # Written first, so a run stopped while the tokenizer trains is known as this call's.
+        State({**header, "tokenizer_sha256": None}).rewrite(out)
         if tok is None:
             say(f"training byte-level BPE tokenizer (vocab_size={vocab_size}) on the inputs")
             tok = train_bpe((text for _, text in iter_documents(files, text_field)), vocab_size)
         # Saved before any shard, so a resumed run encodes with the very same tokenizer.
         tok_sha = _save_tokenizer(tok, out)
-        state = State({"fingerprint": fingerprint, "options": options, "tokenizer_sha256": tok_sha, "val_below": None})
+        state = State({**header, "tokenizer_sha256": tok_sha})
         state.rewrite(out)
     else:
         (out / MANIFEST).unlink(missing_ok=True)
@@ -227,11 +298,12 @@ def prepare(
                 val_below = int(val_fraction * 2**64)
             state.header["val_below"] = val_below
             state.rewrite(out)
-        manifest = write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
-                                 shard_bytes, say, prog)
+        manifest, tally = write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
+                                        shard_bytes, say, prog)
     prog.clear()
     if manifest["documents"] == 0:
-        where = "; all went to the validation split" if manifest["val_documents"] else ""
+        where = f" ({tally.skipped} skipped as not UTF-8 text)" if tally.skipped else ""
+        where += "; all went to the validation split" if manifest["val_documents"] else ""
         raise ValueError(f"no non-empty documents in inputs{where}: {' '.join(inputs)}")
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "eod_id": eod,
                 "tokenizer": TOKENIZER_FILE, **manifest}
@@ -239,9 +311,16 @@ def prepare(
     say(
         f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
         f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents"
-        f" ({dtype}) in {out}"
+        f" ({dtype}) in {out}{_not_text(tally)}"
     )
     return manifest
+
+
+def _not_text(t: Tally) -> str:
+    said = f"; {plural(t.skipped, 'document')} skipped as not UTF-8 text" if t.skipped else ""
+    if t.replaced:
+        said += f"; {plural(t.replaced, 'invalid UTF-8 sequence')} replaced in {plural(t.replaced_files, 'file')}"
+    return said
 
 
 def read_manifest(dir_or_file: str) -> dict:
@@ -277,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     split.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for validation (about)")
     split.add_argument("--val-docs", type=int, default=0, help="number of documents for validation (exactly)")
     ap.add_argument("--seed", type=int, default=0, help="picks the validation documents (default 0)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace a dataset in --output made from other inputs or settings, or write into a folder "
+                         "holding other files (only prepare's own files there are replaced)")
     return ap
 
 
@@ -302,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             val_docs=args.val_docs,
             seed=args.seed,
             progress=True,
+            overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:
         msg = " ".join(str(e).split())  # one line, even for multi-line library errors

@@ -1,4 +1,5 @@
-"""Writing shards, and the progress record that lets ``prepare`` resume an interrupted run."""
+"""Writing shards, and the progress record that lets ``prepare`` resume an interrupted run
+(and tells an earlier run's folder from a stranger's)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,21 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import xxhash
 
 from megagpt.atomic import write_text
+from megagpt.data.prep_formats import Note
 from megagpt.data.prep_inputs import Job, Pool, iter_tasks, iter_units, tokenize_task
 from megagpt.data.prep_progress import Progress
+from megagpt.data.prep_sources import Input, as_inputs
 from megagpt.data.shards import SHARD_KEYS
 
 SPLITS = {"train": "shard", "val": "val"}  # split -> shard name prefix
 STATE_FILE = ".prepare_state.jsonl"
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
 _OUTPUT_RE = re.compile(r"(shard|val)-\d{6}\.tar(\.tmp)?")
 
 
@@ -43,6 +48,16 @@ def shard_ok(out: Path, shard: dict) -> bool:
         return path.stat().st_size == shard["bytes"] and sha256_file(path) == shard["sha256"]
     except (OSError, KeyError, TypeError):  # gone, or a record from some other version
         return False
+
+
+def other_entries(out: Path) -> list[str]:
+    """Names in ``out`` that no run of prepare left there (its ``.tmp`` files of a crash are its own)."""
+    own_temporary = {name + ".tmp" for name in (MANIFEST, STATE_FILE, TOKENIZER_FILE)}
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except FileNotFoundError:
+        return []
+    return [n for n in names if n not in own_temporary and not (n.endswith(".tar.tmp") and _OUTPUT_RE.fullmatch(n))]
 
 
 def remove_outputs(out: Path, keep: Iterable[str] = ()) -> None:
@@ -164,10 +179,34 @@ class ShardSink:
             self._file = None
 
 
+class Tally(NamedTuple):
+    """What the inputs that are not text cost, counted up to an input position (see
+    ``prep_formats.Note``). Each shard's record holds the tally at its last document, so
+    a resumed run counts on from where it starts reading: nothing lost, nothing twice."""
+
+    skipped: int = 0  # documents skipped as not text
+    replaced: int = 0  # U+FFFD put in for bytes that are not UTF-8
+    replaced_files: int = 0
+    file: int = -1  # the last input with replacements, and its count so far
+    file_replaced: int = 0
+
+    def add(self, note: Note) -> Tally:
+        t = self._replace(skipped=self.skipped + 1) if note.skipped else self
+        if note.replaced:
+            if note.file != t.file:
+                t = t._replace(replaced_files=t.replaced_files + 1, file=note.file, file_replaced=0)
+            t = t._replace(replaced=t.replaced + note.replaced, file_replaced=t.file_replaced + note.replaced)
+        return t
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 @dataclass
 class State:
-    """``DIR/.prepare_state.jsonl``: a header line (fingerprint of inputs and options,
-    tokenizer hash), then one line per finished shard.
+    """``DIR/.prepare_state.jsonl``: a header line (fingerprint of inputs and options, the
+    options and inputs themselves, tokenizer hash), then one line per finished shard.
 
     Appending a line per shard keeps the cost per shard constant for runs of many
     thousands of shards; a line torn by a crash is ignored (its shard is redone).
@@ -201,6 +240,35 @@ class State:
         with open(out / STATE_FILE, "a") as f:
             f.write(json.dumps({"split": split, **shard}) + "\n")
 
+    def differences(self, options: dict, inputs: list[list[str]]) -> str:
+        """What differs between the run this records and one with ``options`` and ``inputs``
+        (``[name, digest]`` pairs), briefly: the changed settings, then the inputs."""
+        old_options, old_inputs = self.header.get("options"), self.header.get("inputs")
+        if old_options is None or old_inputs is None:
+            return "the earlier run did not record which"
+        parts = []
+        if old_options.get("format") != options["format"]:
+            parts.append("made by another version of prepare")
+        for key, new in options.items():
+            old = old_options.get(key)
+            if key == "format" or old == new:
+                continue
+            if key != "tokenizer":
+                parts.append(f"{key} {_shown(old)} -> {_shown(new)}")
+            elif isinstance(old, dict) and isinstance(new, dict):  # both trained: by their size
+                parts.append(f"vocab_size {old.get('train_vocab')} -> {new.get('train_vocab')}")
+            else:
+                parts.append("another tokenizer")
+        was, now = dict(old_inputs), dict(inputs)
+        for names, one, many in (
+            ([n for n in now if n not in was], "new input", "new inputs"),
+            ([n for n in was if n not in now], "input gone", "inputs gone"),
+            ([n for n in now if n in was and was[n] != now[n]], "changed input", "changed inputs"),
+        ):
+            if names:
+                parts.append(f"{one} {names[0]}" if len(names) == 1 else f"{len(names)} {many} (first: {names[0]})")
+        return ", ".join(parts) or "the earlier run did not record which"
+
     def verified_prefix(self, out: Path, split: str) -> list[dict]:
         """The finished shards of ``split`` up to the first missing or changed one."""
         kept = []
@@ -211,9 +279,13 @@ class State:
         return kept
 
 
+def _shown(value: object) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def write_shards(
     out: Path,
-    files: Sequence[Path],
+    files: Sequence[Path | str | Input],
     state: State,
     pool: Pool,
     job: Job,
@@ -221,20 +293,33 @@ def write_shards(
     shard_bytes: int,
     say: Callable[[str], None],
     prog: Progress,
-) -> dict:
-    """Tokenize everything not yet in finished shards and write it; returns the manifest's counts."""
+) -> tuple[dict, Tally]:
+    """Tokenize everything not yet in finished shards and write it; returns the manifest's
+    counts, and the tally of what was skipped or replaced as not text (warned about here)."""
+    inputs = as_inputs(files)
     last = {split: tuple(s[-1]["last"]) if s else None for split, s in state.shards.items()}
     job = job._replace(skip_train=last["train"], skip_val=last["val"])
     # Units wholly at or before both resume points hold nothing to write: not even parsed.
     ends = [last["train"], last["val"]] if job.val_below else [last["train"]]
     floor = None if None in ends else min(e for e in ends if e is not None)
-    units = iter_units(files)
+    units = iter_units(inputs)
     if floor is not None:
         units = (u for u in units if u.error or (u.file, u.last_line) > floor)
+    notes = _Notes(inputs, state, floor, say)
 
     files_done = 0
+    # Per split, the tally at its last two documents: a shard ends at the one or the other.
+    marks: dict[str, dict[tuple[int, int], Tally]] = {split: {} for split in SPLITS}
+
+    def add(split: str, data: bytes, n: int, pos: tuple[int, int]) -> None:
+        mark = marks[split]
+        if len(mark) > 1:
+            del mark[next(iter(mark))]
+        mark[pos] = notes.tally
+        sinks[split].add(data, n, pos)
 
     def on_shard(split: str, s: dict) -> None:
+        s["tally"] = marks[split][tuple(s["last"])]._asdict()
         state.append(out, split, s)
         say(
             f"{s['name']}: {s['documents']} docs, {s['tokens']:,} tokens | "
@@ -250,12 +335,21 @@ def write_shards(
     try:
         for batch in pool.map(partial(tokenize_task, job), iter_tasks(units)):
             offset = 0
+            pending = iter(batch.notes)
+            note = next(pending, None)
             for file, line, val, n in zip(batch.files, batch.lines, batch.val, batch.lengths):
+                while note is not None and (note.file, note.pos) <= (file, line):  # in position order
+                    notes.add(note)
+                    note = next(pending, None)
                 # n == 0: a tokenizer's normalizer can reduce a text to nothing; n < 0: already written.
                 if n > 0:
-                    sinks["val" if val else "train"].add(batch.tokens[offset : offset + n].tobytes(), n, (file, line))
+                    add("val" if val else "train", batch.tokens[offset : offset + n].tobytes(), n, (file, line))
                     offset += n
                 files_done = file  # the files before this document's are complete
+            while note is not None:  # after the task's last document: skipped ones
+                notes.add(note)
+                note = next(pending, None)
+            notes.warn_before(files_done)
             tokens = sum(k.tokens for k in sinks.values())
             prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens)
         files_done = len(files)
@@ -265,6 +359,7 @@ def write_shards(
         for sink in sinks.values():
             sink.abort()
         raise
+    notes.warn_before(len(files))
     tokens = sum(k.tokens for k in sinks.values())
     prog.update(files_done, sum(k.documents for k in sinks.values()), tokens, tokens - start_tokens, force=True)
     train, val = sinks["train"], sinks["val"]
@@ -275,4 +370,40 @@ def write_shards(
         "val_documents": val.documents,
         "val_tokens": val.tokens,
         "val_shards": [manifest_entry(s) for s in val.shards],
-    }
+        "skipped_not_text": notes.tally.skipped,
+        "replaced_chars": notes.tally.replaced,
+    }, notes.tally
+
+
+class _Notes:
+    """Counts the notes of the documents read (``prep_formats.Note``) and warns: at once
+    for a skipped one, once an input is done for its replaced characters. A resumed run
+    starts from the tally the earlier one recorded at ``floor`` (the shard ending there)
+    and ignores the notes up to it, which it reads again."""
+
+    def __init__(
+        self, inputs: Sequence[Input], state: State, floor: tuple[int, int] | None, say: Callable[[str], None]
+    ):
+        self.inputs, self.floor, self.say = inputs, floor, say
+        self.tally = Tally()
+        if floor is not None:
+            ending = next(s[-1] for s in state.shards.values() if s and tuple(s[-1]["last"]) == floor)
+            self.tally = Tally(**ending.get("tally", {}))  # none in records of older versions: from 0
+        # An earlier input's replacements were reported by the earlier run.
+        self.warned = self.tally.file if floor is not None and self.tally.file < floor[0] else -1
+
+    def add(self, note: Note) -> None:
+        if self.floor is not None and (note.file, note.pos) <= self.floor:
+            return
+        self.warn_before(note.file)
+        if note.skipped:
+            self.say(f"warning: skipping {note.skipped}")
+        self.tally = self.tally.add(note)
+
+    def warn_before(self, file: int) -> None:
+        """Report the replacements of the last input with any, if reading has moved past it."""
+        t = self.tally
+        if t.file_replaced and t.file < file and t.file != self.warned:
+            self.say(f"warning: {self.inputs[t.file].name}: "
+                     f"{plural(t.file_replaced, 'invalid UTF-8 sequence')} replaced with U+FFFD")
+            self.warned = t.file
