@@ -57,3 +57,63 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class WriteFailed(Exception):
+    """A write to `path` failed with `error` (an OSError, or the RuntimeError
+    torch.save raises), carried with the path it failed on."""
+
+    def __init__(self, path: str, error: BaseException):
+        super().__init__(f"{path}: {error}")
+        self.path, self.error = path, error
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Name `path` in any write error raised inside the block (WriteFailed)."""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except (OSError, RuntimeError) as e:
+        raise WriteFailed(path, e) from e
+
+
+def write_failure(path: str, error: BaseException) -> str:
+    """One line for a write to `path` that failed, with the space left on its
+    filesystem at that moment.  A full disk is named as such: torch.save
+    reports it only as "file write failed", "unexpected pos ..." or
+    "basic_ios::clear: iostream error"."""
+    import errno
+    import shutil
+
+    if isinstance(error, WriteFailed):
+        path, error = error.path, error.error
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    detail = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    try:
+        usage = shutil.disk_usage(_existing_parent(path))
+        space = f"{_size(usage.free)} free of {_size(usage.total)} on its filesystem"
+        full = getattr(error, "errno", None) == errno.ENOSPC or usage.free < max(1 << 20, usage.total // 10000)
+    except OSError:
+        space, full = "free space unknown", getattr(error, "errno", None) == errno.ENOSPC
+    if full:
+        return f"{path}: no space left on device ({space}; {detail})"
+    return f"{path}: {detail} ({space})"
+
+
+def _existing_parent(path: str) -> str:
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path or "."
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

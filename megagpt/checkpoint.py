@@ -27,6 +27,7 @@ not trust.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -39,7 +40,7 @@ import time
 
 import torch
 
-from megagpt.atomic import fsync_dir, write_json, write_text
+from megagpt.atomic import WriteFailed, fsync_dir, write_failure, write_json, write_text, writing
 
 STATE_FILE = "megagpt_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -55,16 +56,33 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# Markers of a background commit per rank, inside the partial directory: created
+# empty before the commit starts, renamed (no space needed) if it fails there.
+_PENDING, _FAILED = ".pending_rank", ".failed_rank"
+
+
+class _OtherRankFailed(Exception):
+    """Rank 0's background commit gave up: another rank's part could not be written."""
+
+
 def _files(partial: str) -> list[str]:
-    """The checkpoint's files under `partial`, relative, without the hash shares."""
+    """The checkpoint's files under `partial`, relative, without the hash shares and markers."""
     found = (os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
              if os.path.isfile(p))
-    return [rel for rel in found if not os.path.basename(rel).startswith(".hashes_rank")]
+    return [rel for rel in found if not os.path.basename(rel).startswith((".hashes_rank", _PENDING, _FAILED))]
+
+
+def _failed_write(e: BaseException, where: str) -> str:
+    """One line for a failed write (atomic.write_failure); `where`: the path
+    unless the error names its own."""
+    return write_failure(where if isinstance(e, WriteFailed) else (getattr(e, "filename", None) or where), e)
 
 
 def _manifest_entry(partial: str, rel: str) -> dict:
-    """{"bytes", "sha256"} of a file, made durable first (fsync)."""
-    return dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
+    """{"bytes", "sha256"} of a file, made durable first (fsync: where the disk
+    cannot keep what was written, this is where it says so)."""
+    with writing(os.path.join(partial, rel)):
+        return dict(zip(("bytes", "sha256"), sha256_file(os.path.join(partial, rel), sync=True)))
 
 
 def step_dir(root: str, step: int) -> str:
@@ -179,7 +197,15 @@ def set_aside(root: str) -> list[str]:
 # -- saving ---------------------------------------------------------------------------------
 
 class Checkpointer:
-    """Writes verified checkpoints under `root`; collective (every rank calls save)."""
+    """Writes verified checkpoints under `root`; collective (every rank calls save).
+
+    A save that cannot be written (a full disk, a filesystem gone read-only)
+    stops every rank with one line (`CheckpointError`) naming the file, the
+    space left and the checkpoint that remains the newest; its `.partial`
+    directory is removed and `latest` is left alone.  No rank is left waiting
+    for another that failed: the ranks agree on the outcome after writing,
+    after hashing and after committing (in the background: when the next save
+    or the end of training waits for the commit)."""
 
     def __init__(self, root: str, rank: int, world_size: int, keep_last: int = 0, async_commit: bool = False,
                  tokenizer: bytes | None = None):
@@ -188,7 +214,8 @@ class Checkpointer:
         self.tokenizer = tokenizer  # the data's tokenizer.json (rank 0): export needs nothing but the checkpoint
         self._thread: threading.Thread | None = None
         self._timing: dict = {}
-        self._error: BaseException | None = None
+        self._error: str | None = None  # the background commit's failure on this rank, for wait()
+        self._committing: str | None = None  # the tag the background commit works on
         self.blocked = 0.0  # seconds training waited for saves, in total
         self.last_blocked = 0.0  # ... for the last save
         self.last_waited_for_previous = 0.0  # the part of last_blocked spent waiting for the previous commit
@@ -204,6 +231,8 @@ class Checkpointer:
         generators (state.RngState)."""
         import torch.distributed as dist
 
+        from megagpt import collectives
+
         t0 = time.perf_counter()
         self.wait()  # the previous commit first: commits happen in step order
         self.last_waited_for_previous = time.perf_counter() - t0
@@ -215,32 +244,62 @@ class Checkpointer:
         dist.barrier()
         write_staged = engine.save(self.root, tag + PARTIAL)  # a function to call where the save is staged
         own = [f"rng_rank{self.rank}.pt"]
-        torch.save(rng.state_dict(), os.path.join(partial, own[0]))
-        if self.rank == 0 and self.tokenizer is not None:
-            with open(os.path.join(partial, TOKENIZER_FILE), "wb") as f:
-                f.write(self.tokenizer)
-            own.append(TOKENIZER_FILE)
-        dist.barrier()  # every rank's files are written (or staged)
+        error = engine.take_write_error() if hasattr(engine, "take_write_error") else None
+        writing = partial
+        try:
+            if error is None:
+                writing = os.path.join(partial, own[0])
+                torch.save(rng.state_dict(), writing)
+                if self.rank == 0 and self.tokenizer is not None:
+                    writing = os.path.join(partial, TOKENIZER_FILE)
+                    with open(writing, "wb") as f:
+                        f.write(self.tokenizer)
+                    own.append(TOKENIZER_FILE)
+                if self.async_commit:  # renamed to .failed_rank<R> if the background commit fails
+                    writing = os.path.join(partial, f"{_PENDING}{self.rank}")
+                    open(writing, "w").close()
+        except (OSError, RuntimeError) as e:
+            error = _failed_write(e, writing)
+        # Every rank's files are written (or staged), or some rank's failed.
+        self._stop_on_failure(tag, collectives.first_message(error))
         if self.async_commit:
-            self._thread = threading.Thread(target=self._commit_guarded, args=(partial, tag, write_staged, own, state),
+            self._committing = tag
+            self._thread = threading.Thread(target=self._commit_in_background,
+                                            args=(partial, tag, write_staged, own, state),
                                             name="megagpt-commit", daemon=True)
             self._thread.start()
         else:
-            self._commit(partial, tag, self._share(partial, write_staged, own), state)
-            dist.barrier()  # committed before anyone goes on
+            self._commit_now(partial, tag, write_staged, own, state)
         self.last_blocked = time.perf_counter() - t0
         self.blocked += self.last_blocked
         self.saved_step = step
         return os.path.join(self.root, tag)
 
     def wait(self) -> None:
-        """Until the last save is committed; raises if committing it failed."""
+        """Until the last save is committed; raises CheckpointError on every
+        rank if committing it failed on any.  Collective with async_commit."""
+        from megagpt import collectives
+
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise CheckpointError(f"committing a checkpoint failed: {type(e).__name__}: {e}")
+        if self.async_commit:
+            error, self._error = self._error, None
+            tag, self._committing = self._committing, None
+            self._stop_on_failure(tag, collectives.first_message(error))
+
+    def _stop_on_failure(self, tag: str | None, error: str | None) -> None:
+        """With a failure on some rank (agreed: every rank passes the same
+        `error`), remove the save's partial directory and raise on every rank."""
+        if error is None:
+            return
+        partial = os.path.join(self.root, f"{tag}{PARTIAL}")
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # gives back the space it took
+        newest = complete_checkpoints(self.root)
+        remains = f"the newest checkpoint remains {os.path.basename(newest[-1][1])}" if newest else \
+            "there is no checkpoint yet"
+        raise CheckpointError(f"cannot save checkpoint {tag} in {self.root}: {error}; {remains}")
 
     def _share(self, partial: str, write_staged, own: list[str]) -> list[str]:
         """The files this rank hashes: what it wrote itself, writing the staged
@@ -252,37 +311,77 @@ class Checkpointer:
             return own + [os.path.relpath(p, partial) for p in written]
         return sorted(_files(partial))[self.rank :: self.world]
 
-    def _commit_guarded(self, partial: str, tag: str, write_staged, own: list[str], state: dict) -> None:
-        try:
-            self._commit(partial, tag, self._share(partial, write_staged, own), state)
-        except BaseException as e:  # noqa: BLE001 - reported by wait()
-            self._error = e
-
-    def _commit(self, partial: str, tag: str, mine: list[str], state: dict) -> None:
-        """Hash this rank's share of the files; rank 0 gathers the shares
-        (through the shared filesystem, so no collective is needed and it can
-        run in a thread), hashes any file no share covers, writes manifest and
-        state, and renames."""
+    def _hash(self, partial: str, mine: list[str]) -> dict:
         t0 = time.perf_counter()
         hashes = {rel: _manifest_entry(partial, rel) for rel in mine}
         self._timing.update(hash_s=time.perf_counter() - t0, hashed_bytes=sum(h["bytes"] for h in hashes.values()))
-        write_json(os.path.join(partial, f".hashes_rank{self.rank}.json"), hashes, fsync=True)
-        if self.rank != 0:
-            return
+        return hashes
+
+    def _commit_now(self, partial: str, tag: str, write_staged, own: list[str], state: dict) -> None:
+        """Hash this rank's share of the files, gather the shares on rank 0,
+        which commits; every rank learns the outcome."""
+        from megagpt import collectives
+
+        hashes, error = {}, None
+        try:
+            hashes = self._hash(partial, self._share(partial, write_staged, own))
+        except (OSError, RuntimeError, WriteFailed) as e:
+            error = _failed_write(e, partial)
+        shares = collectives.gather((hashes, error))
+        error = next((e for _, e in shares if e), None)
+        if self.rank == 0 and error is None:
+            try:
+                self._finish(partial, tag, [h for h, _ in shares], state)
+            except (OSError, RuntimeError, WriteFailed) as e:
+                error = _failed_write(e, partial)
+        self._stop_on_failure(tag, collectives.broadcast_from_main(error))
+
+    def _commit_in_background(self, partial: str, tag: str, write_staged, own: list[str], state: dict) -> None:
+        """The same, in the commit thread (no collectives there): the shares go
+        through the shared filesystem; a rank that fails leaves a marker, so
+        that rank 0 stops waiting for its share, and wait() agrees on the error."""
+        pending = os.path.join(partial, f"{_PENDING}{self.rank}")
+        try:
+            hashes = self._hash(partial, self._share(partial, write_staged, own))
+            share = os.path.join(partial, f".hashes_rank{self.rank}.json")
+            with writing(share):
+                write_json(share, hashes, fsync=True)
+            os.remove(pending)
+            if self.rank == 0:
+                self._finish(partial, tag, [self._read_share(partial, r) for r in range(self.world)], state)
+        except _OtherRankFailed:
+            pass  # that rank reports its own error through wait()
+        except BaseException as e:  # noqa: BLE001 - reported by wait(), on every rank
+            self._error = _failed_write(e, partial)
+            with contextlib.suppress(OSError):
+                os.rename(pending, os.path.join(partial, f"{_FAILED}{self.rank}"))  # needs no space
+
+    def _read_share(self, partial: str, rank: int) -> dict:
+        share = os.path.join(partial, f".hashes_rank{rank}.json")
+        failed = os.path.join(partial, f"{_FAILED}{rank}")
+        while not os.path.exists(share):  # written with an atomic rename, after the rank's files
+            if os.path.exists(failed):
+                raise _OtherRankFailed()
+            time.sleep(0.05)
+        with open(share) as f:
+            return json.load(f)
+
+    def _finish(self, partial: str, tag: str, shares: list[dict], state: dict) -> None:
+        """Rank 0: the manifest from every rank's hashes (and any file no share
+        covers), the state, the rename, `latest`, pruning."""
         manifest: dict = {}
-        for r in range(self.world):
-            share = os.path.join(partial, f".hashes_rank{r}.json")
-            while not os.path.exists(share):  # written with an atomic rename, after the rank's files
-                time.sleep(0.05)
-            with open(share) as f:
-                manifest.update(json.load(f))
+        for share in shares:
+            manifest.update(share)
         for rel in sorted(set(_files(partial)) - set(manifest)):  # written outside the shares (DeepSpeed's script)
             manifest[rel] = _manifest_entry(partial, rel)
-        write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
+        with writing(os.path.join(partial, MANIFEST_FILE)):
+            write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
         state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
-        write_json(os.path.join(partial, STATE_FILE), state, fsync=True)
+        with writing(os.path.join(partial, STATE_FILE)):
+            write_json(os.path.join(partial, STATE_FILE), state, fsync=True)
         for r in range(self.world):
-            os.remove(os.path.join(partial, f".hashes_rank{r}.json"))
+            with contextlib.suppress(FileNotFoundError):  # the shares of a commit in the foreground: none
+                os.remove(os.path.join(partial, f".hashes_rank{r}.json"))
         final = os.path.join(self.root, tag)
         if os.path.isdir(final):  # the same step saved again (after a rollback): the new one wins
             shutil.rmtree(final)

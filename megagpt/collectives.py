@@ -56,6 +56,17 @@ def first_message(local: str | None) -> str | None:
     return next((m for m in messages if m), None)
 
 
+def gather(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if group_size() == 1:
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def union(items: list[str]) -> list[str]:
     """The sorted union of every rank's items."""
     import torch.distributed as dist

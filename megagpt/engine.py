@@ -22,6 +22,7 @@ import torch
 from torch.profiler import record_function
 
 from megagpt import collectives
+from megagpt.atomic import write_failure
 from megagpt.config import Config
 from megagpt.model.gpt import GPT, GPTConfig
 from megagpt.optimizer import GuardedAdamW, build_optimizer
@@ -233,6 +234,7 @@ class TrainEngine:
         # This run's optimizer settings per parameter group (decay and no-decay), as
         # the config gives them: a loaded checkpoint brings its own, which must not win.
         self._configured = [{key: group[key] for key in CONFIGURED} for group in optimizer.param_groups]
+        self._write_errors: list[str] = []  # this rank's failed writes during the save under way
 
     # -- one step -------------------------------------------------------------------------
 
@@ -291,9 +293,44 @@ class TrainEngine:
         and returns their paths.  None: written already."""
         from megagpt.staged_save import StagedCheckpointEngine  # imports DeepSpeed: not at megagpt's import
 
+        self._write_errors = []
+        self._hold_write_errors()
         self.ds_engine.save_checkpoint(root, tag=tag, save_latest=False)
         staged = self.ds_engine.checkpoint_engine
         return staged.write_pending if isinstance(staged, StagedCheckpointEngine) else None
+
+    def take_write_error(self) -> str | None:
+        """The first write that failed on this rank during the last save (its
+        path and error), if any; the checkpointer agrees on it with the others."""
+        errors, self._write_errors = self._write_errors, []
+        return errors[0] if errors else None
+
+    def _hold_write_errors(self) -> None:
+        """DeepSpeed's save writes its files between collectives (a barrier, a
+        check that every rank saves the same tag, a last barrier): a rank that
+        raised out of it at a failed write (a full disk) would leave the others
+        waiting there.  Its writes are made to record their error and write
+        nothing more, so every rank leaves DeepSpeed's save together; the
+        checkpointer then stops them all with the error (Checkpointer.save)."""
+        engine = self.ds_engine
+        if getattr(engine, "_megagpt_holds_write_errors", False):
+            return
+
+        def held(write):
+            def call(*args, **kwargs):
+                if self._write_errors:  # this save has failed: nothing more is written
+                    return None
+                try:
+                    return write(*args, **kwargs)
+                except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+                    path = next((a for a in args if isinstance(a, str)), "")
+                    self._write_errors.append(write_failure(path, e))
+                    return None
+            return call
+
+        engine.checkpoint_engine.save = held(engine.checkpoint_engine.save)
+        engine._copy_recovery_script = held(engine._copy_recovery_script)  # zero_to_fp32.py, rank 0
+        engine._megagpt_holds_write_errors = True
 
     def load(self, root: str, tag: str, universal: bool = False) -> bool:
         """Load `root/tag/`; `universal`: a copy in DeepSpeed's universal format

@@ -44,6 +44,8 @@ import time
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
+from megagpt.atomic import writing
+
 log = logging.getLogger("megagpt")
 
 
@@ -93,7 +95,8 @@ class StagedCheckpointEngine(CheckpointEngine):
         """Write the staged files (any thread); returns their paths."""
         pending, self._pending = self._pending, []
         for state, path in pending:
-            torch.save(state, path, _use_new_zipfile_serialization=self.zipfile_serialization)
+            with writing(path):
+                torch.save(state, path, _use_new_zipfile_serialization=self.zipfile_serialization)
         return [path for _, path in pending]
 
     # -- staging --------------------------------------------------------------------------
