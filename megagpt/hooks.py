@@ -197,6 +197,7 @@ class Throughput(Hook):
             "step_time": elapsed / steps,
             "data_wait": float(sums[1] / self.world_size / steps),
             "data_skipped_shards": int(sums[2]),
+            "data_epoch": loop.batches.data_epoch,  # a function of the position: the same on every rank
             "memory_gb": _memory_gb(self.device),
             "eta_sec": (self.max_steps - step) * (now - self._started) / max(1, step - self._first_step),
             "save_blocked_sec": loop.checkpointer.blocked - self.blocked0,
@@ -208,6 +209,7 @@ class Throughput(Hook):
         if len(mix.sources) > 1:  # realized proportions since this process started
             counts = sums[3:]
             record.update({f"mix/{n}": float(c / max(1, counts.sum())) for n, c in zip(mix.names, counts)})
+            record.update({f"data_epoch/{n}": e for n, e in loop.batches.data_epochs.items()})
         self._new_window(loop)
 
 

@@ -24,6 +24,12 @@ The layout that makes resume exact and elastic:
   follows, and from the manifest's token counts the shard and offset to start
   at: resuming reads at most one shard per stream and shuffle block, never the
   data before it, and works for any W that divides S.
+* A source's *data epoch* at a position is 1 + the furthest pass over its
+  shards that the windows taken so far reach into, in any of its streams
+  (Mixture.epochs): 2 from the first sequence holding a token of a second
+  pass.  Like everything else it follows from the position and the manifest's
+  counts, so it is exact on resume and the same on every rank (but for shards
+  a rank found bad since the last checkpoint, under on_error=skip).
 
 How it is computed: every layer hands on 2-D arrays of whole windows, never
 one window at a time.  The layers, each importing only those before it:
@@ -37,6 +43,7 @@ and end with its close().
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -46,16 +53,12 @@ import numpy as np
 import torch
 
 from megagpt.data.buffers import BufferPool
-from megagpt.data.mixture import Mixture
+from megagpt.data.mixture import EpochSpans, Mixture, stream_windows_taken
 from megagpt.data.prefetch import PrefetchPool
 from megagpt.data.shards import DataError
 from megagpt.data.streams import RowTaker
 
-
-def stream_windows_taken(consumed: int, stream: int, num_streams: int) -> int:
-    """Windows stream `stream` has given when `consumed` global sequences are
-    done: the count of g < consumed with g % num_streams == stream."""
-    return max(0, (consumed - stream + num_streams - 1) // num_streams)
+log = logging.getLogger("megagpt")
 
 
 class RankReader:
@@ -164,15 +167,22 @@ class Batches:
     has *taken*, not of what the thread has read ahead, so a checkpoint never
     skips prefetched data; load_state_dict() goes back (or on) to such a
     position.  close() stops the thread and its shard readers.
+
+    data_epochs are the sources' epochs at that position (Mixture.epochs).
+    Rank 0 warns once per source when the micro-batch it hands out is the
+    first to hold a token of that source's second pass (`sequences_per_step`,
+    where given, lets the warning say the step and the steps one pass lasts).
     """
 
     def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, consumed: int = 0,
-                 prefetch: int = 4, group_tokens: int = 1 << 19):
+                 prefetch: int = 4, group_tokens: int = 1 << 19, sequences_per_step: int | None = None):
         self.mix, self.rank, self.world, self.micro_batch = mix, rank, world, micro_batch
         self.wait_time = 0.0  # seconds the trainer spent waiting for data
         self.group = max(1, min(64, group_tokens // (micro_batch * (mix.seq_len + 1))))
         self._queue_size = max(1, -(-prefetch // self.group))
         self._before = np.zeros(len(mix.sources), dtype=np.int64)  # sources taken in earlier groups
+        self._epochs = EpochSpans(mix)
+        self._wraps = _WrapWarnings(mix, sequences_per_step) if rank == 0 else None
         self._start(consumed)
 
     def _start(self, consumed: int) -> None:
@@ -194,6 +204,16 @@ class Batches:
         return self.start + self.taken * self.world
 
     @property
+    def data_epochs(self) -> dict[str, int]:
+        """Each source's data epoch at the position taken (Mixture.epochs)."""
+        return dict(zip(self.mix.names, self._epochs.at(self.consumed)))
+
+    @property
+    def data_epoch(self) -> int:
+        """The furthest data epoch of any source."""
+        return max(self.data_epochs.values())
+
+    @property
     def source_counts(self) -> np.ndarray:
         """Sequences this process has taken from each source."""
         return self._before + (self._counts[self._at - 1] if self._at else 0)
@@ -212,6 +232,8 @@ class Batches:
             (self._blocks, self._counts), self._at = item, 0
         self._at += 1
         self.taken += self.micro_batch
+        if self._wraps is not None:
+            self._wraps.check(self._epochs, self.consumed)
         return self._blocks[self._at - 1]
 
     def state_dict(self) -> dict:
@@ -239,6 +261,46 @@ class Batches:
     def close(self) -> None:
         if self._producer is not None:
             self._producer.stop()
+
+
+class _WrapWarnings:
+    """The warning, once per source and process, that a source's stream has
+    wrapped around: the position taken has reached its second pass over the
+    shards, which most runs do not mean to do."""
+
+    def __init__(self, mix: Mixture, sequences_per_step: int | None):
+        self.mix, self.sequences_per_step = mix, sequences_per_step
+        self.unreported = set(range(len(mix.sources)))
+
+    def check(self, epochs: EpochSpans, consumed: int) -> None:
+        if not self.unreported:
+            return
+        now = epochs.at(consumed)
+        for i in sorted(self.unreported):
+            if now[i] >= 2:
+                self.unreported.discard(i)
+                log.warning(self._message(i, self.mix.reaches(i, 2), now[i]))
+
+    def _message(self, i: int, at: int, epoch: int) -> str:
+        mix = self.mix
+        name, one_pass, window = mix.names[i], mix.sources[i].pass_tokens(), mix.seq_len + 1
+        where = f"sequence {at - 1:,}"  # the first sequence that holds a token of the second pass
+        if self.sequences_per_step:
+            where += f" (step {(at - 1) // self.sequences_per_step + 1:,})"
+        if one_pass < window:
+            size = (f"one pass is {one_pass:,} tokens, shorter than one window of {window:,}: "
+                    f"each window repeats this tiny corpus about {window / one_pass:,.0f} times")
+        else:
+            sequences = one_pass / mix.seq_len * mix.period / mix.counts[i]  # its share of the mixed windows
+            per_step = self.sequences_per_step or 1
+            size = f"one pass is {one_pass:,} tokens, about {_about(sequences / per_step)} " \
+                   f"{'steps' if self.sequences_per_step else 'sequences'}"
+        now = "epoch 2 starts" if epoch == 2 else f"now in epoch {epoch}"
+        return f"data: source {name!r} wrapped around at {where}: {size}; {now}"
+
+
+def _about(x: float) -> str:
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
 
 
 def check_resumable(state: dict, mix: Mixture) -> int:

@@ -5,6 +5,9 @@ Window k of mixed stream s comes from the source a fixed schedule names: in
 every block of `period` windows each source has its weight's share of places,
 in an order drawn from (seed, stream, block).  A block is built by scattering
 each source's share into the schedule's places with one index array.
+
+A source's data epoch at a position (`epochs`): counting from 1, the furthest
+pass over its shards that any of its streams has handed out a window of.
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from megagpt.data.order import BlockPermutations
+from megagpt.data.order import BlockPermutations, permutation
 from megagpt.data.prefetch import PrefetchPool
 from megagpt.data.shards import DataError
 from megagpt.data.streams import RowTaker, ShardStreams
 
 SCHEDULE_KEY = 0x313  # the hash key of the schedule's orders
+
+
+def stream_windows_taken(consumed: int, stream: int, num_streams: int) -> int:
+    """Windows stream `stream` has given when `consumed` global sequences are
+    done: the count of g < consumed with g % num_streams == stream."""
+    return max(0, (consumed - stream + num_streams - 1) // num_streams)
 
 
 def mix_counts(weights: Sequence[float], period: int) -> list[int]:
@@ -54,7 +63,9 @@ class Mixture:
         places = np.repeat(np.arange(len(self.sources)), self.counts)
         if len(self.sources) == 1:
             return places
-        return places[(orders or self._orders(stream))(block)]
+        if orders is None:  # one block: its order alone, not the next 64 of BlockPermutations
+            return places[permutation(self.period, self.seed, SCHEDULE_KEY, stream, block)]
+        return places[orders(block)]
 
     def _orders(self, stream: int) -> BlockPermutations:
         return BlockPermutations(self.period, self.seed, SCHEDULE_KEY, stream)
@@ -63,7 +74,8 @@ class Mixture:
         return np.empty((0, self.seq_len + 1), dtype=self.dtype), np.empty(0, dtype=np.int64)
 
     def _starts(self, stream: int, start: int) -> list[int]:
-        """Where each source's windows begin for chunks(stream, start)."""
+        """Where each source's windows begin for chunks(stream, start): how many
+        of them the first `start` windows of mixed stream `stream` hold."""
         if len(self.sources) == 1:
             return [start]
         block, first = divmod(start, self.period)
@@ -103,6 +115,40 @@ class Mixture:
             block, first = block + 1, 0
             schedule = self.schedule(stream, block, orders)
 
+    def epochs(self, consumed: int) -> list[int]:
+        """Each source's data epoch once `consumed` global sequences are taken:
+        1 + the furthest pass over its shards that any of its streams' windows
+        taken so far reads (1 before any).  A function of the position alone."""
+        epochs = [1] * len(self.sources)
+        for stream in range(self.num_streams):
+            taken = self._starts(stream, stream_windows_taken(consumed, stream, self.num_streams))
+            for i, (source, windows) in enumerate(zip(self.sources, taken)):
+                epochs[i] = max(epochs[i], 1 + source.epoch_of(stream, windows))
+        return epochs
+
+    def reaches(self, source: int, epoch: int) -> int | None:
+        """The least position (global sequences consumed) at which source
+        `source`'s data epoch is `epoch` (>= 2) or more; None if the schedule
+        never takes from it."""
+        if self.counts[source] == 0:
+            return None
+        first = None
+        for stream in range(self.num_streams):
+            windows = self.sources[source].windows_to_reach(stream, epoch - 1)
+            mixed = self._mixed_windows(stream, source, windows)
+            at = (mixed - 1) * self.num_streams + stream + 1  # the position once sequence `mixed - 1` of it is taken
+            first = at if first is None else min(first, at)
+        return first
+
+    def _mixed_windows(self, stream: int, source: int, windows: int) -> int:
+        """The fewest windows of mixed stream `stream` that hold `windows` (>= 1)
+        of source `source`: the inverse of _starts."""
+        if len(self.sources) == 1:
+            return windows
+        block, place = divmod(windows - 1, self.counts[source])
+        where = np.flatnonzero(self.schedule(stream, block) == source)[place]
+        return block * self.period + int(where) + 1
+
     @property
     def bad(self) -> list[str]:
         return sorted(set().union(*(s.bad for s in self.sources)))
@@ -117,3 +163,28 @@ class Mixture:
         return {"num_streams": self.num_streams, "seq_len": self.seq_len, "seed": self.seed,
                 "shuffle": first.settings.shuffle, "shuffle_buffer": first.shuffle_buffer, "mix_period": self.period,
                 "sources": [[n, w, s.ds.fingerprint()] for n, w, s in zip(self.names, self.weights, self.sources)]}
+
+
+class EpochSpans:
+    """Mixture.epochs(consumed) for a position that mostly moves on a step at a
+    time: each source's epoch is kept with the span of positions it holds for
+    (Mixture.reaches), and worked out again (about a millisecond per stream)
+    only when the position leaves that span or a shard is found bad."""
+
+    def __init__(self, mix: Mixture):
+        self.mix = mix
+        self._spans = [(0, 0, 1)] * len(mix.sources)  # (first, end, epoch): epoch for first <= position < end
+        self._bad = 0  # shards found bad when the spans were worked out: a bad shard moves them
+
+    def at(self, consumed: int) -> list[int]:
+        bad = sum(len(source.bad) for source in self.mix.sources)
+        if bad != self._bad:
+            self._bad, self._spans = bad, [(0, 0, 1)] * len(self.mix.sources)
+        stale = [i for i, (first, end, _) in enumerate(self._spans) if not first <= consumed < end]
+        if stale:
+            epochs = self.mix.epochs(consumed)
+            for i in stale:
+                first = self.mix.reaches(i, epochs[i]) if epochs[i] > 1 else 0
+                end = self.mix.reaches(i, epochs[i] + 1)
+                self._spans[i] = (first, end if end is not None else float("inf"), epochs[i])
+        return [epoch for _, _, epoch in self._spans]

@@ -13,6 +13,13 @@ rest of the config.  A command's shard is its last word ending in `.tar`, not
 always its last word (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`); the
 files beside it (manifest, validation shards, tokenizer) are fetched by the
 same command with that word's file name replaced.
+
+An http(s) read that fails or stops short (a dropped connection, a timeout, a
+5xx answer) is tried again, `HTTP_RETRIES` times in all with waits doubling up
+to a cap, each retry logged; where the server answers a Range request with 206
+the read goes on from the first byte it lacks, else it starts over.  Only the
+last failure is an error (a shard's DataError, which `data.on_error` turns into
+a stop or a skip).  Checksums are checked on the bytes as reassembled.
 """
 
 from __future__ import annotations
@@ -20,10 +27,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import http.client
 import json
+import logging
 import os
 import re
 import shlex
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +50,7 @@ FORMAT = "megagpt-shards"
 VERSION = 1
 MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
 SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
+log = logging.getLogger("megagpt")
 
 
 class DataError(RuntimeError):
@@ -129,7 +141,7 @@ def open_url(url: str, timeout: float = 120) -> Iterator[BinaryIO]:
     off mid-write may exit non-zero, and that must not hide what stopped it."""
     if is_local(url):
         stream = open(url, "rb")
-    elif url.startswith(("http://", "https://")):
+    elif is_http(url):
         stream = urllib.request.urlopen(url, timeout=timeout)
     else:
         from webdataset import gopen
@@ -144,9 +156,111 @@ def open_url(url: str, timeout: float = 120) -> Iterator[BinaryIO]:
     stream.close()
 
 
-def read_bytes(url: str) -> bytes:
+@dataclass(frozen=True)
+class Retries:
+    """How an http(s) read that fails or stops short is tried again: `tries`
+    reads in all, waiting base, 2 * base, 4 * base ... seconds (at most `cap`)
+    before each new one."""
+
+    tries: int = 5
+    base: float = 1.0
+    cap: float = 8.0
+
+    def wait(self, attempt: int) -> float:
+        """Seconds to wait before try `attempt` (2, 3, ...)."""
+        return min(self.cap, self.base * 2 ** (attempt - 2))
+
+
+# Waits of 1, 2, 4, 8 s: about 15 s for a dropped connection or a restarting server to come back.
+HTTP_RETRIES = Retries()
+HTTP_TIMEOUT = 120.0  # seconds without data that fail one try
+# Answers that asking again does not change: every 4xx but Request Timeout, Too Early, Too Many Requests.
+_RETRIED_4XX = (408, 425, 429)
+
+
+class ReadFailed(OSError):
+    """An http(s) read that failed on every try; its message says the last failure and how many tries."""
+
+
+def describe(error: BaseException) -> str:
+    """An error for a one-line message: its type and text (ReadFailed's text says both)."""
+    return str(error) if isinstance(error, ReadFailed) else f"{type(error).__name__}: {error}"
+
+
+def is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def read_bytes(url: str, retries: Retries | None = None) -> bytes:
+    """The whole file at `url`; an http(s) read is tried again (see read_http)."""
+    if is_http(url):
+        return bytes(read_http(url, retries=retries))
     with open_url(url) as f:
         return f.read()
+
+
+def read_http(url: str, size: int | None = None, retries: Retries | None = None,
+              timeout: float = HTTP_TIMEOUT) -> bytearray:
+    """The body at `url`, tried again after a failure or a short read (`retries`,
+    HTTP_RETRIES unless given), each retry logged.  A short read is a body
+    shorter than its Content-Length or, where the server sends none, than
+    `size` when given.  Raises ReadFailed after the last try, and the
+    HTTPError at once for an answer that asking again will not change (404)."""
+    retries = retries or HTTP_RETRIES
+    download = _Download(url, size, timeout)
+    for attempt in range(1, retries.tries + 1):
+        try:
+            download.go_on()
+            return download.body
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code not in _RETRIED_4XX:
+                raise
+            e.close()  # its answer's body is not wanted
+            error: BaseException = e
+        except (OSError, http.client.HTTPException) as e:  # dropped, reset, refused, timed out, a broken answer
+            error = e
+        if attempt == retries.tries:
+            raise ReadFailed(f"{describe(error)} (tried {retries.tries} times)") from None
+        wait = retries.wait(attempt + 1)
+        log.warning("data: reading %s failed after %d bytes: %s; trying again in %gs (attempt %d of %d)",
+                    url, len(download.body), describe(error), wait, attempt + 1, retries.tries)
+        time.sleep(wait)
+    raise AssertionError("unreachable")  # the last try returns or raises
+
+
+class _Download:
+    """One http(s) file read over as many connections as it takes: the bytes so
+    far, and the first answer's ETag, which a resumed read asks to match."""
+
+    def __init__(self, url: str, size: int | None, timeout: float):
+        self.url, self.size, self.timeout = url, size, timeout
+        self.body = bytearray()
+        self.etag: str | None = None
+
+    def go_on(self) -> None:
+        """Read the rest of the file: from the first byte not yet read where the
+        server answers the Range with 206, else all of it again.  Raises
+        ConnectionError if the answer stops short."""
+        start = len(self.body)
+        headers = {"Range": f"bytes={start}-"} if start else {}
+        if start and self.etag:
+            headers["If-Range"] = self.etag  # a file changed since is sent whole (200)
+        request = urllib.request.Request(self.url, headers=headers)
+        with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+            resumed = start and answer.status == 206
+            if resumed and not (answer.headers.get("Content-Range") or "").startswith(f"bytes {start}-"):
+                del self.body[:]  # the next try asks for the whole file
+                raise ConnectionError(f"asked for bytes {start}- but got {answer.headers.get('Content-Range')!r}")
+            if not resumed:
+                del self.body[:]
+                tag = answer.headers.get("ETag")
+                self.etag = tag if tag and not tag.startswith("W/") else None  # If-Range takes strong ETags only
+            length = answer.headers.get("Content-Length")
+            expected = len(self.body) + int(length) if length and length.isdigit() else self.size
+            while chunk := answer.read(1 << 20):
+                self.body += chunk
+        if expected is not None and len(self.body) < expected:
+            raise ConnectionError(f"the connection closed after {len(self.body)} of {expected} bytes")
 
 
 def _expand(urls) -> list[str]:
@@ -259,7 +373,7 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
     try:
         man = json.loads(read_bytes(manifest))
     except Exception as e:  # noqa: BLE001 - any failure to fetch or parse is the same user error
-        raise DataError(f"data.manifest: cannot read {manifest}: {type(e).__name__}: {e}") from None
+        raise DataError(f"data.manifest: cannot read {manifest}: {describe(e)}") from None
     try:
         check_manifest(man, manifest)
     except ValueError as e:
@@ -335,11 +449,11 @@ def fetch_shard(shard: Shard, verify: str = "fast") -> np.ndarray:
         if is_local(shard.url):
             buf = _read_local(shard.url)
         else:
-            data = read_bytes(shard.url)
+            data = read_http(shard.url, shard.nbytes) if is_http(shard.url) else read_bytes(shard.url)
             buf = _POOL.empty(len(data), np.uint8)
             buf[:] = np.frombuffer(data, np.uint8)
-    except Exception as e:  # noqa: BLE001 - missing file, HTTP 404, failed pipe command...
-        raise DataError(f"shard {shard.url}: cannot read: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - missing file, HTTP 404, failed pipe command, every try failed...
+        raise DataError(f"shard {shard.url}: cannot read: {describe(e)}") from None
     if shard.nbytes is not None and len(buf) != shard.nbytes:
         raise DataError(f"shard {shard.url}: {len(buf)} bytes, manifest says {shard.nbytes} (truncated?)")
     if verify == "fast" and shard.xxh3:

@@ -10,6 +10,10 @@ current one is cut, and starts reading its first shard as soon as it is asked
 for its windows; a read's error surfaces only where the stream reaches that
 shard, so what is yielded, and where an error stops it, is exactly as if every
 shard were read on demand.
+
+The epoch a stream has reached is a function of how many windows it has
+handed out (epoch_of), worked out from the manifest's token counts alone, so
+it is the same on every rank and exact on resume.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from megagpt.data.order import BlockPermutations, permutation
+from megagpt.data.order import BlockPermutations, permutation, permutations
 from megagpt.data.prefetch import Pending, PrefetchPool
 from megagpt.data.shards import VERIFY, Dataset, DataError, Shard, advise, read_shard
 
@@ -129,6 +133,8 @@ class ShardStreams:
         self.bad: set[str] = set()  # shards skipped as bad: they add no tokens
         self.skipped = 0  # shards skipped by this process
         self.dtype = np.dtype(ds.dtype).newbyteorder("<")
+        self._epoch_starts = np.zeros((1, self.num_streams), dtype=np.int64)  # see epoch_starts
+        self._epoch_starts_bad = 0  # len(self.bad) they were worked out with: bad shards only ever get added
 
     def shards_of(self, stream: int, epoch: int) -> list[int]:
         """The shards stream `stream` reads in `epoch`, in order: every
@@ -249,6 +255,93 @@ class ShardStreams:
                         return job
                     job = (e, p), pool.submit(self.settings.reader, shard, self.ds)
         return job
+
+    # -- epochs: which pass over the shards a stream's windows read -------------------------
+
+    def pass_tokens(self) -> int:
+        """Tokens one pass over the shards adds to the streams together (a bad shard adds none)."""
+        return sum(self._tokens(shard) for shard in self.shards)
+
+    def epoch_of(self, stream: int, windows: int) -> int:
+        """The epoch (0: the first pass over the shards) of the furthest token of
+        the first `windows` windows stream `stream` hands out; 0 before any."""
+        if windows <= 0:
+            return 0
+        end = self._furthest(stream, windows) * self.seq_len  # the last token of the furthest window
+        starts = self.epoch_starts(stream, end)
+        if end < starts[-1]:
+            return int(np.searchsorted(starts, end, side="right")) - 1
+        return len(starts) - 1 + (end - int(starts[-1])) // self._mean_pass(starts)
+
+    def windows_to_reach(self, stream: int, epoch: int) -> int:
+        """The fewest windows stream `stream` hands out that hold a token of `epoch`:
+        the least n with epoch_of(stream, n) >= epoch (for epoch >= 1)."""
+        window = max(0, -(-self._epoch_begins(stream, epoch) // self.seq_len) - 1)  # the first to end there or later
+        if self.shuffle_buffer == 1:
+            return window + 1
+        block, offset = divmod(window, self.shuffle_buffer)
+        order = permutation(self.shuffle_buffer, self.settings.seed, WINDOW_SHUFFLE_KEY, stream, block)
+        return block * self.shuffle_buffer + int(np.argmax(order >= offset)) + 1
+
+    def _epoch_begins(self, stream: int, epoch: int) -> int:
+        """The index of the first token of `epoch` in stream `stream`."""
+        starts = self.epoch_starts(stream, 0, epoch)
+        known = len(starts) - 1
+        if epoch <= known:
+            return int(starts[epoch])
+        return int(starts[-1]) + (epoch - known) * self._mean_pass(starts)
+
+    def _furthest(self, stream: int, windows: int) -> int:
+        """1 + the unshuffled index of the furthest of the first `windows` windows
+        handed out: a shuffle block hands its windows out in a permuted order."""
+        block, into = divmod(windows, self.shuffle_buffer)
+        if into == 0:
+            return windows
+        order = permutation(self.shuffle_buffer, self.settings.seed, WINDOW_SHUFFLE_KEY, stream, block)
+        return block * self.shuffle_buffer + int(order[:into].max()) + 1
+
+    def epoch_starts(self, stream: int, token: int, epochs: int = 0) -> np.ndarray:
+        """Where stream `stream`'s epochs begin, as indices of its tokens ([0] is 0),
+        known at least past token index `token` and for `epochs` epochs, or for
+        the most epochs kept (`_kept_epochs`).  Worked out for every stream at
+        once, many epochs per call, and kept."""
+        if len(self.bad) != self._epoch_starts_bad:  # a shard found bad since: its epochs are shorter
+            self._epoch_starts_bad = len(self.bad)
+            self._epoch_starts = self._epoch_starts[:1]
+        while ((self._epoch_starts[-1, stream] <= token or len(self._epoch_starts) <= epochs)
+               and len(self._epoch_starts) <= self._kept_epochs()):
+            before = self._epoch_starts[-1, stream]
+            self._more_epoch_starts()
+            if self._epoch_starts[-1, stream] == before:
+                raise DataError(f"{self.name}: every shard of stream {stream} is bad or empty")
+        return self._epoch_starts[:, stream]
+
+    def _kept_epochs(self) -> int:
+        """Epochs whose starts are kept: about a million numbers over all streams.
+        Past them epochs are counted in passes of the mean length: exact where
+        every pass of a stream is alike (no shard shuffle, or one stream); a
+        shuffled corpus gets there only when repeated ~65,000 times at 16 streams."""
+        return max(64, (1 << 20) // self.num_streams)
+
+    @staticmethod
+    def _mean_pass(starts: np.ndarray) -> int:
+        return max(1, int(starts[-1]) // (len(starts) - 1))
+
+    def _more_epoch_starts(self) -> None:
+        """Extend the epoch starts by as many epochs as are known already (at
+        least one), in one permutation call: the orders of shards_of."""
+        n, known = len(self.shards), len(self._epoch_starts) - 1
+        count = max(1, min(known, self._kept_epochs() - known, (1 << 20) // n))  # ~1M shard places at a time
+        epochs = np.arange(known, known + count)
+        if self.settings.shuffle:
+            orders = permutations(n, (self.settings.seed, SHARD_ORDER_KEY), epochs)
+        else:
+            orders = np.broadcast_to(np.arange(n), (count, n))
+        tokens = np.array([self._tokens(shard) for shard in self.shards], dtype=np.int64)
+        dealt = np.zeros((count, -(-n // self.num_streams) * self.num_streams), dtype=np.int64)
+        dealt[:, :n] = tokens[orders]  # place p of an epoch's order goes to stream p % num_streams
+        per_stream = dealt.reshape(count, -1, self.num_streams).sum(axis=1)  # (count, num_streams)
+        self._epoch_starts = np.concatenate([self._epoch_starts, self._epoch_starts[-1] + per_stream.cumsum(axis=0)])
 
     def _read(self, shard: Shard, job: Pending | None = None) -> np.ndarray | None:
         """The shard's tokens (from `job` where it was read ahead); None if it
