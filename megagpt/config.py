@@ -26,6 +26,11 @@ class RunConfig:
     # Output directory. None: derived from an id every rank shares (see run_dir.py).
     dir: Optional[str] = None
     name: Optional[str] = None
+    # One job per run.dir (megagpt/run_lock.py).  A lock whose heartbeat (refreshed every 30 s) is this
+    # many seconds old is stale: a new job takes it over.  300 s = ten missed beats, room for a stalled
+    # filesystem client; it is also how long a job restarted on another host waits after a node failure
+    # (a requeue of the same SLURM job, or a new job where the holder's PID is gone, takes over at once).
+    lock_stale_seconds: float = 300.0
 
 
 @dataclass
@@ -291,6 +296,22 @@ def unknown_key_error(full_key: str, schema: type | None) -> ConfigError:
         if close:
             hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?"
     return ConfigError(f"{full_key}: unknown key ({owner} has no setting {key!r}{hint})")
+
+
+def yaml_syntax_error(e: Exception) -> ConfigError:
+    """The one line for a config file YAML cannot parse (a yaml.MarkedYAMLError):
+    `<file>:<line>:<column>: YAML syntax error: <problem> (<context> at line L, column C)`,
+    lines and columns counted from 1 as editors do (yaml's marks count from 0)."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{mark.name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else "config file"
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and context != problem:
+        problem += f" ({context}{f' at {at(context_mark)}' if context_mark is not None else ''})"
+    return ConfigError(f"{where}: YAML syntax error: {problem}")
 
 
 def check_known_keys(node: Any, path: str = "") -> None:

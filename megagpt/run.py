@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import OmegaConf
 
-from megagpt import checkpoint, collectives, hf_import, hooks, resume_check, runtime
+from megagpt import checkpoint, collectives, hf_import, hooks, resume_check, run_lock, runtime
 from megagpt.atomic import write_json
 from megagpt.config import Config, ConfigError, global_batch, grad_accum
 from megagpt.config_checks import validate
@@ -49,13 +49,18 @@ class Run:
     run_dir: str
     loop: Loop
     batches: Batches
+    lock: run_lock.RunLock | None = None  # rank 0's hold on run_dir, released by close()
 
     def train(self) -> TrainState:
         return self.loop.run()
 
     def close(self) -> None:
-        self.loop.close()
-        self.batches.close()
+        try:
+            self.loop.close()
+            self.batches.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def finish(self) -> None:
         """After a run that was not stopped early: the closing line, then the
@@ -76,6 +81,19 @@ class Run:
 
 
 def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset()) -> Run:
+    """The run of `cfg` (see `_build`).  It holds run.dir's lock (run_lock.py)
+    from before anything there is written until Run.close(); a failure on the
+    way releases it (a multirun's next point runs in this process)."""
+    held: list[run_lock.RunLock] = []
+    try:
+        return _build(cfg, point, chosen_model_keys, held)
+    except BaseException:
+        for lock in held:
+            lock.release()
+        raise
+
+
+def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], held: list) -> Run:
     """`point`: this job's number in a Hydra multirun run in this process
     (the default run.dir then differs per point).  `chosen_model_keys`: the
     `model.*` keys the user set (a `model=` preset sets all of them), checked
@@ -101,6 +119,9 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
     attention = resolve_backend(cfg.model.attention, device.type)
     run_dir = os.path.abspath(cfg.run.dir or runtime.default_run_dir(env, point=point))
     collectives.agree(run_dir, "run.dir")
+    # One job per run.dir: rank 0 locks it before anything there is written or
+    # deleted; if another job holds it, every rank stops with the same line.
+    _on_every_rank(lambda: _take_run_dir(run_dir, cfg.run.lock_stale_seconds, held) if env.is_main else None)
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
@@ -163,7 +184,8 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
                 f"{precision}")
 
     accum, batch = grad_accum(t, env.world_size), global_batch(t, env.world_size)
-    batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch)
+    batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch,
+                      sequences_per_step=batch)
     state, rng, stop = TrainState(), RngState(device), StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
     # The run as the checkpoints and W&B describe it: the resolved config, and where the weights came from.
     description = {"config": config_record, "init_from": folder.record if folder is not None else None}
@@ -189,7 +211,7 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
                 hooks=hook_list, nan_policy=NanPolicy(t.on_nan, t.max_nan_skips, t.max_rollbacks, env.is_main),
                 stop=stop, max_steps=t.max_steps, grad_accum=accum, tokens_per_step=batch * cfg.data.seq_len,
                 restore_args=restore_args, is_main=env.is_main)
-    return Run(cfg, env, run_dir, loop, batches)
+    return Run(cfg, env, run_dir, loop, batches, lock=held[0] if held else None)
 
 
 def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: TrainingData, tokens_per_step: int,
@@ -245,6 +267,14 @@ def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, precisi
         why = f"; FlashAttention not used: {failure}" if failure else ""
         log(f"attention: {model_cfg.attention} (model.attention={setting}{why})")
     return model_cfg
+
+
+def _take_run_dir(run_dir: str, stale_seconds: float, held: list) -> None:
+    """Lock run_dir for this job (into `held`); a job holding it stops this one (ConfigError: exit code 2)."""
+    try:
+        held.append(run_lock.acquire(run_dir, stale_seconds, say=console))
+    except run_lock.LockError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _raise(problem: Exception | None) -> None:

@@ -17,7 +17,7 @@ PACKAGE = REPO / "megagpt"
 # Lowest first.  A module may import its own layer and the ones below.
 LAYERS = [
     ("leaves", ["megagpt.atomic", "megagpt.collectives", "megagpt.runtime", "megagpt.flops", "megagpt.profiling",
-                "megagpt.resilience", "megagpt.metrics"]),
+                "megagpt.resilience", "megagpt.metrics", "megagpt.run_lock"]),
     ("config", ["megagpt.config"]),
     ("model", ["megagpt.model"]),
     ("data", ["megagpt.data"]),
