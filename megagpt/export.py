@@ -2,7 +2,12 @@
 from a megagpt checkpoint.
 
 DIR may be a checkpoint (`.../checkpoints/step_N`), a checkpoints folder or a
-run directory (the newest complete checkpoint is used).  The ZeRO shards are
+run directory.  A checkpoint is read only once it verifies against its
+manifest (checkpoint.verify, as a resume does).  Given a run or checkpoints
+folder, export takes the newest checkpoint that verifies and says on stderr
+which newer ones it skipped and why; it only reads them (setting damaged ones
+aside is training's job).  A checkpoint named explicitly that is damaged stops
+the export with the reason.  The ZeRO shards are
 consolidated offline (DeepSpeed's zero_to_fp32 for stages 1-3, the module
 state for stage 0), renamed for the family's transformers class (megagpt/hf), and
 written as:
@@ -10,7 +15,15 @@ written as:
   config.json, generation_config.json, model.safetensors (or
   model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger
   than --max-shard-bytes), tokenizer.json, tokenizer_config.json,
-  special_tokens_map.json
+  special_tokens_map.json, megagpt_export.json (the checkpoint, step, tokens)
+
+The folder is written as `<out>.partial-<pid>` beside --out and renamed to
+--out at the end: a failed export removes it and leaves --out as it was.  An
+existing --out is replaced when it is empty or an earlier export (it holds
+megagpt_export.json), any other folder only with --overwrite.  Never written
+to or replaced, --overwrite or not: a checkpoint or a folder inside one, a
+run's checkpoints folder or a folder inside it, a folder that holds
+checkpoints or the checkpoint being read.
 
 Loading DeepSpeed's files unpickles them: export only checkpoints you trust.
 """
@@ -23,34 +36,145 @@ from functools import partial
 import glob
 import io
 import os
+import re
+import shutil
 import sys
 
 import torch
 
-from megagpt.atomic import write_json
-from megagpt.checkpoint import STATE_FILE, TOKENIZER_FILE, CheckpointError, complete_checkpoints, load_state
+from megagpt.atomic import fsync_dir, write_json
+from megagpt.checkpoint import (LATEST_FILE, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
+                                complete_checkpoints, load_state, verify)
 from megagpt.model.config import GPTConfig
 from megagpt.model.families import FAMILIES
 from megagpt.model.gpt import GPT
 
 
 _write_json = partial(write_json, indent=2)  # exported JSON as transformers writes it
+EXPORT_RECORD = "megagpt_export.json"  # marks a folder as an export, which a later export may replace
+_CHECKPOINT_ENTRY = re.compile(r"^step_\d+($|\.)")  # step_N, step_N.partial, step_N.damaged-<time>
+_RUN_CONFIG = "config.yaml"  # in <run.dir>, beside checkpoints/
+
 
 def find_checkpoint(path: str) -> str:
-    """The checkpoint directory DIR names (see the module doc)."""
+    """The verified checkpoint directory DIR names (see the module doc); the
+    newer damaged ones it skipped are reported on stderr."""
+    found, skipped = resolve_checkpoint(path)
+    for damaged, problem in skipped:
+        print(f"megagpt: checkpoint {damaged} is damaged ({problem}); using {os.path.basename(found)}",
+              file=sys.stderr, flush=True)
+    return found
+
+
+def resolve_checkpoint(path: str) -> tuple[str, list[tuple[str, str]]]:
+    """(the verified checkpoint directory DIR names, [(newer damaged checkpoint, what is wrong)])."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: no such directory")
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return path
+        problem = _problem(path)
+        if problem is not None:  # named explicitly: never another one instead
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+        return path, []
     for root in (path, os.path.join(path, "checkpoints")):
-        found = complete_checkpoints(root)
-        if found:
-            return found[-1][1]
+        if complete_checkpoints(root):
+            found, skipped = newest_verified(root)
+            if found is None:
+                each = "; ".join(f"{os.path.basename(p)}: {problem}" for p, problem in skipped)
+                raise CheckpointError(f"checkpoint {root}: no checkpoint here verifies ({each})")
+            return found, skipped
     if os.path.basename(path).startswith("step_"):
         raise CheckpointError(f"checkpoint {path}: incomplete (no {STATE_FILE}; the save did not finish)")
     raise CheckpointError(f"checkpoint {path}: no complete megagpt checkpoint here or under checkpoints/")
 
+
+def newest_verified(root: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest checkpoint under `root` that verifies, or None; the newer
+    ones that do not, newest first, with what is wrong): resume's choice, read only."""
+    skipped = []
+    for _, path in reversed(complete_checkpoints(root)):
+        problem = _problem(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def _problem(path: str) -> str | None:
+    """checkpoint.verify's answer, without the path it may repeat."""
+    try:
+        problem = verify(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # an unreadable file, a manifest that is not one
+        problem = f"cannot verify it: {type(e).__name__}: {e}"
+    return None if problem is None else problem.removeprefix(f"checkpoint {path}: ")
+
+
+# -- where an export may go -------------------------------------------------------------------
+
+def check_out(out: str, overwrite: bool = False) -> None:
+    """Raise a one-line CheckpointError when exporting into `out` could damage a
+    checkpoint or replace a folder that is not an earlier export (`overwrite`:
+    any folder but those of checkpoints)."""
+    real = os.path.realpath(out)
+    place = real
+    while True:  # `out` and every folder above it
+        what = _checkpoint_place(place)
+        if what is not None:
+            where = "it is" if place == real else "it is inside"
+            raise CheckpointError(f"cannot export to {out}: {where} {what} {place}; an export is a folder of its "
+                                  "own (e.g. <run.dir>/hf)")
+        if os.path.dirname(place) == place:
+            break
+        place = os.path.dirname(place)
+    if not os.path.lexists(real):
+        return
+    if not os.path.isdir(real):
+        raise CheckpointError(f"cannot export to {out}: it exists and is not a folder")
+    if not os.listdir(real):
+        return
+    held = _checkpoint_below(real)  # walks what replacing it would delete (the checkpoint being read too)
+    if held is not None:
+        raise CheckpointError(f"cannot export to {out}: it holds {held}")
+    if not overwrite and not os.path.isfile(os.path.join(real, EXPORT_RECORD)):
+        raise CheckpointError(f"cannot export to {out}: it exists and is not a megagpt export (no {EXPORT_RECORD}); "
+                              "give a new or empty folder, or --overwrite to replace it")
+
+
+def _checkpoint_place(folder: str) -> str | None:
+    """What `folder` is, when it is a checkpoint or a run's checkpoints folder:
+    one with `latest` (every commit writes it), or <run.dir>/checkpoints before
+    its first commit.  A folder that merely holds a copied step_N is neither:
+    an export beside the copy cannot harm it."""
+    if not os.path.isdir(folder):
+        return None
+    if any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, MANIFEST_FILE)):
+        return "the megagpt checkpoint"
+    if os.path.isfile(os.path.join(folder, LATEST_FILE)) or (
+            os.path.basename(folder) == "checkpoints"
+            and (os.path.isfile(os.path.join(os.path.dirname(folder), _RUN_CONFIG))
+                 or any(_CHECKPOINT_ENTRY.match(name) for name in _names(folder)))):
+        return "the run's checkpoints folder"
+    return None
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:  # unreadable: nothing megagpt wrote
+        return []
+
+
+def _checkpoint_below(folder: str) -> str | None:
+    """A checkpoint or checkpoints folder somewhere under `folder`, described."""
+    for here, dirs, _ in os.walk(folder):
+        for name in dirs:
+            what = _checkpoint_place(os.path.join(here, name))
+            if what is not None:
+                return f"{what} {os.path.join(here, name)}"
+    return None
+
+
+# -- reading a checkpoint ---------------------------------------------------------------------
 
 def model_config(state: dict, path: str) -> GPTConfig:
     m = state.get("model")
@@ -99,8 +223,13 @@ def _zero_stage(path: str) -> int:
 
 
 def load_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict]:
-    """(model in eval mode on CPU, megagpt state) from a checkpoint directory."""
-    path = find_checkpoint(path)
+    """(model in eval mode on CPU, megagpt state) from DIR (see the module doc)."""
+    return load_checkpoint_model(find_checkpoint(path), attention)
+
+
+def load_checkpoint_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict]:
+    """(model in eval mode on CPU, megagpt state) from the checkpoint directory
+    `path`, verified already by find_checkpoint (verifying hashes every file)."""
     state = load_state(path)
     cfg = model_config(state, path).for_inference(attention)
     model = GPT(cfg)
@@ -117,16 +246,52 @@ def load_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict]:
     return model.eval(), state
 
 
-def export(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2**30) -> str:
-    """Write the Hugging Face folder; returns its path."""
-    path = find_checkpoint(checkpoint)
-    model, state = load_model(path)
+# -- writing the export -----------------------------------------------------------------------
+
+def export(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
+    """Write the Hugging Face folder from DIR `checkpoint`; returns its path."""
+    check_out(out, overwrite)  # before verifying, which hashes every file
+    return export_checkpoint(find_checkpoint(checkpoint), out, max_shard_bytes, overwrite)
+
+
+def export_checkpoint(path: str, out: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
+    """Write the Hugging Face folder from the verified checkpoint directory
+    `path` into a temporary folder beside `out` and rename it to `out`."""
+    out = os.path.abspath(out)
+    check_out(out, overwrite)  # before the minutes a large model takes to consolidate
+    model, state = load_checkpoint_model(path)
     c = model.cfg
-    write_hf_model(model, out, c.eod_id, max_shard_bytes)
-    _write_tokenizer(path, out, c.max_seq_len)
-    _write_json(os.path.join(out, "megagpt_export.json"),
-                {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")})
+    real = os.path.realpath(out)  # a link to a folder: the folder is replaced, the link kept
+    os.makedirs(os.path.dirname(real), exist_ok=True)
+    tmp = f"{real}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process id's, left by a killed export
+    try:
+        write_hf_model(model, tmp, c.eod_id, max_shard_bytes)
+        _write_tokenizer(path, tmp, c.max_seq_len)
+        _write_json(os.path.join(tmp, EXPORT_RECORD),
+                    {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")})
+        check_out(out, overwrite)  # again: `out` may have changed meanwhile
+        _put_in_place(tmp, real)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def _put_in_place(tmp: str, out: str) -> None:
+    """Rename the complete folder `tmp` to `out`, replacing what is there (check_out allowed it)."""
+    if os.path.isdir(out) and os.listdir(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)  # over an empty folder too
+    fsync_dir(os.path.dirname(out))
 
 
 def write_hf_model(model: GPT, out: str, eos_id: int | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
@@ -181,8 +346,11 @@ def _write_tokenizer(path: str, out: str, max_len: int) -> None:
         raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (written by an older megagpt?)")
     from megagpt.data.tokenizer import eod_id, load_tokenizer
 
-    tok = load_tokenizer(src)
-    eos = tok.id_to_token(eod_id(tok, src))
+    try:
+        tok = load_tokenizer(src)
+        eos = tok.id_to_token(eod_id(tok, src))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TOKENIZER_FILE}: {e.__cause__ or e}") from None
     with open(src, "rb") as f, open(os.path.join(out, TOKENIZER_FILE), "wb") as g:
         g.write(f.read())
     _write_json(os.path.join(out, "tokenizer_config.json"),
@@ -199,13 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoints dir or run dir")
     p.add_argument("--out", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--max-shard-bytes", type=int, default=5 * 2**30)
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out that is not an earlier export (never one of checkpoints)")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.max_shard_bytes)
+        check_out(args.out, args.overwrite)  # before verifying, which hashes every file
+        path = find_checkpoint(args.checkpoint)
+        out = export_checkpoint(path, args.out, args.max_shard_bytes, args.overwrite)
     except CheckpointError as e:
         print(f"megagpt.export: error: {e}", file=sys.stderr)
         return 2
-    print(f"exported {find_checkpoint(args.checkpoint)} to {out}")
+    except OSError as e:  # writing: a full disk, no permission
+        print(f"megagpt.export: error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {path} to {out}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """`python -m megagpt.generate --model DIR --prompt TEXT`: continue text.
 
 DIR is a megagpt checkpoint (or a run / checkpoints directory: the newest
-complete checkpoint) or a folder written by `python -m megagpt.export`.
+checkpoint that verifies, the newer damaged ones named on stderr; a damaged
+checkpoint named explicitly stops with the reason) or a folder written by
+`python -m megagpt.export`.
 Prompts come from --prompt (repeatable), or interactively (--interactive:
 read a prompt, print its continuation, repeat until end of input).
 
@@ -9,9 +11,14 @@ Decoding keeps a key/value cache, so after the prompt each new token costs
 one position of compute.  --temperature 0 is greedy; otherwise the next token
 is sampled from softmax(logits / temperature), restricted to the --top-k most
 likely tokens and to the smallest set whose probability reaches --top-p.
-Generation stops at the end-of-document token, after --max-new-tokens, or at
-the model's max_seq_len.  An empty prompt starts from the end-of-document
-token (the start of a document in training).
+Generation stops at the end-of-document token, after --max-new-tokens, or
+where the model's context (max_seq_len, or Mistral's attention window) is
+full: it does not slide the context on, and says on stderr when that stopped
+it early.  A prompt that leaves no room in the context keeps its last
+tokens, leaving room for --max-new-tokens new ones but at least half the
+context to the prompt, and says on stderr how many it dropped.  An empty
+prompt starts from the end-of-document token (the start of a document in
+training).
 """
 
 from __future__ import annotations
@@ -51,8 +58,7 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     """The new token ids after `prompt` (a non-empty list of ids)."""
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
-    # Past a sliding window (Mistral) megagpt's full attention would differ from the model's.
-    limit = min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
+    limit = context(model)
     if len(prompt) >= limit:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room: the model's max_seq_len "
                          f"(or attention window) is {limit}")
@@ -71,6 +77,22 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
     return out
 
 
+def context(model: GPT) -> int:
+    """How many tokens, prompt and new ones, the model attends to."""
+    # Past a sliding window (Mistral) megagpt's full attention would differ from the model's.
+    return min(model.cfg.max_seq_len, model.cfg.sliding_window or model.cfg.max_seq_len)
+
+
+def fit_prompt(prompt: list[int], limit: int, max_new_tokens: int) -> list[int]:
+    """`prompt` when it leaves room for a new token in a context of `limit`
+    tokens; else its last tokens, leaving room for `max_new_tokens` new ones
+    but keeping at least half the context."""
+    if len(prompt) < limit:
+        return prompt
+    keep = min(max(limit - max_new_tokens, limit // 2, 1), limit - 1)
+    return prompt[len(prompt) - keep:]
+
+
 def load(model_dir: str, attention: str = "sdpa"):
     """(model, tokenizers.Tokenizer, eod id) from a checkpoint or an exported folder."""
     from megagpt.data.tokenizer import eod_id, load_tokenizer
@@ -81,10 +103,10 @@ def load(model_dir: str, attention: str = "sdpa"):
         model = load_hf_folder(model_dir, attention)
         tok_dir = model_dir
     else:
-        from megagpt.export import find_checkpoint, load_model
+        from megagpt.export import find_checkpoint, load_checkpoint_model
 
-        tok_dir = find_checkpoint(model_dir)
-        model, _ = load_model(tok_dir, attention)
+        tok_dir = find_checkpoint(model_dir)  # verified; skipped damaged ones are named on stderr
+        model, _ = load_checkpoint_model(tok_dir, attention)
     tok = load_tokenizer(tok_dir)
     return model, tok, eod_id(tok, tok_dir)
 
@@ -119,18 +141,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megagpt.generate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
+    limit = context(model)
+
     def run(text: str) -> None:
-        ids = tok.encode(text).ids or [eod]
+        whole = tok.encode(text).ids or [eod]
+        ids = fit_prompt(whole, limit, args.max_new_tokens)
+        dropped = len(whole) - len(ids)
+        if dropped:
+            print(f"megagpt.generate: the prompt's {len(whole)} tokens leave no room in the model's context of "
+                  f"{limit}: dropped its first {dropped} of {len(whole)}, kept the last {len(ids)} (room for "
+                  f"{min(args.max_new_tokens, limit - len(ids))} new)", file=sys.stderr, flush=True)
         try:
-            new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                           args.seed, stop=eod)
-        except ValueError as e:
+            new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                           stop=eod)
+        except ValueError as e:  # a context of one token: no room at all
             print(f"megagpt.generate: error: {e}", file=sys.stderr)
             return
+        if len(new) < args.max_new_tokens and new[-1] != eod:
+            print(f"megagpt.generate: stopped after {len(new)} of {args.max_new_tokens} new tokens: the model's "
+                  f"context of {limit} is full", file=sys.stderr, flush=True)
         shown = new[:-1] if new and new[-1] == eod else new
         completion = tok.decode(shown)
         if args.json:
-            print(json.dumps({"prompt": text, "prompt_ids": ids, "ids": new, "completion": completion}), flush=True)
+            print(json.dumps({"prompt": text, "prompt_ids": ids, "prompt_tokens_dropped": dropped, "ids": new,
+                              "completion": completion}), flush=True)
         else:
             print(text + completion, flush=True)
 

@@ -238,6 +238,11 @@ def test_export_errors_are_one_line(runs, tmp_path):
     shutil.copytree(src, damaged)
     shard = sorted(damaged.glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])
+    assert f"{damaged} is damaged: {shard.name} has 1000 bytes" in _export_fails(damaged, tmp_path)
+    # Written before manifests (nothing to verify against): the shards themselves are read, and refused.
+    state = json.loads((damaged / "megagpt_state.json").read_text())
+    del state["manifest_sha256"]
+    (damaged / "megagpt_state.json").write_text(json.dumps(state))
     assert "cannot consolidate the ZeRO-3 shards" in _export_fails(damaged, tmp_path)
 
     unknown = tmp_path / "unknown" / "step_10"
