@@ -143,6 +143,27 @@ def verify(path: str) -> str | None:
     return None
 
 
+def newest_verified(root: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the newest checkpoint under `root` that verifies, or None; the newer
+    ones that do not, newest first, with what is wrong).  Only reads."""
+    refused = []
+    for _, path in reversed(complete_checkpoints(root)):
+        problem = problem_of(path)
+        if problem is None:
+            return path, refused
+        refused.append((path, problem))
+    return None, refused
+
+
+def problem_of(path: str) -> str | None:
+    """verify's answer, without the path it may repeat; a manifest that cannot be read is one too."""
+    try:
+        problem = verify(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problem = f"cannot verify it: {type(e).__name__}: {e}"
+    return None if problem is None else problem.removeprefix(f"checkpoint {path}: ")
+
+
 def resolve_resume(resume: str, root: str) -> str | None:
     """The checkpoint directory to resume from, or None to start fresh.
     `auto`: the newest checkpoint that verifies; damaged ones newer than it
@@ -155,13 +176,7 @@ def resolve_resume(resume: str, root: str) -> str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        intact, refused = None, []  # newest first, verified up to the first intact one
-        for _, path in reversed(complete_checkpoints(root)):
-            problem = verify(path)
-            if problem is None:
-                intact = path
-                break
-            refused.append((path, problem))
+        intact, refused = newest_verified(root)
         if intact is None:
             refused += [(path, "set aside as damaged by an earlier start") for path in set_aside(root)]
             if refused:

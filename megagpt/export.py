@@ -44,7 +44,7 @@ import torch
 
 from megagpt.atomic import fsync_dir, write_json
 from megagpt.checkpoint import (LATEST_FILE, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
-                                complete_checkpoints, load_state, verify)
+                                complete_checkpoints, load_state, newest_verified, problem_of)
 from megagpt.model.config import GPTConfig
 from megagpt.model.families import FAMILIES
 from megagpt.model.gpt import GPT
@@ -72,7 +72,7 @@ def resolve_checkpoint(path: str) -> tuple[str, list[tuple[str, str]]]:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path}: no such directory")
     if os.path.isfile(os.path.join(path, STATE_FILE)):
-        problem = _problem(path)
+        problem = problem_of(path)
         if problem is not None:  # named explicitly: never another one instead
             raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path, []
@@ -86,27 +86,6 @@ def resolve_checkpoint(path: str) -> tuple[str, list[tuple[str, str]]]:
     if os.path.basename(path).startswith("step_"):
         raise CheckpointError(f"checkpoint {path}: incomplete (no {STATE_FILE}; the save did not finish)")
     raise CheckpointError(f"checkpoint {path}: no complete megagpt checkpoint here or under checkpoints/")
-
-
-def newest_verified(root: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(the newest checkpoint under `root` that verifies, or None; the newer
-    ones that do not, newest first, with what is wrong): resume's choice, read only."""
-    skipped = []
-    for _, path in reversed(complete_checkpoints(root)):
-        problem = _problem(path)
-        if problem is None:
-            return path, skipped
-        skipped.append((path, problem))
-    return None, skipped
-
-
-def _problem(path: str) -> str | None:
-    """checkpoint.verify's answer, without the path it may repeat."""
-    try:
-        problem = verify(path)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # an unreadable file, a manifest that is not one
-        problem = f"cannot verify it: {type(e).__name__}: {e}"
-    return None if problem is None else problem.removeprefix(f"checkpoint {path}: ")
 
 
 # -- where an export may go -------------------------------------------------------------------

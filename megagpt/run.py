@@ -270,11 +270,30 @@ def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, precisi
 
 
 def _take_run_dir(run_dir: str, stale_seconds: float, held: list) -> None:
-    """Lock run_dir for this job (into `held`); a job holding it stops this one (ConfigError: exit code 2)."""
+    """Lock run_dir for this job (into `held`); a job holding it stops this one (ConfigError: exit code 2),
+    as does a run.dir this process cannot write."""
+    _check_writable(run_dir)
     try:
         held.append(run_lock.acquire(run_dir, stale_seconds, say=console))
     except run_lock.LockError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_writable(run_dir: str) -> None:
+    """run.dir and its checkpoints folder take a file, checked at start: otherwise the
+    first save, minutes or hours in, fails (a read-only mount, another user's folder)."""
+    import tempfile
+
+    for folder in (run_dir, os.path.join(run_dir, "checkpoints")):
+        if folder != run_dir and not os.path.isdir(folder):
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".megagpt-write-check-"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"run.dir: {folder} is not writable ({e.strerror or e}); the run writes its "
+                              "checkpoints and metrics there: choose a writable run.dir") from None
 
 
 def _raise(problem: Exception | None) -> None:

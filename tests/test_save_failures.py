@@ -74,3 +74,16 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays
     r = torchrun(args(data_dir, moved), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {moved / 'checkpoints' / 'step_5'} at step 5" in r.stdout
+
+
+@pytest.mark.parametrize("where", ["run.dir", "its parent"])
+def test_a_read_only_run_dir_stops_every_rank_at_start_in_one_line(data_dir, tmp_path, where):
+    with small_disk(tmp_path / "ro", "1m", read_only=True) as disk:
+        run_dir = disk if where == "run.dir" else disk / "run"
+        r = torchrun(args(data_dir, run_dir), cwd=tmp_path)
+    assert r.returncode != 0
+    for rank in (0, 1):
+        assert error_lines(r.stderr, rank) == [
+            f"megagpt: error (rank {rank}): run.dir: {run_dir} is not writable (Read-only file system); the run "
+            "writes its checkpoints and metrics there: choose a writable run.dir"], r.stderr[-3000:]
+    assert "training steps" not in r.stdout and "Traceback" not in r.stderr.split("torch/distributed/elastic")[0]
