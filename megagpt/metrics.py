@@ -58,6 +58,11 @@ def wandb_credentials() -> bool:
 
 
 class MetricsSink:
+    """metrics.jsonl, and W&B where logger.kind=wandb. W&B never stops or
+    stalls training: wandb.init waits at most INIT_TIMEOUT_SECONDS, an online
+    run that cannot start logs offline instead, and a W&B call that fails
+    later costs one warning, after which the run goes on without W&B."""
+
     def __init__(self, run_dir: str, logger_cfg, config: dict, run_id: str | None, resumed_step: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resumed_step > 0:
@@ -72,24 +77,12 @@ class MetricsSink:
         self.file = open(self.path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.kind == "wandb":
-            import wandb
-
-            mode = logger_cfg.mode
-            if mode == "online" and not wandb_credentials():
-                log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY, `wandb login`); "
-                            "logging offline instead")
-                mode = "offline"
-            os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
-            self.wandb = wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.name,
-                group=logger_cfg.group, tags=list(logger_cfg.tags), config=config,
-                dir=run_dir, mode=mode, id=run_id, resume="allow",
-                settings=wandb.Settings(quiet=True, console="off", x_disable_stats=False))
+            self.wandb = _start_wandb(run_dir, logger_cfg, config, run_id)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({wandb_name(k): v for k, v in record.items() if k != "step"}, step=record["step"])
+        self._to_wandb(lambda run: run.log({wandb_name(k): v for k, v in record.items() if k != "step"},
+                                           step=record["step"]))
 
     def rewind(self, step: int) -> None:
         """After a rollback to `step`: metrics.jsonl keeps one record per step,
@@ -101,13 +94,23 @@ class MetricsSink:
         self.log_event({"event": "rollback", "to_step": step})
 
     def log_event(self, event: dict) -> None:
-        if self.wandb is not None:
-            self.wandb.summary[f"last_{event['event']}"] = event
+        self._to_wandb(lambda run: run.summary.__setitem__(f"last_{event['event']}", event))
 
     def close(self) -> None:
         self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        self._to_wandb(lambda run: run.finish())
+        self.wandb = None
+
+    def _to_wandb(self, call) -> None:
+        """call(run) unless W&B is off or has failed; a failure (W&B's service
+        gone, a closed run) is said once, and W&B is dropped for the rest of the run."""
+        if self.wandb is None:
+            return
+        try:
+            call(self.wandb)
+        except Exception as e:  # noqa: BLE001 - whatever W&B raises, training goes on
+            self.wandb = None
+            log.warning("W&B: logging failed (%s); metrics go on to %s only", _reason(e), self.path)
 
 
 def _count_records(path: str) -> int:
@@ -122,6 +125,89 @@ def _count_records(path: str) -> int:
             f.writelines(lines[:-1])
         lines = lines[:-1]
     return sum(1 for line in lines if line.strip())
+
+
+# wandb.init's wait for the server (W&B's own default is 90 s, and then it raises). W&B's
+# WANDB_INIT_TIMEOUT, where set, is honoured instead.
+INIT_TIMEOUT_SECONDS = 30.0
+# run.finish()'s wait for the upload at the end (W&B's default: no limit). What is not uploaded
+# by then stays in the run's directory for `wandb sync`. WANDB_FINISH_TIMEOUT, where set, wins.
+FINISH_TIMEOUT_SECONDS = 120.0
+
+
+def _start_wandb(run_dir: str, logger_cfg, config: dict, run_id: str | None):
+    """The W&B run: online as asked, or offline (the same id and directory)
+    when the online one cannot start; None, with a warning, if W&B cannot
+    start at all (metrics.jsonl still has everything)."""
+    import wandb
+
+    mode = logger_cfg.mode
+    if mode == "online" and not wandb_credentials():
+        log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY, `wandb login`); "
+                    "logging offline instead")
+        mode = "offline"
+    os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
+    bounds = (("init_timeout", INIT_TIMEOUT_SECONDS, "WANDB_INIT_TIMEOUT"),
+              ("finish_timeout", FINISH_TIMEOUT_SECONDS, "WANDB_FINISH_TIMEOUT"))
+    timeouts = {name: seconds for name, seconds, env in bounds if env not in os.environ}
+
+    def init(mode: str):
+        return wandb.init(
+            project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.name,
+            group=logger_cfg.group, tags=list(logger_cfg.tags), config=config,
+            dir=run_dir, mode=mode, id=run_id, resume="allow",
+            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=False, **timeouts))
+
+    try:
+        return init(mode)
+    except Exception as e:  # noqa: BLE001 - W&B's errors (CommError, timeouts, a broken service) vary
+        failure = e
+    # The failed run still holds its id in W&B's service: a fresh service takes the offline run.
+    _teardown(wandb)
+    jsonl = os.path.join(run_dir, "metrics.jsonl")
+    if mode != "online":
+        log.warning("W&B: cannot start (%s); metrics go to %s only", _reason(failure), jsonl)
+        return None
+    try:
+        run = init("offline")
+    except Exception as e:  # noqa: BLE001
+        _teardown(wandb)
+        log.warning("W&B: cannot reach %s (%s), nor log offline (%s); metrics go to %s only", _base_url(wandb),
+                    _reason(failure), _reason(e), jsonl)
+        return None
+    offline = run.settings.sync_dir
+    log.warning("W&B: cannot reach %s (%s); logging offline to %s; upload later with: wandb sync %s",
+                _base_url(wandb), _reason(failure), offline, offline)
+    return run
+
+
+def _teardown(wandb) -> None:
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - a service that is already gone
+        pass
+
+
+def _base_url(wandb) -> str:
+    """W&B's server as its settings resolve it (WANDB_BASE_URL, `wandb login --host`), without any
+    user:password part."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        url = wandb.setup().settings.base_url
+    except Exception:  # noqa: BLE001
+        url = os.environ.get("WANDB_BASE_URL", "W&B")
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _reason(e: BaseException) -> str:
+    """One line for W&B's exception: its last line is the root cause ("connect: connection refused"),
+    its first what it was doing; the API key never appears."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = type(e).__name__ + (": " + "; ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else "")
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "<WANDB_API_KEY>") if key else text
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -1,10 +1,12 @@
 """What keeps a long run alive: stop requests (signals, a stop file), a
 watchdog for hangs, the policy for non-finite losses, and fault injection
 for tests.  The hooks (megagpt/hooks.py) and the loop put them to work.
+And what ends a worker whose torchrun agent is gone (end_with_launcher).
 """
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import logging
 import os
@@ -47,6 +49,41 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+
+
+def end_with_launcher(environ=os.environ) -> bool:
+    """Under torchrun, have the kernel SIGKILL this worker when its parent, the
+    torchrun agent, dies (returns whether it did).  The agent ends its workers
+    itself whenever it can; a SIGKILLed agent cannot, and its workers lived on
+    as orphans until their own timeouts ended them (deepspeed.timeout_minutes,
+    30 by default, for a worker waiting in init_process_group).  Called first
+    thing in the worker (megagpt.train.main), so the window in which an agent
+    can die unnoticed is the interpreter's start; an agent dying during the
+    call is caught by the check after it (the parent changed) and the worker
+    exits at once.  (A parent of PID 1 proves nothing by itself: in a
+    container torchrun is often PID 1.)  Not under SLURM's srun alone or a
+    plain `python -m` (no TORCHELASTIC_RUN_ID): no agent started the process."""
+    if not environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return False
+    agent = os.getppid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes, prctl.restype = [ctypes.c_int] + [ctypes.c_ulong] * 4, ctypes.c_int
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("could not tie this worker to its torchrun agent (prctl: %s); "
+                    "it outlives a killed agent", os.strerror(ctypes.get_errno()))
+        return False
+    if os.getppid() != agent:  # the agent died between getppid() and prctl(): init (or a subreaper) adopted us
+        try:
+            sys.stderr.write(f"megagpt: error (rank {environ.get('RANK', '?')}): the torchrun agent that "
+                             "started this worker is gone; exiting\n")
+            sys.stderr.flush()
+        except OSError:
+            pass
+        os._exit(1)
+    return True
 
 
 class Watchdog:

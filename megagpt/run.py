@@ -2,12 +2,15 @@
 data, the model and its engine, the state that survives restarts, the hooks
 in their order, and the loop.
 
-    run = build(cfg)        # every rank; resumes from run.dir's newest checkpoint
+    run = build(cfg)        # every rank; locks run.dir, resumes from its newest checkpoint
     try:
-        run.train()
+        try:
+            run.train()
+        finally:
+            run.close()
+        run.finish()        # the closing line and the export, once every rank is done
     finally:
-        run.close()
-    run.finish()            # the closing line and the export, once every rank is done
+        run.release()       # run.dir's lock
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ class Run:
         return self.loop.run()
 
     def close(self) -> None:
-        try:
-            self.loop.close()
-            self.batches.close()
-        finally:
-            if self.lock is not None:
-                self.lock.release()
+        self.loop.close()
+        self.batches.close()
+
+    def release(self) -> None:
+        """Give up run.dir's lock: last, after close() and finish()."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def finish(self) -> None:
         """After a run that was not stopped early: the closing line, then the
@@ -122,6 +127,8 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
     # One job per run.dir: rank 0 locks it before anything there is written or
     # deleted; if another job holds it, every rank stops with the same line.
     _on_every_rank(lambda: _take_run_dir(run_dir, cfg.run.lock_stale_seconds, held) if env.is_main else None)
+    if cfg.export.at_end:  # where the export at the end goes, checked now rather than after training
+        _on_every_rank(lambda: _check_export_dir(cfg.export.dir or os.path.join(run_dir, "hf")))
     if env.is_main:
         os.makedirs(run_dir, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), os.path.join(run_dir, "config.yaml"))
@@ -277,6 +284,15 @@ def _take_run_dir(run_dir: str, stale_seconds: float, held: list) -> None:
         held.append(run_lock.acquire(run_dir, stale_seconds, say=console))
     except run_lock.LockError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_export_dir(out: str) -> None:
+    from megagpt.export import check_out
+
+    try:
+        check_out(out)
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"export.dir: {e}") from None
 
 
 def _check_writable(run_dir: str) -> None:

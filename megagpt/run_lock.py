@@ -24,8 +24,9 @@ A lock is STALE, and a new job takes it over, saying so in one line, when
   (a) the new job is on the holder's machine and the holder's PID is not
       running, or is another process (its start time differs): at once;
   (b) the new job is the holder's own SLURM job (a requeue, or a torchrun
-      restart inside it), or a later restart of the holder's torchrun run
-      (same run id, higher restart count): at once;
+      restart inside it), or a restart of the holder's torchrun run (the same
+      run id: torchrun ends every worker of an attempt before the next): at
+      once;
   (c) otherwise, when the heartbeat is older than `stale_seconds`
       (run.lock_stale_seconds), measured against the filesystem's clock (the
       mtime of a file just created in run.dir), not this host's, so hosts
@@ -189,10 +190,12 @@ def _stale_because(found: Found, me: Holder, run_dir: str, stale_seconds: float)
     held = found.holder
     if held is not None and me.slurm_job and held.slurm_job == me.slurm_job:
         return f"it is this SLURM job's own lock (job {me.slurm_job}, requeued or restarted)"
-    if held is not None and me.torchrun_run and held.torchrun_run == me.torchrun_run \
-            and me.torchrun_restart > held.torchrun_restart:
-        return (f"it is this torchrun run's own lock from restart {held.torchrun_restart} "
-                f"(this is restart {me.torchrun_restart})")
+    if held is not None and me.torchrun_run and held.torchrun_run == me.torchrun_run:
+        # One attempt of a torchrun run is alive at a time: its agents end every worker before a
+        # restart.  (Not the restart count: each node's agent counts only its own failures, and
+        # a restart may put rank 0 on another node.)
+        return (f"it is this torchrun run's own lock (run {me.torchrun_run}, restart {held.torchrun_restart}; "
+                f"restarted)")
     if held is not None and held.same_machine(me):
         gone = _why_not_running(held.pid, held.pid_start)
         if gone is not None:

@@ -7,6 +7,7 @@ import datetime
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -71,17 +72,103 @@ def set_cpu_threads(env: Env, configured: int | None) -> int:
 
 def init_distributed(env: Env, backend: str, device: torch.device, timeout_minutes: int) -> None:
     import deepspeed
+    import torch.distributed as dist
 
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if env.world_size == 1:  # a plain `python -m megagpt.train`: a group of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
+        # (Initialized already: a later point of a Hydra -m sweep in this process keeps the group.)
+        # Under torchrun the group meets in a store of this attempt's own, not
+        # in the agent's (_attempt_store says why).  DeepSpeed then finds the
+        # group up and adopts it, as it does for any group made before it.
+        options = {"device_id": device} if _binds_device(device) else {}
+        dist.init_process_group(backend, store=_attempt_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size, timeout=timeout, **options)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+
+
+def _binds_device(device: torch.device) -> bool:
+    """Whether the group is bound to this rank's GPU, as deepspeed.init_distributed
+    binds it (NCCL then connects at once), except on the torch versions where
+    binding hangs (2.6.0 < torch < 2.7.1, DeepSpeed's own exception)."""
+    return device.type == "cuda" and not "2.6.0" < torch.__version__ < "2.7.1"  # a TorchVersion: compares as versions
+
+
+# The agent-store key where rank 0 publishes its attempt's store: "<address> <port> <token>".
+_ANNOUNCE_KEY = "megagpt/attempt_store"
+_TOKEN_KEY = "megagpt/token"
+_PROBE = datetime.timedelta(seconds=2)  # to connect to an announced store and read its token
+
+
+def _attempt_store(env: Env, timeout: datetime.timedelta):
+    """A TCPStore that rank 0 starts for this attempt of the job, on a port of
+    its own, and that the other ranks find through the torchrun agent's store.
+
+    Why not the agent's store itself (what env:// gives a worker under torchrun
+    since torch 2.5): the agent keeps one store for the whole run, across the
+    restarts of --max-restarts, at the same MASTER_PORT, and nothing clears the
+    keys the previous attempt's process group wrote there (torch no longer
+    prefixes them per attempt).  A restarted rank then read a dead rank's
+    address: gloo failed ("connectFullMesh failed ... Connection refused"), or
+    the ranks waited in init_process_group until the timeout.
+    TORCHELASTIC_RESTART_COUNT cannot name the attempt: each node's agent
+    counts only its own failures.  A store is proven current by being alive:
+    the announcement in the agent's store may be the previous attempt's, whose
+    store died with its rank 0, so a rank connects to the announced one and
+    checks the token it holds, and reads the announcement again until both agree."""
+    from torch.distributed import DistError, TCPStore
+
+    agent_host, agent_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])  # the agent's store
+    agent = TCPStore(agent_host, agent_port, is_master=False, timeout=timeout)
+    if env.is_main:
+        token = uuid.uuid4().hex
+        store = TCPStore(agent_host, 0, is_master=True, timeout=timeout, wait_for_workers=False)
+        store.set(_TOKEN_KEY, token)
+        # Rank 0's address as the other ranks reach it: the rendezvous store need not run on its node.
+        agent.set(_ANNOUNCE_KEY, f"{_address_towards(agent_host, agent_port)} {store.port} {token}")
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        host, port, token = agent.get(_ANNOUNCE_KEY).decode().split()
+        # A dead store refuses at once (TCPStore's own client would retry until its timeout).
+        if _accepts(host, int(port)):
+            try:
+                store = TCPStore(host, int(port), is_master=False, timeout=_PROBE)
+                if store.get(_TOKEN_KEY).decode() == token:
+                    store.set_timeout(timeout)
+                    return store
+            except DistError:  # another server took the dead store's port
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {env.rank}: rank 0's store for this attempt did not come up at {host} "
+                               f"within {timeout} (deepspeed.timeout_minutes)")
+        time.sleep(0.2)
+
+
+def _address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to host:port (no packet is sent: a UDP
+    socket's connect only picks the route), so a rank on another node reaches it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, port))
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE.total_seconds()):
+            return True
+    except OSError:
+        return False
 
 
 def _free_port() -> int:

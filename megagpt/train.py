@@ -14,9 +14,8 @@ import warnings
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from megagpt.config import Config, ConfigError, check_known_keys, register, unknown_key_error
+from megagpt.config import Config, ConfigError, check_known_keys, register
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 log = logging.getLogger("megagpt")
@@ -36,15 +35,18 @@ def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset
     _setup_logging(read_env().is_main)
     run = runs.build(cfg, point, chosen_model_keys)
     try:
-        run.train()
-    except _user_errors() as e:
-        # Said before the clean-up below: it can take seconds, and once one rank
-        # has exited, the launcher terminates the others (SIGTERM) mid-way.
-        _say(e)
-        raise
+        try:
+            run.train()
+        except _user_errors() as e:
+            # Said before the clean-up below: it can take seconds, and once one rank
+            # has exited, the launcher terminates the others (SIGTERM) mid-way.
+            _say(e)
+            raise
+        finally:
+            run.close()
+        run.finish()
     finally:
-        run.close()
-    run.finish()
+        run.release()  # run.dir is this job's until the export at the end is written too
 
 
 def _setup_logging(main: bool) -> None:
@@ -134,45 +136,19 @@ def _chosen_model_keys() -> frozenset[str]:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose the config once through Hydra's compose API so that an unknown
-    key or a bad value becomes one line naming the key, not Hydra's
-    multi-line report. Multirun and Hydra's own flags go straight to Hydra."""
-    if any(a.startswith("-") for a in argv):
-        return
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    """Bad input on the command line or in a config file becomes one line on
+    every rank, exit code 2, before Hydra runs the job (megagpt/cli_checks.py)."""
+    from megagpt.cli_checks import check_command_line
 
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            cfg = compose(config_name="config", overrides=argv)
-            check_known_keys(cfg)
-            OmegaConf.to_object(cfg)
-    except ConfigError as e:
-        _fail(str(e))
-    except (HydraException, OmegaConfBaseException) as e:
-        _fail(_one_line(e))
-
-
-def _one_line(e: BaseException) -> str:
-    cause = e.__cause__ or e.__context__
-    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
-        # An unknown key: the same line as for one added with `+` (check_known_keys).
-        return str(unknown_key_error(cause.full_key, getattr(cause, "object_type", None)))
-    parts = [str(e).splitlines()[0].strip()]
-    if getattr(e, "override", None):  # Hydra could not parse this override
-        parts = [f"cannot parse override {e.override!r}: {parts[0]} "
-                 "(quote values with special characters: key='value')"]
-    cause = e.__cause__ or e.__context__
-    if cause is not None and str(cause) and str(cause).splitlines()[0].strip() != str(e).splitlines()[0].strip():
-        parts.append(str(cause).splitlines()[0].strip())
-        key = getattr(cause, "full_key", None)
-        if key and key not in " ".join(parts):
-            parts.append(f"(key {key})")
-    return " ".join(p for p in parts if p)
+    problem = check_command_line(argv, _hydra_main, CONF_DIR)
+    if problem is not None:
+        _fail(problem)
 
 
 def main() -> None:
+    from megagpt.resilience import end_with_launcher
+
+    end_with_launcher()  # under torchrun: this worker ends when its agent dies, however it dies
     # DeepSpeed calls torch.distributed functions torch has renamed; the
     # FutureWarning repeats every step and says nothing to a megagpt user.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated")

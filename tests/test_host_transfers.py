@@ -120,6 +120,7 @@ def _count_reads(rank: int, world: int, data_dir: str, run_dir: str, stage: int)
     finally:
         reads.uninstall()
         run.close()
+        run.release()
     return end.per_step
 
 

@@ -25,7 +25,7 @@ LAYERS = [
     ("engine", ["megagpt.optimizer", "megagpt.ds_config", "megagpt.staged_save", "megagpt.engine"]),
     ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.resume_check", "megagpt.hooks", "megagpt.loop"]),
     ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
-    ("entry", ["megagpt.run", "megagpt.train", "megagpt.bench"]),
+    ("entry", ["megagpt.run", "megagpt.cli_checks", "megagpt.train", "megagpt.bench"]),
 ]
 
 

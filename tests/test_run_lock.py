@@ -207,11 +207,17 @@ def test_the_same_slurm_job_or_a_torchrun_restart_takes_over_its_own_lock(tmp_pa
     run = {"TORCHELASTIC_RUN_ID": "abc123", "TORCHELASTIC_RESTART_COUNT": "0"}
     holder = start_holder(tmp_path, env=run)
     try:
-        with pytest.raises(LockError, match="is in use by another job"):  # the same command started twice
-            acquire(str(tmp_path), 3600, environ=run)
-        said = []
-        acquire(str(tmp_path), 3600, environ={**run, "TORCHELASTIC_RESTART_COUNT": "1"}, say=said.append).release()
-        assert said[0].endswith(": it is this torchrun run's own lock from restart 0 (this is restart 1)"), said
+        with pytest.raises(LockError, match="is in use by another job"):  # another torchrun run
+            acquire(str(tmp_path), 3600, environ={**run, "TORCHELASTIC_RUN_ID": "def456"})
+        # A restart of the same run, whatever its agent's count says: each node's agent counts only
+        # its own failures, so a restart that puts rank 0 on another node may count 0 again.
+        for count in ("1", "0"):
+            said = []
+            acquire(str(tmp_path), 3600, environ={**run, "TORCHELASTIC_RESTART_COUNT": count},
+                    say=said.append).release()
+            assert said[0].endswith(": it is this torchrun run's own lock (run abc123, restart 0; restarted)"), said
+            stop_holder(holder)
+            holder = start_holder(tmp_path, env=run)
     finally:
         stop_holder(holder)
 
