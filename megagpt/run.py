@@ -341,7 +341,7 @@ def _resolve_resume(resume: str, root: str):
 def _read_tokenizer(data: TrainingData) -> bytes | None:
     """The data's tokenizer.json, kept in every checkpoint so export and
     generation need nothing but the checkpoint."""
-    from megagpt.data.shards import read_bytes
+    from megagpt.data.remote import read_bytes
 
     try:
         return read_bytes(data.tokenizer_url)

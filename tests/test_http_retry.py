@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from helpers import make_dataset, stream_windows
-from megagpt.data import shards
+from megagpt.data import remote as reading
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
-from megagpt.data.shards import DataError, fetch_shard, open_dataset, read_bytes
+from megagpt.data.remote import read_bytes
+from megagpt.data.shards import DataError, Shard, fetch_shard, open_dataset
 from megagpt.data.streams import ShardStreams, StreamSettings
 
 L = 16
@@ -105,7 +106,7 @@ def serve(data_dir):
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch):
     """Waits of 10 and 20 ms, not seconds."""
-    monkeypatch.setattr(shards, "HTTP_RETRIES", shards.Retries(tries=TRIES, base=0.01, cap=0.02))
+    monkeypatch.setattr(reading, "HTTP_RETRIES", reading.Retries(tries=TRIES, base=0.01, cap=0.02))
 
 
 def remote(flaky: FlakyServer, n: int) -> str:
@@ -188,7 +189,7 @@ def test_flaky_server_streams_the_same_batches_as_disk(data_dir, serve, caplog):
     # An answer that a retry would not change (404) fails at once.
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megagpt"), pytest.raises(DataError, match="HTTP Error 404"):
-        fetch_shard(shards.Shard(f"{flaky.url}/nope.tar", 1, 1))
+        fetch_shard(Shard(f"{flaky.url}/nope.tar", 1, 1))
     assert flaky.asked("nope.tar") == [(None, 404)] and not caplog.records
 
 

@@ -17,7 +17,8 @@ import pytest
 from helpers import make_dataset, make_two_sources, mixed_windows, next_batch, rank_sequences, stream_windows
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture, mix_counts
-from megagpt.data.shards import DataError, open_dataset, read_bytes, read_shard
+from megagpt.data.remote import read_bytes
+from megagpt.data.shards import DataError, open_dataset, read_shard
 from megagpt.data.streams import ShardStreams, StreamSettings
 from megagpt.data.validation import val_sequences
 

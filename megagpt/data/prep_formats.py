@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from megagpt.data.prep_sources import Input, blocks, format_name, local_path, open_stream
-from megagpt.data.shards import is_local
+from megagpt.data.remote import is_local
 
 PARQUET_BATCH_ROWS = 1024  # rows decoded at a time: bounded memory whatever the row groups' size
 ZSTD_MAX_WINDOW = 1 << 31  # accept files compressed with --long=31 (zstd's default limit is 128 MiB)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from megagpt.data.shards import is_local, open_url
+from megagpt.data.remote import is_local, open_url
 
 HTTP_TIMEOUT = 120  # seconds without data before a URL read fails (as for shards)
 HEAD_TIMEOUT = 30
@@ -103,7 +103,7 @@ def check_readers(inputs: Sequence[Input]) -> None:
 
 def open_stream(spec: str):
     """A binary stream of the input's bytes, for reading front to back: the loader's own
-    opener (``megagpt.data.shards.open_url``), kept open instead of read whole."""
+    opener (``megagpt.data.remote.open_url``), kept open instead of read whole."""
     return open_url(spec, timeout=HTTP_TIMEOUT)
 
 

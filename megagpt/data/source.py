@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import default_num_streams
-from megagpt.data.shards import Dataset, DataError, open_dataset, read_bytes
+from megagpt.data.remote import read_bytes
+from megagpt.data.shards import Dataset, DataError, open_dataset
 from megagpt.data.streams import ShardStreams, StreamSettings, make_reader
 
 
