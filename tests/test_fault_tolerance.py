@@ -192,7 +192,7 @@ def test_stop_on_signal_and_stop_file_then_resume_bitwise(data_dir, reference, t
     wait_for(lambda: len(records(run_dir)) >= first_stop + 3, 240, job, "three more steps")
     stop_file.touch()
     assert job.wait(timeout=120) == 0, log.read_text()[-3000:]
-    assert f"stop requested (stop file {stop_file})" in log.read_text()
+    assert f"stop requested (stop file {stop_file})" in log.read_text(), log.read_text()[-3000:]
     assert not stop_file.exists()  # honoured and removed
 
     r = torchrun(args(data_dir, run_dir, STEPS, *extra), cwd=tmp_path, env_extra=env)
