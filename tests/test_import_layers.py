@@ -21,7 +21,7 @@ LAYERS = [
     ("config", ["megagpt.config"]),
     ("model", ["megagpt.model"]),
     ("data", ["megagpt.data"]),
-    ("checks", ["megagpt.config_checks"]),
+    ("checks", ["megagpt.config_checks", "megagpt.config_reference"]),
     ("engine", ["megagpt.optimizer", "megagpt.ds_config", "megagpt.staged_save", "megagpt.engine"]),
     ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.resume_check", "megagpt.hooks", "megagpt.loop"]),
     ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
