@@ -10,6 +10,7 @@ is closed (and, with `fsync`, on disk).  A failure removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -48,6 +49,19 @@ def write_json(path: str | os.PathLike, obj: Any, fsync: bool = False, indent: i
 def write_text(path: str | os.PathLike, text: str, fsync: bool = False) -> None:
     with atomic_open(path, "w", fsync=fsync) as f:
         f.write(text)
+
+
+def sha256_file(path: str | os.PathLike, sync: bool = False) -> tuple[int, str]:
+    """(bytes, sha256 hex digest) of a file, as checkpoint and dataset manifests
+    record it.  `sync`: also fsync it, so that the bytes hashed are on disk."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            n += len(chunk)
+        if sync:
+            os.fsync(f.fileno())  # the bytes are on disk before the checkpoint is committed
+    return n, h.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -1,35 +1,34 @@
 """Verified checkpoints: <run.dir>/checkpoints/step_<N>/.
 
-A save writes into `step_<N>.partial/`: DeepSpeed's state (ZeRO shards of
-parameters and optimizer, scheduler), one `rng_rank<R>.pt` per rank (tensors
-only, read with weights_only=True) and the tokenizer.  Then every file is
-hashed (the ranks share the work), `manifest.json` records each file's size
-and sha256, `megagpt_state.json` (step, tokens seen, data position, W&B run
-id, resolved config, the model's exact shape, and the manifest's own sha256)
-is written last, and the directory is renamed to `step_<N>`: a directory of
-that name is complete by construction.  The `latest` file names the newest
-committed checkpoint and changes only after the rename.
+A save writes into `step_<N>.partial/`: the engine's state (its own files:
+engine.TrainEngine.save), one `rng_rank<R>.pt` per rank (tensors only, read
+with weights_only=True) and the tokenizer.  Then every file is hashed (the
+ranks share the work), the checkpoint's `manifest.json` records each file's
+size and sha256, `megagpt_state.json` (step, tokens seen, data position, W&B
+run id, resolved config, the model's exact shape, and the manifest's own
+sha256) is written last, and the directory is renamed to `step_<N>`: a
+directory of that name is complete by construction.  The `latest` file names
+the newest committed checkpoint and changes only after the rename.
 
 On resume the newest checkpoint is verified against its manifest; a damaged
-one (truncated, altered, a file missing) is reported, renamed
+one (truncated, altered, a file missing, no manifest) is reported, renamed
 `step_<N>.damaged`, and the previous one is tried.  `keep_last` prunes old
 checkpoints after each commit: it keeps the highest steps, and never the one
 just committed.
 
 With `async_commit`, writing, hashing and committing run in a background
 thread.  Training waits for the engine to stage its state in host memory
-(`TrainEngine.save` returns a function that writes it: staged_save.py), for
-the RNG files and the tokenizer, and for the previous save's commit.
+(`TrainEngine.save` returns a function that writes it), for the RNG files
+and the tokenizer, and for the previous save's commit.
 
-DeepSpeed's files are pickles: never load a checkpoint from a source you do
-not trust.
+The engine's files are DeepSpeed's pickles: never load a checkpoint from a
+source you do not trust.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -40,11 +39,13 @@ import time
 
 import torch
 
-from megagpt.atomic import WriteFailed, fsync_dir, write_failure, write_json, write_text, writing
+from megagpt.atomic import WriteFailed, fsync_dir, sha256_file, write_failure, write_json, write_text, writing
+from megagpt.data.tokenizer import TOKENIZER_FILE
 
 STATE_FILE = "megagpt_state.json"
-MANIFEST_FILE = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
+# Every file of a checkpoint with its size and sha256.  (Not a dataset's
+# manifest.json, data/shards.DATASET_MANIFEST: that one lists shards.)
+CHECKPOINT_MANIFEST = "manifest.json"
 LATEST_FILE = "latest"
 PARTIAL = ".partial"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -104,17 +105,6 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
 
 # -- verification -------------------------------------------------------------------------
 
-def sha256_file(path: str, sync: bool = False) -> tuple[int, str]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-            n += len(chunk)
-        if sync:
-            os.fsync(f.fileno())  # the bytes are on disk before the checkpoint is committed
-    return n, h.hexdigest()
-
-
 def verify(path: str) -> str | None:
     """None if the checkpoint at `path` is intact, else what is wrong."""
     try:
@@ -123,12 +113,12 @@ def verify(path: str) -> str | None:
         return str(e)
     expected = state.get("manifest_sha256")
     if expected is None:
-        return None  # written before manifests existed: nothing to check against
-    mpath = os.path.join(path, MANIFEST_FILE)
+        return f"{STATE_FILE} names no manifest checksum (manifest_sha256): nothing to verify against"
+    mpath = os.path.join(path, CHECKPOINT_MANIFEST)
     if not os.path.isfile(mpath):
-        return f"{MANIFEST_FILE} is missing"
+        return f"{CHECKPOINT_MANIFEST} is missing"
     if sha256_file(mpath)[1] != expected:
-        return f"{MANIFEST_FILE} does not match its checksum"
+        return f"{CHECKPOINT_MANIFEST} does not match its checksum"
     with open(mpath) as f:
         files = json.load(f)["files"]
     for rel, meta in sorted(files.items()):
@@ -259,7 +249,7 @@ class Checkpointer:
         dist.barrier()
         write_staged = engine.save(self.root, tag + PARTIAL)  # a function to call where the save is staged
         own = [f"rng_rank{self.rank}.pt"]
-        error = engine.take_write_error() if hasattr(engine, "take_write_error") else None
+        error = engine.take_write_error()
         writing = partial
         try:
             if error is None:
@@ -389,9 +379,9 @@ class Checkpointer:
             manifest.update(share)
         for rel in sorted(set(_files(partial)) - set(manifest)):  # written outside the shares (DeepSpeed's script)
             manifest[rel] = _manifest_entry(partial, rel)
-        with writing(os.path.join(partial, MANIFEST_FILE)):
-            write_json(os.path.join(partial, MANIFEST_FILE), {"files": manifest}, fsync=True)
-        state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, MANIFEST_FILE))[1]}
+        with writing(os.path.join(partial, CHECKPOINT_MANIFEST)):
+            write_json(os.path.join(partial, CHECKPOINT_MANIFEST), {"files": manifest}, fsync=True)
+        state = {**state, "manifest_sha256": sha256_file(os.path.join(partial, CHECKPOINT_MANIFEST))[1]}
         with writing(os.path.join(partial, STATE_FILE)):
             write_json(os.path.join(partial, STATE_FILE), state, fsync=True)
         for r in range(self.world):
@@ -432,66 +422,27 @@ def load_state(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE}: {e}") from None
 
 
-def universal_copy(path: str, saved_world: int, world: int) -> str:
-    """The checkpoint at `path` converted (once, by rank 0) to DeepSpeed's
-    universal format, which loads on any number of ranks: ZeRO shards are
-    consolidated per parameter (weights and both Adam moments) and
-    re-partitioned on load.  Returns the directory to load from."""
-    root, tag = os.path.split(path.rstrip("/"))
-    out = os.path.join(root, "universal", tag)
-    if not os.path.isfile(os.path.join(out, ".complete")):
-        import subprocess
-        import sys
-
-        log.info("converting %s (%d ranks) to DeepSpeed's universal format for %d ranks", path, saved_world, world)
-        shutil.rmtree(out, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-                            "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            if "universal_checkpoint_info" in tail[0]:  # written before build_engine recorded it
-                raise CheckpointError(f"trainer.resume: cannot reshard {path} from {saved_world} to {world} ranks: "
-                                      "it was written without DeepSpeed's universal-checkpoint info (by an older "
-                                      f"megagpt); resume it on {saved_world} ranks")
-            raise CheckpointError(f"trainer.resume: cannot reshard {path} from {saved_world} to {world} ranks "
-                                  f"(DeepSpeed ds_to_universal failed: {tail[0]})")
-        open(os.path.join(out, ".complete"), "w").close()
-    return out
-
-
 def restore(path: str, *, engine=None, rng=None, snapshot=None, env=None, seed: int = 0) -> dict:
     """Load the checkpoint at `path` into the parts given and return what its
     megagpt_state.json holds.  One path for every use: a resume restores all
     parts, a rollback the engine and the RNG (the data goes on, the train
-    state rewinds its step), export none (it reads the state and consolidates
-    the weights itself).  Collective when an engine is given.
+    state rewinds its step), export none (it reads the state and has the
+    engine's files consolidated).  Collective when an engine is given.
 
-    ZeRO-0 state is whole and loads on any number of ranks; ZeRO-1..3 shards
-    written by another number of ranks go through their universal copy
-    (converted once, by rank 0).  On another number of ranks the saved
+    The engine loads its own files, on this number of ranks or resharded
+    (engine.TrainEngine.load).  On another number of ranks the saved
     per-rank RNG states do not map onto the new ranks: the RNG is reseeded,
     deterministically."""
-    from megagpt import collectives
+    from megagpt.engine import EngineStateError
 
     state = load_state(path)
     if engine is not None:
         saved_world = state.get("world_size", env.world_size)
-        source, universal = path, False
-        if engine.zero_stage > 0 and saved_world != env.world_size:
-            outcome = None
-            if env.is_main:
-                try:
-                    outcome = (universal_copy(path, saved_world, env.world_size), None)
-                except CheckpointError as e:
-                    outcome = (None, str(e))
-            source, error = collectives.broadcast_from_main(outcome)
-            if error:
-                raise CheckpointError(error)
-            universal = True
-        root, tag = os.path.split(source.rstrip("/"))
-        if not engine.load(root, tag, universal=universal):
-            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state to load")
+        try:
+            engine.load(path, saved_world)
+        except EngineStateError as e:
+            resharding = saved_world != env.world_size
+            raise CheckpointError(f"trainer.resume: {e}" if resharding else str(e)) from None
         if rng is not None:
             rng_file = os.path.join(path, f"rng_rank{env.rank}.pt")
             if os.path.exists(rng_file) and saved_world == env.world_size:

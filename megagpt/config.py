@@ -214,7 +214,8 @@ class OptimConfig:
 @dataclass
 class DeepSpeedConfig:
     """DeepSpeed's engine: the ZeRO stage, the precision, the process group and ZeRO-3's
-    trade-offs between memory and speed (megagpt/ds_config.py writes DeepSpeed's config from them)."""
+    trade-offs between memory and speed (megagpt/engine/ds_config.py writes DeepSpeed's config
+    from them)."""
     # ZeRO stage: 0 (plain data parallelism), 1 (the optimizer state sharded across ranks), 2 (and
     # the gradients), 3 (and the parameters). A checkpoint resumes at the stage it was written with.
     zero_stage: int = 3

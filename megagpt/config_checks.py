@@ -9,7 +9,7 @@ module runs them with the rest.  (The schema: megagpt/config.py.)
 from __future__ import annotations
 
 from megagpt.config import Config, ConfigError
-from megagpt.model.attention import SDPA_BACKENDS
+from megagpt.model.attention import sdpa_backend_problem
 from megagpt.model.config import check as check_model
 from megagpt.model.float8 import SETTINGS as FP8_SETTINGS
 from megagpt.model.float8 import torchao_problem
@@ -97,8 +97,9 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     _require(ds.precision in ("auto", "fp32", "bf16", "fp16"), "deepspeed.precision",
              f"unknown precision {ds.precision!r}; choose auto, fp32, bf16 or fp16")
     # (With model.attention=auto, an fp32 run falls back to SDPA: run._try_flash.)
-    _require(not (m.attention == "flash_attn" and ds.precision == "fp32"), "model.attention",
-             "flash_attn takes fp16 or bf16, and deepspeed.precision is fp32; use sdpa or auto")
+    flash_problem = flash_precision_problem(ds.precision)
+    _require(m.attention != "flash_attn" or flash_problem is None, "model.attention",
+             f"flash_attn {flash_problem}; use sdpa or auto")
     _require(ds.backend in ("auto", "nccl", "gloo"), "deepspeed.backend",
              f"unknown backend {ds.backend!r}; choose auto, nccl or gloo")
     _require(ds.stage3_param_persistence_threshold is None or ds.stage3_param_persistence_threshold >= 0,
@@ -129,6 +130,14 @@ def validate(cfg: Config, world_size: int = 1, cuda: bool | None = None) -> None
     _require(lg.mode in ("offline", "online"), "logger.mode", f"unknown mode {lg.mode!r}; choose offline or online")
 
 
+def flash_precision_problem(precision: str) -> str | None:
+    """What keeps FlashAttention from training at `precision` (deepspeed.precision,
+    as set or resolved), said of it ("takes ..."), or None: its kernels take fp16
+    and bf16 only.  The one place this is checked: validate() refuses
+    model.attention=flash_attn with it, and run._try_flash has auto fall back to SDPA."""
+    return "takes fp16 or bf16, and deepspeed.precision is fp32" if precision == "fp32" else None
+
+
 def _cuda_here() -> bool:
     import torch
 
@@ -136,16 +145,13 @@ def _cuda_here() -> bool:
 
 
 def _check_kernels(m, cuda: bool) -> None:
-    """model.sdpa_backend and model.fp8: what can be checked before the model
-    and the device exist.  The device's own checks run where the model is
-    built (attention.resolve_sdpa_backend, float8.check_fp8_supported)."""
-    _require(m.sdpa_backend in SDPA_BACKENDS, "model.sdpa_backend",
-             f"unknown kernel {m.sdpa_backend!r}; choose one of {SDPA_BACKENDS}")
-    _require(cuda or m.sdpa_backend == "auto", "model.sdpa_backend",
-             f"{m.sdpa_backend} selects a CUDA kernel and training runs on CPU here; leave it auto")
-    sdpa_may_run = m.attention in ("auto", "sdpa")
-    _require(not (m.sdpa_backend == "flash" and m.doc_mask and sdpa_may_run), "model.sdpa_backend",
-             "flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto")
+    """model.sdpa_backend (its checks: attention.sdpa_backend_problem) and
+    model.fp8: what can be checked before the model and the device exist.  The
+    device's own checks run where the model is built
+    (attention.resolve_sdpa_backend, float8.check_fp8_supported)."""
+    sdpa_may_run = m.attention in ("auto", "sdpa")  # SDPA gets document masking's mask only then
+    problem = sdpa_backend_problem(m.sdpa_backend, cuda, m.doc_mask and sdpa_may_run)
+    _require(problem is None, "model.sdpa_backend", str(problem))
     _require(m.fp8 in FP8_SETTINGS, "model.fp8", f"unknown recipe {m.fp8!r}; choose one of {FP8_SETTINGS}")
     _require(m.fp8_min_dim > 0, "model.fp8_min_dim", f"must be positive, got {m.fp8_min_dim}")
     if m.fp8 != "off":
@@ -154,39 +160,3 @@ def _check_kernels(m, cuda: bool) -> None:
         _require(cuda, "model.fp8", f"{m.fp8} needs a CUDA GPU of compute capability >= 8.9 (H100, H200, "
                  "B200, L40S...); training runs on CPU here")
 
-
-def check_module_granularity(threshold: int, model) -> None:
-    """deepspeed.stage3_module_granularity_threshold against the model built for ZeRO-3 (before
-    deepspeed.initialize).  DeepSpeed makes each module whose granularity (its parameters per
-    layer) is at most the threshold one ZeRO-3 leaf, parents first.  A threshold that reaches the
-    whole model makes the root module a leaf, and DeepSpeed 0.19.8 cannot train that: the model's
-    inputs (token ids) need no gradient, so the leaf's backward hook fires at the start of
-    backward and partitions the parameters before their gradients arrive ("output with shape
-    [1] doesn't match the broadcast shape [64]").  Refused in one line instead."""
-    layers, params = _granularity(model)
-    # DeepSpeed's rule (DeepSpeedZeRoOffload._get_granularity_recursively): no leaf above 1e9 parameters.
-    root = params // layers if layers and params <= 1e9 else None
-    _require(threshold == 0 or root is None or threshold < root, "deepspeed.stage3_module_granularity_threshold",
-             f"{threshold} makes the whole model one ZeRO-3 leaf (its granularity is {root} parameters per "
-             f"layer), which DeepSpeed cannot train; use less than {root}, or deepspeed.stage3_leaf_blocks=true")
-
-
-def _granularity(module) -> tuple[int, int]:
-    """(layers, parameters) of a module as DeepSpeed counts them for its granularity: a module
-    without children is one layer, a container (ModuleList, ...) none of its own, any other
-    module one more than its children; parameters at their full size (ds_numel under ZeRO-3)."""
-    import torch
-
-    if next(module.parameters(), None) is None:
-        return 0, 0
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False))
-    children = list(module.children())
-    if not children:
-        return 1, params
-    layers = 0
-    for child in children:
-        n, p = _granularity(child)
-        layers, params = layers + n, params + p
-    if module.__class__.__name__ in torch.nn.modules.container.__all__:
-        return layers, params
-    return layers + 1, params

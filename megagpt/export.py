@@ -7,10 +7,9 @@ manifest (checkpoint.verify, as a resume does).  Given a run or checkpoints
 folder, export takes the newest checkpoint that verifies and says on stderr
 which newer ones it skipped and why; it only reads them (setting damaged ones
 aside is training's job).  A checkpoint named explicitly that is damaged stops
-the export with the reason.  The ZeRO shards are
-consolidated offline (DeepSpeed's zero_to_fp32 for stages 1-3, the module
-state for stage 0), renamed for the family's transformers class (megagpt/hf), and
-written as:
+the export with the reason.  The engine consolidates its files into the
+whole model's fp32 weights, offline (engine.consolidated_weights); they are
+renamed for the family's transformers class (megagpt/hf) and written as:
 
   config.json, generation_config.json, model.safetensors (or
   model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger
@@ -25,16 +24,15 @@ to or replaced, --overwrite or not: a checkpoint or a folder inside one, a
 run's checkpoints folder or a folder inside it, a folder that holds
 checkpoints or the checkpoint being read.
 
-Loading DeepSpeed's files unpickles them: export only checkpoints you trust.
+Loading the engine's files (DeepSpeed's) unpickles them: export only
+checkpoints you trust.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 from functools import partial
 import glob
-import io
 import os
 import re
 import shutil
@@ -43,8 +41,9 @@ import sys
 import torch
 
 from megagpt.atomic import fsync_dir, write_json
-from megagpt.checkpoint import (LATEST_FILE, MANIFEST_FILE, STATE_FILE, TOKENIZER_FILE, CheckpointError,
+from megagpt.checkpoint import (CHECKPOINT_MANIFEST, LATEST_FILE, STATE_FILE, CheckpointError,
                                 complete_checkpoints, load_state, newest_verified, problem_of)
+from megagpt.data.tokenizer import TOKENIZER_FILE
 from megagpt.model.config import GPTConfig
 from megagpt.model.families import FAMILIES
 from megagpt.model.gpt import GPT
@@ -126,7 +125,7 @@ def _checkpoint_place(folder: str) -> str | None:
     an export beside the copy cannot harm it."""
     if not os.path.isdir(folder):
         return None
-    if any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, MANIFEST_FILE)):
+    if any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, CHECKPOINT_MANIFEST)):
         return "the megagpt checkpoint"
     if os.path.isfile(os.path.join(folder, LATEST_FILE)) or (
             os.path.basename(folder) == "checkpoints"
@@ -158,39 +157,24 @@ def _checkpoint_below(folder: str) -> str | None:
 def model_config(state: dict, path: str) -> GPTConfig:
     m = state.get("model")
     if not isinstance(m, dict):
-        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has no model description "
-                              "(written by an older megagpt?)")
+        raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has no model description")
     if m.get("family") not in FAMILIES:
         raise CheckpointError(f"checkpoint {path}: unknown model family {m.get('family')!r}; "
                               f"megagpt knows {tuple(FAMILIES)}")
     try:
-        return GPTConfig.from_record(m)  # records of older megagpt too
+        return GPTConfig.from_record(m)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: bad model description: {e}") from None
 
 
 def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights from the ZeRO shards of checkpoint `path`."""
-    stage = _zero_stage(path)
-    try:
-        # zero_to_fp32 prints its progress and draws progress bars.
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            if stage == 0:
-                files = glob.glob(os.path.join(path, "mp_rank_*_model_states.pt"))
-                if not files:
-                    raise FileNotFoundError("no mp_rank_*_model_states.pt")
-                # DeepSpeed's own pickle (see the module doc on trust).
-                sd = torch.load(sorted(files)[0], map_location="cpu", weights_only=False)["module"]
-            else:
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The whole model's fp32 weights from the engine's files in checkpoint `path`."""
+    from megagpt.engine import EngineStateError, consolidated_weights
 
-                root, tag = os.path.split(path.rstrip("/"))
-                sd = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    except Exception as e:  # noqa: BLE001 - truncated pickles, missing shards, shape mismatches
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"checkpoint {path}: cannot consolidate the ZeRO-{stage} shards "
-                              f"(damaged or incomplete?): {type(e).__name__}: {msg}") from None
-    return {k: v.float() for k, v in sd.items()}
+    try:
+        return consolidated_weights(path, _zero_stage(path))
+    except EngineStateError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
 
 
 def _zero_stage(path: str) -> int:
@@ -322,7 +306,9 @@ def _write_weights(tensors: dict, out: str, max_shard_bytes: int, save_file) -> 
 def _write_tokenizer(path: str, out: str, max_len: int) -> None:
     src = os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(src):
-        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (written by an older megagpt?)")
+        # Training writes it into every checkpoint, unless it could not read the data's (a warning then).
+        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (training could not read the data's "
+                              "tokenizer)")
     from megagpt.data.tokenizer import eod_id, load_tokenizer
 
     try:

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 import torch
 
 from megagpt.config import ConfigError
+from megagpt.data.tokenizer import TOKENIZER_FILE
 from megagpt.hf import read_hf_config, sources
 from megagpt.model.config import GPTConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
 # The settings that make the model's shape: they come from config.json.  The
 # others (RUN_TIME_KEYS, and attention and the loss chunking) are how this run
 # computes, and stay the user's.

@@ -1,21 +1,26 @@
 """The parts of the training loop that decide for themselves when to act.
 
-The loop (megagpt/loop.py) calls each hook, in the order of the list it is
-given, at the start, before and after every step, after a rollback and at the
-end.  A hook keeps its own state; one whose state must survive a restart has a
+The loop (megagpt/loop.py) calls its hooks at the start, before and after
+every step, after a rollback and at the end, in the order of their phases
+(`Phase`, `in_order`): each hook declares its phase, and a hook may rely on
+what the hooks of earlier phases did in the same call, never on a later one.
+A hook keeps its own state; one whose state must survive a restart has a
 `name` and `state_dict()` / `load_state_dict()`, saved with the checkpoint.
 
-After a step, hooks add what they measure to one record (a flat dict), which
-`MetricsWriter` hands to metrics.jsonl, W&B and the console.
+After a step, the hooks of phase MEASURE add what they measure to one record
+(a flat dict), which `MetricsWriter` (phase REPORT) hands to metrics.jsonl,
+W&B and the console.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 import resource
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +29,7 @@ import torch
 from megagpt import collectives
 from megagpt.metrics import MetricsSink, console, progress_line
 from megagpt.profiling import StepProfiler
-from megagpt.resilience import Faults, Watchdog
+from megagpt.resilience import Watchdog
 
 if TYPE_CHECKING:  # the loop imports the hooks, never the other way at run time
     from megagpt.engine import StepOutcome, StepResult
@@ -33,9 +38,33 @@ if TYPE_CHECKING:  # the loop imports the hooks, never the other way at run time
 log = logging.getLogger("megagpt")
 
 
+class Phase(enum.IntEnum):
+    """Where a hook acts among the others.  In each call (on_start, before_step,
+    after_step, on_rollback, close) the hooks run phase by phase, so each may
+    rely on what the earlier phases did:"""
+    PREPARE = 0  # before the step's data is fetched: the profiler's step opens (Profile)
+    OBSERVE = 1  # counts the step's events in loop.state.counters (SpikeWatch)
+    MEASURE = 2  # adds the step's metrics to the record, those counters included (Throughput, Evaluation)
+    REPORT = 3   # hands the record on: metrics.jsonl, W&B, the console (MetricsWriter)
+    STOP = 4     # a stop request: saves, then ends the loop (loop.stopped) (StopAndRequeue)
+    SAVE = 5     # the checkpoint due at this step, unless the loop stopped (CheckpointPolicy)
+    DONE = 6     # the step is over, saves included (WatchdogHook)
+
+
+def in_order(hooks: Iterable) -> list:
+    """The hooks sorted by phase, in the given order within a phase; a hook
+    that declares no phase is a TypeError."""
+    hooks = list(hooks)
+    for hook in hooks:
+        if not isinstance(getattr(hook, "phase", None), Phase):
+            raise TypeError(f"hook {type(hook).__name__} declares no phase (hooks.Phase)")
+    return sorted(hooks, key=lambda hook: hook.phase)
+
+
 class Hook:
-    """Every method is optional."""
+    """Every method is optional; `phase` is not."""
     name: str | None = None  # its key in checkpoints, for hooks with state
+    phase: Phase  # where it acts among the others
 
     def on_start(self, loop: Loop) -> None: ...
 
@@ -54,6 +83,7 @@ def due(step: int, every: int, last: int) -> bool:
 
 class Profile(Hook):
     """torch.profiler over trainer.profile_steps steps (see profiling.py)."""
+    phase = Phase.PREPARE
 
     def __init__(self, run_dir: str, rank: int, start: int, steps: int):
         self.profiler = StepProfiler(os.path.join(run_dir, "profile"), rank, start, steps)
@@ -65,38 +95,12 @@ class Profile(Hook):
         self.profiler.after_step(loop.state.step)
 
 
-class InjectFaults(Hook):
-    """Test-only faults from the environment (resilience.Faults): a NaN or a
-    spike in the training loss, through a forward hook on the model (the step
-    itself knows nothing of them), and a hang before a step."""
-
-    def __init__(self, faults: Faults, model: torch.nn.Module):
-        self.faults = faults
-        self._nan = self._spike = False
-        if faults.nan_window or faults.nan_steps or faults.spike_steps:
-            model.register_forward_hook(self._alter_loss)
-
-    def before_step(self, loop):
-        step = loop.state.step + 1
-        self._nan = self.faults.nan(step, loop.batches.consumed)
-        self._spike = step in self.faults.spike_steps
-        self.faults.maybe_hang(step)
-
-    def _alter_loss(self, module, inputs, loss):
-        if not module.training:  # evaluation is left alone
-            return loss
-        if self._nan:
-            loss = loss * float("nan")
-        if self._spike:
-            loss = loss * 10.0
-        return loss
-
-
 class CompileReport(Hook):
     """With a compiled model (model.compile), after this process's first step:
     how many graphs Dynamo built and how often it broke one (each break is a
     piece compiled apart, with a trip through Python between), and how long
     the step took with compiling.  Main rank only."""
+    phase = Phase.MEASURE  # its line comes before the step's progress line
 
     def __init__(self):
         self.started: float | None = None
@@ -122,6 +126,7 @@ class SpikeWatch(Hook):
     losses is logged as a spike and counted.  The window is checkpointed, so a
     resumed run sees the spikes the uninterrupted one sees."""
     name = "spikes"
+    phase = Phase.OBSERVE
 
     def __init__(self, factor: float, window: int, is_main: bool):
         self.factor, self.is_main = factor, is_main
@@ -144,14 +149,17 @@ class SpikeWatch(Hook):
         return {"recent": list(self.recent)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.recent.extend(float(x) for x in state.get("recent", []))
+        self.recent.extend(float(x) for x in state["recent"])
 
 
 class Throughput(Hook):
     """Every trainer.log_every steps (and at the last): the mean loss, learning
     rate, gradient norm, tokens/s, MFU, step time, data wait, memory and the
     event counters of the window.  Losses are summed on the device and, with
-    the data counters, exchanged between ranks once per window."""
+    the data counters, exchanged between ranks once per window.  Reads the data
+    loader's and the checkpointer's public counters (Batches.wait_time,
+    .skipped_shards, .source_counts, ...; Checkpointer.blocked)."""
+    phase = Phase.MEASURE
 
     def __init__(self, log_every: int, max_steps: int, tokens_per_step: int, flops_per_token: float,
                  peak_flops: float, world_size: int, device: torch.device):
@@ -179,10 +187,10 @@ class Throughput(Hook):
         if not (self._steps and (step % self.log_every == 0 or step == self.max_steps)):
             return
         now = time.perf_counter()
-        mix = loop.batches.mix
+        data = loop.batches
         local = torch.cat([torch.stack([self._loss / self._steps]),
-                           torch.tensor([loop.batches.wait_time - self._wait0, mix.skipped,
-                                         *loop.batches.source_counts], dtype=torch.float64).to(self.device)])
+                           torch.tensor([data.wait_time - self._wait0, data.skipped_shards,
+                                         *data.source_counts], dtype=torch.float64).to(self.device)])
         sums = collectives.sum_(local).cpu().numpy()  # once per log window
         elapsed, steps, counters = now - self._t0, self._steps, loop.state.counters
         tokens_per_sec = steps * self.tokens_per_step / elapsed
@@ -197,7 +205,7 @@ class Throughput(Hook):
             "step_time": elapsed / steps,
             "data_wait": float(sums[1] / self.world_size / steps),
             "data_skipped_shards": int(sums[2]),
-            "data_epoch": loop.batches.data_epoch,  # a function of the position: the same on every rank
+            "data_epoch": data.data_epoch,  # a function of the position: the same on every rank
             "memory_gb": _memory_gb(self.device),
             "eta_sec": (self.max_steps - step) * (now - self._started) / max(1, step - self._first_step),
             "save_blocked_sec": loop.checkpointer.blocked - self.blocked0,
@@ -206,10 +214,10 @@ class Throughput(Hook):
             "rollbacks": counters.rollbacks,
         })
         self.blocked0 = loop.checkpointer.blocked
-        if len(mix.sources) > 1:  # realized proportions since this process started
+        if len(data.source_names) > 1:  # realized proportions since this process started
             counts = sums[3:]
-            record.update({f"mix/{n}": float(c / max(1, counts.sum())) for n, c in zip(mix.names, counts)})
-            record.update({f"data_epoch/{n}": e for n, e in loop.batches.data_epochs.items()})
+            record.update({f"mix/{n}": float(c / max(1, counts.sum())) for n, c in zip(data.source_names, counts)})
+            record.update({f"data_epoch/{n}": e for n, e in data.data_epochs.items()})
         self._new_window(loop)
 
 
@@ -223,6 +231,7 @@ class Evaluation(Hook):
     """Every trainer.eval_every steps (and at the last): the mean loss on a
     fixed set of held-out sequences per source, the same eval_batches
     micro-batches on every rank at every evaluation."""
+    phase = Phase.MEASURE
 
     def __init__(self, every: int, max_steps: int, batches: int, micro_batch: int, val_sets, world_size: int,
                  device: torch.device):
@@ -255,7 +264,9 @@ class MetricsWriter(Hook):
     """Hands each step's record, if any, to metrics.jsonl, W&B and the console
     (rank 0, which opens the sink when the loop starts: by then the step and
     the W&B run id of a resumed run are known); after a rollback
-    metrics.jsonl drops the steps that will be re-run."""
+    metrics.jsonl drops the steps that will be re-run.  The record is complete
+    here: the hooks that fill it act in the earlier phase MEASURE."""
+    phase = Phase.REPORT
 
     def __init__(self, run_dir: str, logger_cfg, config: dict, max_steps: int, is_main: bool):
         self.run_dir, self.logger_cfg, self.config, self.max_steps = run_dir, logger_cfg, config, max_steps
@@ -285,7 +296,9 @@ class StopAndRequeue(Hook):
     """When any rank was asked to stop (SIGUSR1, SIGTERM, the stop file: every
     rank knows from the step's exchange): save here, end the loop, and have
     the SLURM job requeued (by slurm/pretrain.sh once every rank has exited,
-    or with `scontrol requeue` when run otherwise under SLURM)."""
+    or with `scontrol requeue` when run otherwise under SLURM).  It acts before
+    CheckpointPolicy (phase STOP before SAVE), which then does not save again."""
+    phase = Phase.STOP
 
     def __init__(self, stop, requeue: bool, is_main: bool, environ=os.environ):
         self.stop, self.requeue, self.is_main, self.environ = stop, requeue, is_main, environ
@@ -322,7 +335,9 @@ class StopAndRequeue(Hook):
 
 
 class CheckpointPolicy(Hook):
-    """A checkpoint every trainer.save_every steps and at the last step."""
+    """A checkpoint every trainer.save_every steps and at the last step, unless
+    the loop stopped at this step: StopAndRequeue (an earlier phase) saved then."""
+    phase = Phase.SAVE
 
     def __init__(self, every: int, max_steps: int):
         self.every, self.max_steps = every, max_steps
@@ -334,7 +349,9 @@ class CheckpointPolicy(Hook):
 
 class WatchdogHook(Hook):
     """Ends the process (exit code 70, every thread's stack on stderr) when no
-    step has finished for trainer.watchdog_seconds (resilience.Watchdog)."""
+    step has finished for trainer.watchdog_seconds (resilience.Watchdog).
+    Last: a step's saves count as part of it."""
+    phase = Phase.DONE
 
     def __init__(self, seconds: float, rank: int):
         self.seconds, self.rank = seconds, rank

@@ -1,7 +1,8 @@
 """The training loop: fetch the data, take the step, apply the non-finite
 policy, call the hooks.  Everything else (logging, evaluation, checkpoints,
-stop requests, the watchdog, profiling) is a hook (megagpt/hooks.py); the
-step itself is the engine's (megagpt/engine.py).
+stop requests, the watchdog, profiling) is a hook (megagpt/hooks.py), called
+in the order of the phases the hooks declare (hooks.in_order); the step
+itself is the engine's (megagpt/engine/).
 
 Per step the loop reads one thing on the host: the step's agreed outcome
 (mean loss, whether the update was skipped, whether any rank was asked to
@@ -16,6 +17,7 @@ from torch.profiler import record_function
 
 from megagpt import checkpoint, collectives
 from megagpt.data.shards import DataError
+from megagpt.hooks import in_order
 from megagpt.metrics import console
 from megagpt.resilience import NanPolicy, StopRequest, TrainingDiverged
 from megagpt.state import RngState, Snapshot, TrainState
@@ -28,7 +30,8 @@ class Loop:
                  checkpointer: checkpoint.Checkpointer, hooks: list, nan_policy: NanPolicy, stop: StopRequest,
                  max_steps: int, grad_accum: int, tokens_per_step: int, restore_args: dict, is_main: bool):
         self.engine, self.batches, self.state, self.snapshot, self.rng = engine, batches, state, snapshot, rng
-        self.checkpointer, self.hooks, self.nan_policy, self.stop = checkpointer, hooks, nan_policy, stop
+        self.checkpointer, self.nan_policy, self.stop = checkpointer, nan_policy, stop
+        self.hooks = in_order(hooks)  # by phase: each hook may rely on what the earlier phases did
         self.max_steps, self.grad_accum, self.tokens_per_step = max_steps, grad_accum, tokens_per_step
         self.restore_args, self.is_main = restore_args, is_main  # for checkpoint.restore on a rollback
         self.stopped: str | None = None  # why the loop ended early, if it did
@@ -85,7 +88,7 @@ class Loop:
         return micro_batches, error
 
     def save(self) -> str:
-        path = self.checkpointer.save(self.engine, self.state.step, self.snapshot.state_dict(), self.rng)
+        path = self.checkpointer.save(self.engine, self.state.step, self.snapshot.gather_state_dict(), self.rng)
         if self.is_main:
             c = self.checkpointer
             previous = c.last_waited_for_previous

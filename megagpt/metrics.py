@@ -6,6 +6,24 @@ line, keys as in `SECTIONS`, plus `mix/<source>` and `val_loss/<source>`), a
 stable format for scripts.  W&B gets the same values under section prefixes
 (`train/`, `val/`, `perf/`, `data/`, `system/`), so its panels group by
 section, with the step as the x axis.
+
+How the training path speaks to the user, three ways, each for one thing:
+
+- `console` (stdout, rank 0 only, no decoration): the lines a user reads
+  to follow the run: what it is (run.dir, model, attention, resume), its
+  progress lines, and what it does (saves, rollbacks, a stop, the end).
+- `logging`, logger "megagpt" (stderr, timestamped; INFO and above on rank
+  0, WARNING and above elsewhere: megagpt.train sets it up): warnings, when
+  something is wrong and the run goes on (a skipped update, a loss spike,
+  W&B unreachable, a damaged checkpoint set aside), and diagnostics (how a
+  save or a conversion went).
+- an error that ends the run: one line on stderr from every rank,
+  `megagpt: error (rank R): ...`, written whole in one write()
+  (megagpt.train; the watchdog and end_with_launcher, which end the process
+  themselves, write theirs the same way).
+
+No bare print() in the training path.  The command-line tools (prepare,
+export, generate) print to stdout and stderr themselves.
 """
 
 from __future__ import annotations
@@ -238,4 +256,5 @@ def progress_line(r: dict, max_steps: int) -> str:
 
 
 def console(msg: str) -> None:
+    """A line for the user on stdout (see the module doc); callers speak on rank 0 only."""
     print(msg, file=sys.stdout, flush=True)

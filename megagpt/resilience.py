@@ -1,7 +1,9 @@
 """What keeps a long run alive: stop requests (signals, a stop file), a
-watchdog for hangs, the policy for non-finite losses, and fault injection
-for tests.  The hooks (megagpt/hooks.py) and the loop put them to work.
-And what ends a worker whose torchrun agent is gone (end_with_launcher).
+watchdog for hangs and the policy for non-finite losses.  The hooks
+(megagpt/hooks.py) and the loop put them to work.  And what ends a worker
+whose torchrun agent is gone (end_with_launcher).  (The faults the tests
+inject are the tests' own: tests/faults.py, added through run.build's
+extra_hooks.)
 """
 
 from __future__ import annotations
@@ -155,42 +157,3 @@ class NanPolicy:
         self.in_a_row = 0
         return "rollback"
 
-
-class Faults:
-    """Fault injection for tests, from the environment (never set in normal runs):
-
-      MEGAGPT_FAULT_NAN=R:A-B   rank R's loss is NaN for steps whose data
-                                starts at global sequence position in [A, B)
-                                (bad data: skipping the window cures it)
-      MEGAGPT_FAULT_NAN_STEPS=R:S1,S2,...  rank R's loss is NaN at these steps
-      MEGAGPT_FAULT_HANG=R:S    rank R stops making progress at step S
-      MEGAGPT_FAULT_SPIKE_STEPS=R:S1,...  rank R's loss is multiplied by 10 at these steps
-    """
-
-    def __init__(self, rank: int, environ=os.environ):
-        self.rank = rank
-        self.nan_window = self._parse(environ.get("MEGAGPT_FAULT_NAN"), lambda v: tuple(map(int, v.split("-"))))
-        self.nan_steps = self._parse(environ.get("MEGAGPT_FAULT_NAN_STEPS"),
-                                     lambda v: {int(x) for x in v.split(",")}) or set()
-        self.hang_step = self._parse(environ.get("MEGAGPT_FAULT_HANG"), int)
-        self.spike_steps = self._parse(environ.get("MEGAGPT_FAULT_SPIKE_STEPS"),
-                                       lambda v: {int(x) for x in v.split(",")}) or set()
-        if self.nan_window or self.nan_steps or self.hang_step or self.spike_steps:
-            log.warning("fault injection active on rank %d (MEGAGPT_FAULT_*)", rank)
-
-    def _parse(self, value: str | None, conv):
-        if not value:
-            return None
-        r, _, rest = value.partition(":")
-        return conv(rest) if int(r) == self.rank else None
-
-    def nan(self, step: int, consumed: int) -> bool:
-        if step in self.nan_steps:
-            return True
-        return bool(self.nan_window) and self.nan_window[0] <= consumed < self.nan_window[1]
-
-    def maybe_hang(self, step: int) -> None:
-        if self.hang_step is not None and step == self.hang_step:
-            log.warning("fault injection: rank %d hangs at step %d", self.rank, step)
-            while True:
-                time.sleep(60)

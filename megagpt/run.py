@@ -1,6 +1,6 @@
 """A training run wired together from its config: the process group, the
 data, the model and its engine, the state that survives restarts, the hooks
-in their order, and the loop.
+(each placed by its phase: hooks.Phase), and the loop.
 
     run = build(cfg)        # every rank; locks run.dir, resumes from its newest checkpoint
     try:
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -27,22 +28,28 @@ from omegaconf import OmegaConf
 from megagpt import checkpoint, collectives, hf_import, hooks, resume_check, run_lock, runtime
 from megagpt.atomic import write_json
 from megagpt.config import Config, ConfigError, global_batch, grad_accum
-from megagpt.config_checks import validate
+from megagpt.config_checks import flash_precision_problem, validate
 from megagpt.data.loader import Batches
 from megagpt.data.source import TrainingData, open_training_data
 from megagpt.data.streams import make_reader
 from megagpt.data.validation import val_sequences
-from megagpt.ds_config import deepspeed_config, resolve_precision
-from megagpt.engine import build_engine, build_model_config
+from megagpt.engine import build_engine, build_model_config, deepspeed_config, resolve_precision
 from megagpt.flops import flops_per_token, peak_flops
 from megagpt.loop import Loop
 from megagpt.metrics import console, new_wandb_id
-from megagpt.model.attention import flash_trial, resolve_backend, resolve_sdpa_backend, set_sdpa_backend
+from megagpt.model.attention import flash_trial, resolve_backend, resolve_sdpa_backend
 from megagpt.model.config import GPTConfig, for_device
-from megagpt.resilience import Faults, NanPolicy, StopRequest
+from megagpt.resilience import NanPolicy, StopRequest
 from megagpt.state import RngState, Snapshot, TrainState
 
+if TYPE_CHECKING:
+    from megagpt.engine import TrainEngine
+
 log = logging.getLogger("megagpt")
+
+# build()'s extension point, for tests only: (this process's runtime.Env, the built TrainEngine) -> hooks added
+# to the run's own, each placed by its phase (tests/fault_train.py injects faults with it).
+ExtraHooks = Callable[[runtime.Env, "TrainEngine"], list[hooks.Hook]]
 
 
 @dataclass
@@ -85,20 +92,23 @@ class Run:
         dist.barrier()
 
 
-def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset()) -> Run:
+def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset(),
+          extra_hooks: ExtraHooks | None = None) -> Run:
     """The run of `cfg` (see `_build`).  It holds run.dir's lock (run_lock.py)
     from before anything there is written until Run.close(); a failure on the
-    way releases it (a multirun's next point runs in this process)."""
+    way releases it (a multirun's next point runs in this process).
+    `extra_hooks`: for tests only (ExtraHooks); a production run has none."""
     held: list[run_lock.RunLock] = []
     try:
-        return _build(cfg, point, chosen_model_keys, held)
+        return _build(cfg, point, chosen_model_keys, held, extra_hooks)
     except BaseException:
         for lock in held:
             lock.release()
         raise
 
 
-def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], held: list) -> Run:
+def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], held: list,
+           extra_hooks: ExtraHooks | None) -> Run:
     """`point`: this job's number in a Hydra multirun run in this process
     (the default run.dir then differs per point).  `chosen_model_keys`: the
     `model.*` keys the user set (a `model=` preset sets all of them), checked
@@ -167,7 +177,8 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
                                           n_head=model_cfg.n_head, n_kv_head=model_cfg.n_kv_head,
                                           seq_len=cfg.data.seq_len, head_dim=model_cfg.head_dim,
                                           doc_mask=model_cfg.doc_mask, log=console)
-        set_sdpa_backend(collectives.broadcast_from_main(kernel))
+        # The model's SDPA calls read it from their config (None: torch's choice, "auto" there).
+        model_cfg = dataclasses.replace(model_cfg, sdpa_backend=collectives.broadcast_from_main(kernel) or "auto")
     # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
     ckpt_root = os.path.join(run_dir, "checkpoints")
     resume_from = collectives.broadcast_from_main(_resolve_resume(t.resume, ckpt_root) if env.is_main else None)
@@ -199,6 +210,7 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
     hook_list = _hooks(cfg, env, device, run_dir, engine, data, batch * cfg.data.seq_len, stop,
                        flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim,
                                        cfg.data.seq_len), description)
+    hook_list += extra_hooks(env, engine) if extra_hooks is not None else []
     snapshot = Snapshot(state, batches, {h.name: h for h in hook_list if h.name},
                         {"world_size": env.world_size, **description, "model": asdict(model_cfg),
                          "precision": precision})
@@ -223,8 +235,9 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
 
 def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: TrainingData, tokens_per_step: int,
            stop: StopRequest, flops: float, description: dict) -> list[hooks.Hook]:
-    """The hooks, in the order they act after each step: measure, evaluate,
-    log, then stop or save, then tell the watchdog the step is done."""
+    """The run's hooks.  The loop orders them by the phase each declares
+    (hooks.Phase: count, measure, report, then stop or save, then tell the
+    watchdog the step is done); within a phase, as listed here."""
     t = cfg.trainer
     val_count = t.eval_batches * t.micro_batch_size
 
@@ -237,7 +250,6 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
     config = {**description["config"], "init_from": description["init_from"]}  # W&B's run config
     return [
         hooks.Profile(run_dir, env.rank, t.profile_start, t.profile_steps),
-        hooks.InjectFaults(Faults(env.rank), engine.model),
         hooks.SpikeWatch(t.spike_factor, t.spike_window, env.is_main),
         hooks.Throughput(t.log_every, t.max_steps, tokens_per_step, flops, peak_flops(device, t.peak_flops),
                          env.world_size, device),
@@ -259,8 +271,9 @@ def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, precisi
     model.attention=flash_attn stops the run, on every rank, with the reason."""
     failure = None
     if model_cfg.attention == "flash_attn":
-        if precision == "fp32":  # FlashAttention's kernels take fp16 and bf16 only
-            failure = "it takes fp16 or bf16, and deepspeed.precision is fp32"
+        problem = flash_precision_problem(precision)
+        if problem is not None:
+            failure = f"it {problem}"
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
             trial = flash_trial(model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim, model_cfg.doc_mask,

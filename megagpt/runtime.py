@@ -71,7 +71,8 @@ def set_cpu_threads(env: Env, configured: int | None) -> int:
 
 
 def init_distributed(env: Env, backend: str, device: torch.device, timeout_minutes: int) -> None:
-    import deepspeed
+    """The world process group (gloo on CPU, NCCL on CUDA for `auto`).  The
+    engine's DeepSpeed adopts it when it builds (engine/groups.py)."""
     import torch.distributed as dist
 
     if backend == "auto":
@@ -83,21 +84,23 @@ def init_distributed(env: Env, backend: str, device: torch.device, timeout_minut
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
-    elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and not dist.is_initialized():
-        # (Initialized already: a later point of a Hydra -m sweep in this process keeps the group.)
+    if dist.is_initialized():  # a later point of a Hydra -m sweep in this process keeps the group
+        return
+    # Bound to this rank's GPU, NCCL connects at once; a group of one has no peer to connect to.
+    options = {"device_id": device} if env.world_size > 1 and _binds_device(device) else {}
+    if env.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Under torchrun the group meets in a store of this attempt's own, not
-        # in the agent's (_attempt_store says why).  DeepSpeed then finds the
-        # group up and adopts it, as it does for any group made before it.
-        options = {"device_id": device} if _binds_device(device) else {}
+        # in the agent's (_attempt_store says why).
         dist.init_process_group(backend, store=_attempt_store(env, timeout), rank=env.rank,
                                 world_size=env.world_size, timeout=timeout, **options)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
+    else:  # env://: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE
+        dist.init_process_group(backend, timeout=timeout, **options)
 
 
 def _binds_device(device: torch.device) -> bool:
-    """Whether the group is bound to this rank's GPU, as deepspeed.init_distributed
-    binds it (NCCL then connects at once), except on the torch versions where
-    binding hangs (2.6.0 < torch < 2.7.1, DeepSpeed's own exception)."""
+    """Whether the group is bound to this rank's GPU, as DeepSpeed binds the
+    groups it makes (NCCL then connects at once), except on the torch versions
+    where binding hangs (2.6.0 < torch < 2.7.1, DeepSpeed's own exception)."""
     return device.type == "cuda" and not "2.6.0" < torch.__version__ < "2.7.1"  # a TorchVersion: compares as versions
 
 
@@ -169,6 +172,30 @@ def _accepts(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def wait_for_the_others_to_report(timeout: float = 10.0) -> None:
+    """For a worker that stops the job on bad input, after printing its line and
+    before exiting: wait (at most `timeout` s) until every worker has got as far.
+    Under torchrun, the first worker to exit non-zero makes the agent SIGTERM the
+    others, which may be a moment from printing the same line themselves (they
+    check the same input at the same point, without a process group at the
+    command line's check).  Each counts itself in the agent's store."""
+    from torch.distributed import TCPStore
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    key = f"megagpt/reported/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    deadline = time.monotonic() + timeout
+    try:
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=timeout))
+        store.add(key, 1)
+        while store.add(key, 0) < world and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001 - an agent already gone: nobody left to wait for
+        pass
 
 
 def _free_port() -> int:

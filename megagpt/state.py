@@ -7,13 +7,14 @@
   (`megagpt.hooks`) are Stateful too.
 
 The checkpointer saves them together (megagpt_state.json holds the JSON parts
-under the keys below; RNG states go to `rng_rank<R>.pt`) and `checkpoint.restore`
-loads them back, for a resume and for a rollback alike.
+under the keys below, gathered by `Snapshot.gather_state_dict`, a collective;
+RNG states go to `rng_rank<R>.pt`) and `checkpoint.restore` loads them back,
+for a resume and for a rollback alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,9 +37,9 @@ class Counters:
 
 @dataclass
 class TrainState:
-    """The loop's counters.  Its state_dict keeps the layout megagpt_state.json
-    always had (step, tokens_seen, wandb_id at the top, the counters under
-    "counters"), so checkpoints written before it existed still resume."""
+    """The loop's counters.  In megagpt_state.json: step, tokens_seen and
+    wandb_id at the top (resume_check, rollbacks and export read them there),
+    the event counters under "counters"."""
     step: int = 0
     tokens_seen: int = 0
     wandb_id: str | None = None
@@ -50,9 +51,8 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.wandb_id = state.get("wandb_id")
-        known = {f.name for f in fields(Counters)}
-        self.counters = Counters(**{k: int(v) for k, v in (state.get("counters") or {}).items() if k in known})
+        self.wandb_id = state["wandb_id"]
+        self.counters = Counters(**{k: int(v) for k, v in state["counters"].items()})
 
     def rewind(self, state: dict) -> None:
         """Back to a checkpoint's step for a rollback; the counters of what
@@ -88,15 +88,17 @@ class Snapshot:
     the data position, hooks with state) and a description of the run that is
     written, never loaded back (number of ranks, resolved config, the model's
     exact shape: export and resharding read it).  The engine's own files and
-    the RNG states are written beside it by the checkpointer."""
+    the RNG states are written beside it by the checkpointer.  Not a Stateful:
+    saving it is a collective (gather_state_dict), called by every rank."""
 
     VERSION = 1
 
     def __init__(self, train: TrainState, data: Stateful, hooks: dict[str, Stateful], description: dict):
         self.train, self.data, self.hooks, self.description = train, data, hooks, description
 
-    def state_dict(self) -> dict:
-        """Collective: the data's bad shards are the union over every rank's."""
+    def gather_state_dict(self) -> dict:
+        """megagpt_state.json's content.  A collective, on every rank at once:
+        the data's bad shards are the union over every rank's."""
         from megagpt import collectives
 
         data = self.data.state_dict()
@@ -108,5 +110,4 @@ class Snapshot:
         self.train.load_state_dict(saved)
         self.data.load_state_dict(saved["data"])
         for name, hook in self.hooks.items():
-            if name in saved.get("hooks", {}):  # absent in checkpoints written before hooks kept state
-                hook.load_state_dict(saved["hooks"][name])
+            hook.load_state_dict(saved["hooks"][name])

@@ -3,6 +3,11 @@
 The command line: Hydra composes the config, bad input becomes one line on
 every rank (exit code 2), and megagpt/run.py builds and runs the job
 (config -> data -> model -> engine -> resume -> loop -> checkpoint).
+
+Errors are sorted by their type, never by their text: the ones `_user_errors`
+names, and ValueError (bad input as the layers below say it: run.dir unset or
+different across ranks, a dataset's manifest or tokenizer, a value OmegaConf
+cannot convert), are one line; anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,15 +30,17 @@ class UserError(Exception):
     """Bad config, data or checkpoint: reported as one line, exit code 2."""
 
 
-def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset()) -> None:
+def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset(),
+             extra_hooks=None) -> None:
     """One training job (megagpt/run.py wires it together). `point`: its number
     in a Hydra multirun run in this process (the default run.dir then differs
-    per point); `chosen_model_keys`: the model keys set on the command line."""
+    per point); `chosen_model_keys`: the model keys set on the command line;
+    `extra_hooks`: for tests only (run.build)."""
     from megagpt import run as runs
     from megagpt.runtime import read_env
 
     _setup_logging(read_env().is_main)
-    run = runs.build(cfg, point, chosen_model_keys)
+    run = runs.build(cfg, point, chosen_model_keys, extra_hooks=extra_hooks)
     try:
         try:
             run.train()
@@ -75,12 +82,15 @@ def _error_line(msg: str) -> None:
 
 
 def _fail(msg: str) -> None:
+    from megagpt.runtime import wait_for_the_others_to_report
+
     _error_line(msg)
+    wait_for_the_others_to_report()
     sys.exit(2)
 
 
 def _say(e: BaseException) -> None:
-    """Print e's one-line report now, once (the exit comes later, in _hydra_main).
+    """Print e's one-line report now, once (the exit comes later, in _hydra_task).
     An error with several independent causes (`lines`, e.g. each config key a
     resume cannot honour) gets one line per cause."""
     if not getattr(e, "_megagpt_said", False):
@@ -89,20 +99,20 @@ def _say(e: BaseException) -> None:
         e._megagpt_said = True
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
-def _hydra_main(dcfg: DictConfig) -> None:
-    try:
-        check_known_keys(dcfg)
-        cfg = OmegaConf.to_object(dcfg)
-        pretrain(cfg, _multirun_point(), _chosen_model_keys())
-    except _user_errors() as e:
-        _say(e)
-        sys.exit(2)
-    except ValueError as e:
-        if "Traceback" in str(e):
-            raise
-        _say(e)
-        sys.exit(2)
+def _hydra_task(extra_hooks=None):
+    """Hydra's entry point for the job (`extra_hooks`: run.build's, for tests only)."""
+
+    @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+    def _hydra_main(dcfg: DictConfig) -> None:
+        try:
+            check_known_keys(dcfg)
+            cfg = OmegaConf.to_object(dcfg)
+            pretrain(cfg, _multirun_point(), _chosen_model_keys(), extra_hooks)
+        except (*_user_errors(), ValueError) as e:
+            _say(e)
+            sys.exit(2)
+
+    return _hydra_main
 
 
 def _multirun_point() -> int | None:
@@ -140,12 +150,14 @@ def precheck(argv: list[str]) -> None:
     every rank, exit code 2, before Hydra runs the job (megagpt/cli_checks.py)."""
     from megagpt.cli_checks import check_command_line
 
-    problem = check_command_line(argv, _hydra_main, CONF_DIR)
+    problem = check_command_line(argv, _hydra_task(), CONF_DIR)
     if problem is not None:
         _fail(problem)
 
 
-def main() -> None:
+def main(extra_hooks=None) -> None:
+    """`extra_hooks`: hooks added to the run's own (run.build), for tests only:
+    tests/fault_train.py injects faults with them."""
     from megagpt.resilience import end_with_launcher
 
     end_with_launcher()  # under torchrun: this worker ends when its agent dies, however it dies
@@ -157,8 +169,12 @@ def main() -> None:
     from megagpt.runtime import leave
 
     try:
-        _hydra_main()
+        _hydra_task(extra_hooks)()
     except SystemExit as e:  # a reported error (exit code 2), or Hydra's own exit
+        if e.code == 2:
+            from megagpt.runtime import wait_for_the_others_to_report
+
+            wait_for_the_others_to_report()
         leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
     # The process group outlives each job: Hydra's `-m` without a launcher runs
     # the sweep's points one after another in this process, and DeepSpeed keeps

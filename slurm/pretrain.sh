@@ -21,9 +21,11 @@
 # before the time limit, and TERM on preemption or scancel. The trap below
 # creates MEGAGPT_STOP_FILE and keeps waiting for srun; every rank checks that
 # file (and its own USR1/TERM) at each step boundary, they agree, save a
-# checkpoint, rank 0 runs `scontrol requeue $SLURM_JOB_ID`, and all exit 0.
-# The requeued job (same job id, hence same run.dir) resumes from that
-# checkpoint; --open-mode=append keeps both runs' output in one file.
+# checkpoint, rank 0 writes MEGAGPT_REQUEUE_FILE (trainer.requeue=true, the
+# default), and all exit 0. Once srun has ended, this script sees that file and
+# runs `scontrol requeue $SLURM_JOB_ID`. The requeued job (same job id, hence
+# same run.dir) resumes from that checkpoint; --open-mode=append keeps both
+# runs' output in one file.
 #SBATCH --job-name=megagpt
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
     from megagpt import checkpoint, runtime
     from megagpt.config import register
     from megagpt.data.source import open_training_data
-    from megagpt.ds_config import deepspeed_config
+    from megagpt.engine import deepspeed_config
     from megagpt.engine import build_engine, build_model_config
     from megagpt.model.attention import resolve_backend
     from megagpt.train import CONF_DIR

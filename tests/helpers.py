@@ -66,19 +66,26 @@ def stream_tokens_of_shard(path: Path, dtype: str, eod: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _torchrun_job(args: list[str], env_extra: dict | None, nproc: int) -> tuple[list[str], dict]:
-    """The command line and environment of a torchrun job of megagpt.train."""
+# megagpt.train with the test-only faults of tests/faults.py (MEGAGPT_FAULT_* in env_extra): torchrun's
+# `script` for a job that injects them.
+FAULT_TRAIN = REPO / "tests" / "fault_train.py"
+
+
+def _torchrun_job(args: list[str], env_extra: dict | None, nproc: int,
+                  script: Path | None = None) -> tuple[list[str], dict]:
+    """The command line and environment of a torchrun job of megagpt.train (or of `script`)."""
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
     env.update(env_extra or {})
+    entry = [str(script)] if script is not None else ["-m", "megagpt.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megagpt.train", *args]
+           *entry, *args]
     return cmd, env
 
 
 def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
-             timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd, env = _torchrun_job(args, env_extra, nproc)
+             timeout: int = 300, script: Path | None = None) -> subprocess.CompletedProcess:
+    cmd, env = _torchrun_job(args, env_extra, nproc, script)
     # On a timeout the workers go too, not only torchrun (orphaned, a hung
     # job's ranks would hold cores for the rest of the test run).
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -99,6 +106,26 @@ def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, np
     cmd, env = _torchrun_job(args, env_extra, nproc)
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(predicate, timeout: float, job: subprocess.Popen | None = None, what: str = "a condition",
+             poll: float = 0.1, detail=None):
+    """Poll `predicate()` until it returns something true, and return that.  Fails
+    (AssertionError naming `what`, with `detail()` where given: a log's tail) after
+    `timeout` seconds, or at once when `job` has ended before it came true."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        extra = f"\n{detail()}" if detail is not None else ""
+        if job is not None and job.poll() is not None:
+            raise AssertionError(f"the job ended (code {job.returncode}) before {what}{extra}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{extra}")
+        time.sleep(poll)
 
 
 def worker_pids(launcher_pid: int) -> list[int]:

@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO, make_dataset
 
 
+@pytest.mark.slow
 def test_bench_data_prints_side_by_side_figures(tmp_path):
     data = make_dataset(tmp_path, n_docs=40, docs_per_shard=5)
     out = tmp_path / "bench.json"
@@ -28,6 +31,7 @@ def test_bench_data_prints_side_by_side_figures(tmp_path):
     assert abs(fig["loader_vs_raw_cold"] - fig["loader_cold_tokens_per_sec"] / fig["raw_read_cold_tokens_per_sec"]) < 1e-9
 
 
+@pytest.mark.slow
 def test_bench_train_rows_side_by_side(tmp_path):
     out = tmp_path / "train.json"
     r = subprocess.run([sys.executable, "-m", "megagpt.bench", "train", "--layers", "1", "--heads", "2",
@@ -56,6 +60,7 @@ def test_bench_gpu_says_plainly_without_cuda():
     assert r.returncode == 2 and "no CUDA device here" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_compile_rows_compile_once_each(tmp_path):
     """`python -m megagpt.bench compile`: every row runs in its own process with a cold
     inductor cache; the compiled rows each build one graph (the blocks share theirs)."""

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from helpers import REPO, wait_for
 from megagpt.bench import gpu, gpu_rows, jobs
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = [r.label for r in gpu_rows.ROWS if r.quick]
 
 
@@ -37,6 +37,7 @@ def processes_mentioning(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_quick_row(tmp_path):
     out, log = tmp_path / "bench.json", tmp_path / "log.txt"
     r = bench("--cpu-smoke", "--json", str(out), "--log", str(log))
@@ -96,6 +97,14 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -103,6 +112,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
     # `timeout` ends the bench with SIGTERM: the running job goes, all of it, and the JSON stays.
     out = tmp_path / "bench.json"
@@ -110,12 +120,11 @@ def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
                           "--json", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     job = []
     try:
-        t0 = time.monotonic()
-        while len(job) < 2 and time.monotonic() - t0 < 60:  # torchrun and its worker
-            job = [pid for pid in jobs.descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
-            time.sleep(0.2)
-        assert len(job) >= 2
-        time.sleep(2.0)
+        def started() -> list[int]:  # torchrun and its worker, the worker under way (importing, building)
+            found = [pid for pid in jobs.descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
+            return found if len(found) >= 2 and max(_cpu_seconds(pid) for pid in found) >= 1.0 else []
+
+        job = wait_for(started, 60, p, "the bench's training job to start", poll=0.1)
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=30)
     finally:
@@ -125,8 +134,7 @@ def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
     assert p.returncode == 124, p.stderr.read()[-2000:]
     fig = json.loads(out.read_text())
     assert fig["rows"][-1]["status"] == "interrupted"
-    time.sleep(0.5)
-    assert [pid for pid in job if _alive(pid)] == []
+    wait_for(lambda: not any(_alive(pid) for pid in job), 10, what="every process of the job to end", poll=0.05)
 
 
 def test_quick_settings_fit_one_device_call():
@@ -153,6 +161,7 @@ def test_pace_scales_the_estimates():
     assert gpu.pace([{"status": "ok", "wall_s": 150, "planned_s": 100}]) == 1.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", [r for r in gpu_rows.ROWS if r.runner == "megagpt"], ids=lambda r: r.label)
 def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp_path):
     # The command of each row, as the GPU run builds it, composes (known keys)
@@ -180,6 +189,7 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
         assert cfg.trainer.max_steps > s.steps and cfg.trainer.save_every > cfg.trainer.max_steps  # no checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
 def test_gpu_facts_and_flash_check_without_a_gpu():
     assert gpu.gpu_facts() is None

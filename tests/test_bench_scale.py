@@ -16,6 +16,8 @@ import pytest
 
 from helpers import make_dataset
 
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
+
 
 def _bench(args: list[str], out, timeout: int = 600) -> tuple[dict, str]:
     r = subprocess.run([sys.executable, "-m", "megagpt.bench", *args, "--json", str(out)],

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megagpt.checkpoint import CheckpointError, Checkpointer, resolve_resume
-from megagpt.ds_config import deepspeed_config
-from megagpt.optimizer import build_optimizer
+from megagpt.engine import deepspeed_config
+from megagpt.engine.optimizer import build_optimizer
 from test_config import make_cfg
 
 FILES = {"mp_rank_00_model_states.pt": b"model " * 100, "zero/optim_states.pt": b"optim " * 300,
@@ -106,6 +106,23 @@ def test_resume_from_a_damaged_path_is_one_line_naming_it_and_the_damage(tmp_pat
         resolve_resume(str(ckpt), str(tmp_path))
     assert str(e.value) == f"trainer.resume: checkpoint {ckpt} is damaged: {problem}"
     assert ckpt.is_dir()  # an explicit PATH is reported, not set aside
+
+
+def test_a_checkpoint_without_a_manifest_checksum_is_damaged(tmp_path):
+    """Every checkpoint megagpt commits records its manifest's sha256: one without
+    it has nothing to be verified against, and is refused like any damaged one."""
+    root = tmp_path / "checkpoints"
+    intact = write_checkpoint(root / "step_3", 3)
+    ckpt = write_checkpoint(root / "step_5", 5)
+    state = json.loads((ckpt / "megagpt_state.json").read_text())
+    del state["manifest_sha256"]
+    (ckpt / "megagpt_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError) as e:
+        resolve_resume(str(ckpt), str(root))
+    assert str(e.value) == (f"trainer.resume: checkpoint {ckpt} is damaged: megagpt_state.json names no manifest "
+                            "checksum (manifest_sha256): nothing to verify against")
+    assert resolve_resume("auto", str(root)) == str(intact)  # set aside, the previous one used
+    assert not ckpt.exists() and len(list(root.glob("step_5.damaged-*"))) == 1
 
 
 @pytest.mark.parametrize("contents", ["empty", "files without a state"])

@@ -336,6 +336,7 @@ def _losses(data_dir, run_dir, nproc, extra):
     (2, []),  # tied head (the default): the gradient reaches wte.weight through ZeRO-3's hooks
     (1, ["model.tie_embeddings=false", "trainer.grad_accum=2"]),  # an untied head; the loss scaled by 1/2
 ])
+@pytest.mark.slow
 def test_zero3_engine_trains_the_same_losses(data_dir, tmp_path, nproc, extra):
     """A real DeepSpeed ZeRO-3 engine (gloo, CPU): the chunked loss (64-token chunks of the 128
     tokens per micro-batch) trains the same losses as the plain one, within fp32 rounding

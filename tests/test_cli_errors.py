@@ -70,6 +70,7 @@ def test_yaml_error_in_the_primary_config_is_one_line_with_file_and_line(tmp_pat
     assert _one_error_line(p).startswith(f"{bad}:6:14: YAML syntax error: mapping values are not allowed here")
 
 
+@pytest.mark.slow
 def test_yaml_error_stops_every_rank(tmp_path):
     conf = tmp_path / "conf"
     bad = _write(conf / "model" / "x.yaml", BROKEN_MODEL)
@@ -137,6 +138,7 @@ def test_every_point_of_a_multirun_is_checked_at_start(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_multirun_points_with_their_own_run_dirs_pass_the_check(tmp_path, capsys):
     """In-process: precheck returns for points whose run.dir differs (an
     interpolation of a swept key, Hydra's job number, or unset), and refuses
@@ -158,6 +160,7 @@ def test_multirun_points_with_their_own_run_dirs_pass_the_check(tmp_path, capsys
     assert not GlobalHydra.instance().is_initialized() and not HydraConfig.initialized()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--cfg", "job", "trainer.max_steps=3"], ["--help"], ["--version"],
                                   ["--info", "config"]])
 def test_hydra_only_flags_go_to_hydra(tmp_path, args):

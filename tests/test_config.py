@@ -17,7 +17,7 @@ import megagpt.config
 import megagpt.train
 from megagpt.config import Config, ConfigError
 from megagpt.config_checks import validate
-from megagpt.ds_config import deepspeed_config
+from megagpt.engine import deepspeed_config
 
 
 def make_cfg(*overrides: str) -> Config:
@@ -96,6 +96,7 @@ def _run_cli(tmp_path, args, launcher=("-m", "megagpt.train")):
     (["data=webdataset"], "data.urls"),
     (["data=webdataset", "data.urls=/d/shard-{0..3}.tar"], "data.urls"),  # unquoted braces: Hydra can't parse
 ])
+@pytest.mark.slow
 def test_cli_one_line_error(tmp_path, args, key):
     p, elapsed = _run_cli(tmp_path, args)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -111,6 +112,7 @@ def test_cli_one_line_error(tmp_path, args, key):
     (["model.n_embd=130"], "model.n_embd"),
     (["+trainer.no_such_key=1"], "trainer.no_such_key"),
 ])
+@pytest.mark.slow
 def test_cli_error_two_ranks(tmp_path, args, key):
     p, elapsed = _run_cli(tmp_path, args,
                           launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -191,7 +193,7 @@ def test_deepspeed_config():
 def test_build_optimizer_groups_and_settings():
     import torch
 
-    from megagpt.optimizer import build_optimizer
+    from megagpt.engine.optimizer import build_optimizer
     from megagpt.model.gpt import GPT, GPTConfig
 
     cfg = make_cfg("optim.lr=3e-4", "optim.beta2=0.99", "optim.weight_decay=0.05")

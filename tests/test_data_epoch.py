@@ -236,6 +236,7 @@ def test_tiny_corpus_says_it_repeats_within_one_window(tmp_path, caplog):
         b.close()
 
 
+@pytest.mark.slow
 def test_training_logs_the_data_epoch(tmp_path):
     """A real run over a mixture of a 13-token corpus at seq_len 128 (the user's
     trial) and a larger one: metrics.jsonl has data_epoch (the furthest) and

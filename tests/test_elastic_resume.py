@@ -12,7 +12,7 @@ Two things are checked, each against the right floor:
   run within 1e-5 relative and within FACTOR times the difference a run from
   scratch on the new number of ranks shows (reduction order alone: about
   1e-7 here).  Before DeepSpeed's ZeRO-3 universal load was repaired
-  (checkpoint._repair_stage3_universal_load) the second step after a 2 -> 1
+  (engine/faults.py: repair_stage3_universal_load) the second step after a 2 -> 1
   resume was 1.6e-6 off (16x the floor) and step 14 1.3e-4; ZeRO-1/2 did not
   reshard at all.
 """
@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, _torchrun_job, check_reference, make_dataset, torchrun
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 STEPS, RESUME_AT = 20, 10
 # Resumed-vs-uninterrupted may differ by at most this many times what a run

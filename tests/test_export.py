@@ -15,6 +15,8 @@ import torch
 
 from helpers import make_dataset, make_texts, torchrun
 
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
@@ -178,43 +180,20 @@ def test_finetune_export_with_transformers_trainer(runs, tmp_path):
     assert result.training_loss > 0 and after < before - 0.5, (before, after)
 
 
-def _as_old_record(model: dict) -> dict:
-    """A model record as megagpt wrote it before ModelConfig and GPTConfig were
-    one: activation_checkpointing was checkpoint_every, and the settings that
-    only shape the defaults were not in it."""
-    old = {k: v for k, v in model.items() if k not in ("mlp_ratio", "vocab_multiple", "compile")}
-    old["checkpoint_every"] = old.pop("activation_checkpointing")
-    return old
+def rehash(checkpoint) -> None:
+    """Record a checkpoint's files as they are now in its manifest, and the manifest's
+    checksum in its state: an edited checkpoint then verifies, and what is read next
+    is the files themselves."""
+    from megagpt.checkpoint import sha256_file
 
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_old_records_export_and_load_the_same(runs, family, tmp_path):
-    from megagpt.generate import load
-
-    run_dir = runs[family]
-    old = tmp_path / "old" / "step_10"
-    shutil.copytree(run_dir / "checkpoints" / "step_10", old)
-    state = json.loads((old / "megagpt_state.json").read_text())
-    if family == "llama":
-        assert state["model"]["activation_checkpointing"] == 1
-    state["model"] = _as_old_record(state["model"])
-    (old / "megagpt_state.json").write_text(json.dumps(state))
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "megagpt.export", "--checkpoint", str(old), "--out", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert (out / "model.safetensors").read_bytes() == (run_dir / "hf" / "model.safetensors").read_bytes()
-    assert json.loads((out / "config.json").read_text()) == json.loads((run_dir / "hf" / "config.json").read_text())
-
-    old_hf = tmp_path / "old_hf"
-    shutil.copytree(run_dir / "hf", old_hf)
-    config = json.loads((old_hf / "config.json").read_text())
-    config["megagpt"] = _as_old_record(config["megagpt"])
-    (old_hf / "config.json").write_text(json.dumps(config))
-    ids = torch.arange(1, 30)[None]
-    with torch.no_grad():
-        assert torch.equal(load(str(old_hf))[0](ids), load(str(run_dir / "hf"))[0](ids))
-        assert torch.equal(load(str(old))[0](ids), megagpt_model(run_dir)(ids))
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        size, digest = sha256_file(str(checkpoint / rel))
+        manifest["files"][rel] = {"bytes": size, "sha256": digest}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    state = json.loads((checkpoint / "megagpt_state.json").read_text())
+    state["manifest_sha256"] = sha256_file(str(checkpoint / "manifest.json"))[1]
+    (checkpoint / "megagpt_state.json").write_text(json.dumps(state))
 
 
 def _export_fails(path, tmp_path) -> str:
@@ -239,10 +218,14 @@ def test_export_errors_are_one_line(runs, tmp_path):
     shard = sorted(damaged.glob("*optim_states.pt"))[0]
     shard.write_bytes(shard.read_bytes()[:1000])
     assert f"{damaged} is damaged: {shard.name} has 1000 bytes" in _export_fails(damaged, tmp_path)
-    # Written before manifests (nothing to verify against): the shards themselves are read, and refused.
+    # Without the manifest's checksum there is nothing to verify against: damaged too.
     state = json.loads((damaged / "megagpt_state.json").read_text())
     del state["manifest_sha256"]
     (damaged / "megagpt_state.json").write_text(json.dumps(state))
+    assert (f"{damaged} is damaged: megagpt_state.json names no manifest checksum"
+            in _export_fails(damaged, tmp_path))
+    # Its manifest made to agree with the cut shard: the shards themselves are read, and refused.
+    rehash(damaged)
     assert "cannot consolidate the ZeRO-3 shards" in _export_fails(damaged, tmp_path)
 
     unknown = tmp_path / "unknown" / "step_10"

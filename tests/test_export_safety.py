@@ -6,7 +6,6 @@ damaged by truncating a file."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,9 @@ import sys
 import pytest
 
 from helpers import make_dataset, torchrun
-from test_export import RUNS
+from test_export import RUNS, rehash
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 MODEL_SHARD = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
@@ -155,14 +156,12 @@ def test_a_failed_export_leaves_the_existing_folder_untouched(own_run, tmp_path)
     r = cli("export", "--checkpoint", own_run / "checkpoints" / "step_5", "--out", out)
     assert r.returncode == 0, r.stderr
     before = files_of(out)
-    # A checkpoint written before manifests (nothing to verify against) whose
-    # tokenizer is broken: the export fails after the weights are written.
+    # A checkpoint whose tokenizer is broken, its manifest made to agree (so that
+    # it verifies): the export fails after the weights are written.
     old = tmp_path / "old" / "step_10"
     shutil.copytree(own_run / "checkpoints" / "step_10", old)
-    state = json.loads((old / "megagpt_state.json").read_text())
-    del state["manifest_sha256"]
-    (old / "megagpt_state.json").write_text(json.dumps(state))
     (old / "tokenizer.json").write_text("{")
+    rehash(old)
     r = cli("export", "--checkpoint", old, "--out", out)
     assert r.returncode == 2, r.stdout + r.stderr
     assert one_line(r.stderr).startswith(f"megagpt.export: error: checkpoint {old}: cannot read tokenizer.json")

@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import check_reference, kill_job, make_dataset, torchrun, torchrun_popen, worker_pid
+from helpers import (FAULT_TRAIN, check_reference, kill_job, make_dataset, torchrun, torchrun_popen, wait_for,
+                     worker_pid)
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 STEPS = 24
 
@@ -54,17 +57,6 @@ def reference(data_dir, tmp_path_factory):
     r = torchrun(args(data_dir, root / "run", STEPS, "trainer.keep_last=2"), cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     return root / "run"
-
-
-def wait_for(predicate, timeout: float, proc=None, what: str = "", poll: float = 0.2) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"job ended (code {proc.returncode}) before {what}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def committed(run_dir: Path, step: int) -> bool:
@@ -203,7 +195,8 @@ def test_stop_on_signal_and_stop_file_then_resume_bitwise(data_dir, reference, t
 def test_nan_skip_then_spike_counted(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, run_dir, 12, "trainer.spike_window=4"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:5", "MEGAGPT_FAULT_SPIKE_STEPS": "0:10"})
+                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:5", "MEGAGPT_FAULT_SPIKE_STEPS": "0:10"},
+                 script=FAULT_TRAIN)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 5: non-finite loss or gradient" in r.stderr and "update skipped (1 in a row)" in r.stderr
     assert "step 10: loss spike" in r.stderr
@@ -220,7 +213,7 @@ def rollback_run(data_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("rollback")
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, run_dir, 12, "trainer.max_nan_skips=2"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN": "1:40-64"})
+                 env_extra={"MEGAGPT_FAULT_NAN": "1:40-64"}, script=FAULT_TRAIN)
     return run_dir, r
 
 
@@ -250,7 +243,7 @@ def test_nan_rollback_skips_the_bad_window(rollback_run):
 def test_nan_persisting_after_rollback_stops_clearly(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, run_dir, 12, "trainer.max_nan_skips=1", "trainer.max_rollbacks=1"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:6,7"})
+                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:6,7"}, script=FAULT_TRAIN)
     assert r.returncode != 0
     errors = [x for x in r.stderr.splitlines() if x.startswith("megagpt: error")]
     assert errors and all("persists after 1 rollback(s)" in x for x in errors), r.stderr[-2000:]
@@ -259,7 +252,7 @@ def test_nan_persisting_after_rollback_stops_clearly(data_dir, tmp_path):
 
 def test_on_nan_stop(data_dir, tmp_path):
     r = torchrun(args(data_dir, tmp_path / "run", 12, "trainer.on_nan=stop"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "0:3"})
+                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "0:3"}, script=FAULT_TRAIN)
     assert r.returncode != 0
     assert "megagpt: error (rank 0): step 3: non-finite loss or gradient (trainer.on_nan=stop)" in r.stderr
 
@@ -267,7 +260,7 @@ def test_on_nan_stop(data_dir, tmp_path):
 def test_watchdog_ends_a_hung_job_then_restart_resumes(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, run_dir, 12, "trainer.watchdog_seconds=8"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_HANG": "1:6"}, timeout=300)
+                 env_extra={"MEGAGPT_FAULT_HANG": "1:6"}, timeout=300, script=FAULT_TRAIN)
     ended = time.time()
     assert r.returncode != 0
     err = r.stderr

@@ -181,7 +181,7 @@ def _emulated_fp8_losses(rank, world_size, stage):
     `stage` on 2 gloo ranks.  float8's kernels need an H100; torchao's emulation (the
     same float8 numerics computed in fp32) stands in for them here, through the engine's
     own conversion, so ZeRO-3's partitioned weights meet Float8Linear as on the GPU."""
-    from megagpt.ds_config import deepspeed_config
+    from megagpt.engine import deepspeed_config
     from megagpt.engine import build_engine, build_model_config
     from megagpt.model import float8
 
@@ -201,6 +201,7 @@ def _emulated_fp8_losses(rank, world_size, stage):
     return {"converted": converted, "losses": losses}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed")
 def test_fp8_under_zero3_trains_as_under_zero0():
     # The defaults are ZeRO-3: float8 there must train exactly as with whole weights.

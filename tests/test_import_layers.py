@@ -2,17 +2,21 @@
 the entry points, with small leaf utilities beneath them all.  Read from the
 source with `ast` (every import, also those inside functions; those under
 `if TYPE_CHECKING:` are annotations only and not counted): no module imports
-from a higher layer, no cycle exists, and model/ and data/ never touch
-torch.distributed or DeepSpeed."""
+from a higher layer, no cycle exists, model/ and data/ never touch
+torch.distributed or DeepSpeed, and nothing outside the engine package
+(megagpt/engine/) imports DeepSpeed or runs one of its modules."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import re
 from pathlib import Path
 
 from helpers import REPO
 
 PACKAGE = REPO / "megagpt"
+ENGINE = PACKAGE / "engine"  # DeepSpeed's one boundary
 
 # Lowest first.  A module may import its own layer and the ones below.
 LAYERS = [
@@ -22,7 +26,7 @@ LAYERS = [
     ("model", ["megagpt.model"]),
     ("data", ["megagpt.data"]),
     ("checks", ["megagpt.config_checks", "megagpt.config_reference"]),
-    ("engine", ["megagpt.optimizer", "megagpt.ds_config", "megagpt.staged_save", "megagpt.engine"]),
+    ("engine", ["megagpt.engine"]),
     ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.resume_check", "megagpt.hooks", "megagpt.loop"]),
     ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
     ("entry", ["megagpt.run", "megagpt.cli_checks", "megagpt.train", "megagpt.bench"]),
@@ -106,6 +110,38 @@ def test_model_and_data_never_touch_torch_distributed_or_deepspeed():
         if bad:
             offenders.append(f"{module_name(path)}: {sorted(bad)}")
     assert not offenders, offenders
+
+
+def deepspeed_modules_named(path: Path) -> set[str]:
+    """The string constants in the file that name one of DeepSpeed's modules (as
+    `python -m deepspeed.checkpoint.ds_to_universal` or importlib would take
+    them), found among DeepSpeed's files without importing it.  Config keys
+    such as "deepspeed.zero_stage" name none."""
+    spec = importlib.util.find_spec("deepspeed")  # a top-level package: found, not imported
+    root = Path(spec.origin).parent
+    named = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                re.fullmatch(r"deepspeed(\.\w+)+", node.value):
+            where = root.joinpath(*node.value.split(".")[1:])
+            if where.with_suffix(".py").is_file() or where.is_dir():
+                named.add(node.value)
+    return named
+
+
+def test_only_the_engine_touches_deepspeed():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if ENGINE in path.parents:
+            continue
+        bad = {m for m in imports(path) if m == "deepspeed" or m.startswith("deepspeed.")}
+        bad |= deepspeed_modules_named(path)
+        if bad:
+            offenders.append(f"{module_name(path)}: {sorted(bad)}")
+    assert not offenders, "DeepSpeed outside megagpt/engine/: " + "; ".join(offenders)
+    # The same reading finds DeepSpeed inside the engine, where it belongs.
+    assert "deepspeed" in imports(ENGINE / "build.py")
+    assert deepspeed_modules_named(ENGINE / "checkpoint_files.py") == {"deepspeed.checkpoint.ds_to_universal"}
 
 
 def test_the_checks_see_every_kind_of_import():

@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from helpers import kill_job, make_dataset, torchrun, torchrun_popen
+from helpers import FAULT_TRAIN, kill_job, make_dataset, torchrun, torchrun_popen, wait_for
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 SEQ = 32
 
@@ -154,7 +156,7 @@ def test_round_trip_through_a_zero3_checkpoint(data_dir, tmp_path):
     folder = save_folder(model, data_dir, tmp_path / "hf")
     run_dir = tmp_path / "run"
     r = torchrun(args(data_dir, folder, run_dir, 1, "export.at_end=true"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:1"})
+                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:1"}, script=FAULT_TRAIN)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "update skipped" in r.stderr
     exported, original = exported_tensors(run_dir / "hf"), exported_tensors(folder)
@@ -174,10 +176,8 @@ def test_continued_pretraining_resumes_from_its_own_checkpoint_and_generates_lik
     folder = save_folder(hf_model("llama", vocab_of(data_dir)), data_dir, tmp_path / "hf")
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
     job = torchrun_popen(args(data_dir, folder, run_dir, 20, "trainer.save_every=10"), cwd=tmp_path, log=log)
-    deadline = time.time() + 240
-    while not (run_dir / "checkpoints" / "step_10" / "megagpt_state.json").exists():
-        assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_10" / "megagpt_state.json").exists(), 240, job,
+             "checkpoint step_10", poll=0.05, detail=lambda: log.read_text()[-3000:])
     kill_job(job)
     assert not (run_dir / "checkpoints" / "step_20").exists()
     restart = [a for a in args(data_dir, folder, run_dir, 20, "trainer.save_every=10", "export.at_end=true")
@@ -258,7 +258,7 @@ def test_loading_holds_one_module_at_a_time(tmp_path):
     assert growth < model_bytes + block_bytes, (growth / 1e6, model_bytes / 1e6, block_bytes / 1e6)
     # What the loader achieves: about two of the largest modules (measured 33 MB for 110 MB: the
     # embedding and the head are 16 MB each).  Holding every file's mapped pages, or glibc keeping
-    # the freed buffers (both before engine._return_freed_memory and the per-module mappings), grew
+    # the freed buffers (both before the engine's heap trimming, build._heap_trimmer, and the per-module mappings), grew
     # rank 0 by 215 MB.
     assert growth < model_bytes / 2, (growth / 1e6, model_bytes / 1e6)
     print(f"\nrank 0 grew by {growth / 1e6:.1f} MB loading a {model_bytes / 1e6:.1f} MB model "

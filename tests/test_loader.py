@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from helpers import make_two_sources
+from helpers import make_two_sources, wait_for
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
 from megagpt.data.prefetch import PoolClosed, PrefetchPool
@@ -44,10 +43,7 @@ def take(b, n):
 def wait_until_read_ahead(b):
     """Until the background thread has filled its queue: the state taken next is
     behind what was read."""
-    deadline = time.monotonic() + 10
-    while not b._producer.queue.full():
-        assert time.monotonic() < deadline, "the loader did not read ahead"
-        time.sleep(0.01)
+    wait_for(lambda: b._producer.queue.full(), 10, what="the loader to read ahead", poll=0.01)
 
 
 def assert_same(xs, ys):

@@ -62,7 +62,7 @@ def _snapshot_round_trip(rank: int, world: int) -> dict:
     train = TrainState(step=7, tokens_seen=700, wandb_id="abc", counters=Counters(skipped_steps=1, rollbacks=2))
     spikes = SimpleNamespace(state_dict=lambda: {"recent": [1.0, 2.0]}, loaded=None)
     spikes.load_state_dict = lambda s: setattr(spikes, "loaded", s)
-    saved = Snapshot(train, _Data(rank), {"spikes": spikes}, {"world_size": world}).state_dict()
+    saved = Snapshot(train, _Data(rank), {"spikes": spikes}, {"world_size": world}).gather_state_dict()
     saved = json.loads(json.dumps(saved))  # as megagpt_state.json holds it
     restored = TrainState()
     data = _Data(rank)

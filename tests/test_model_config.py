@@ -18,7 +18,7 @@ from megagpt.config_checks import validate
 from megagpt.engine import build_model_config
 from megagpt.hf import ADAPTERS, BY_MODEL_TYPE, config_from_hf, from_hf, hf_config, to_hf
 from megagpt.model import families
-from megagpt.model.config import RENAMED, GPTConfig, check
+from megagpt.model.config import GPTConfig, check
 from megagpt.model.families import FAMILIES, Family
 from megagpt.model.gpt import GPT
 from megagpt.model.layers import GeluMLP, SwiGLU, layer_norm, rms_norm
@@ -133,26 +133,22 @@ def test_for_inference_is_a_copy():
 
 # --- records ---------------------------------------------------------------------
 
-# megagpt_state.json's "model" as megagpt wrote it before the configs were one.
-OLD_RECORD = {"vocab_size": 4096, "max_seq_len": 128, "family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
-              "n_embd": 128, "mlp_hidden": 384, "mlp_multiple": 256, "dropout": 0.0, "bias": False,
-              "norm_eps": 1e-05, "init_std": 0.02, "rope_theta": 10000.0, "tie_embeddings": False,
-              "attention": "sdpa", "doc_mask": True, "eod_id": 0, "checkpoint_every": 1}
+# Some of megagpt_state.json's "model" record (a GPTConfig's dict): the fields not given keep their defaults.
+RECORD = {"vocab_size": 4096, "max_seq_len": 128, "family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2,
+          "n_embd": 128, "mlp_hidden": 384, "mlp_multiple": 256, "dropout": 0.0, "bias": False,
+          "norm_eps": 1e-05, "init_std": 0.02, "rope_theta": 10000.0, "tie_embeddings": False,
+          "attention": "sdpa", "doc_mask": True, "eod_id": 0, "activation_checkpointing": 1}
 
 
-def test_old_records_load():
-    assert RENAMED == {"checkpoint_every": "activation_checkpointing"}
-    c = GPTConfig.from_record(OLD_RECORD)
-    assert c.activation_checkpointing == 1 and not hasattr(c, "checkpoint_every")
-    assert all(getattr(c, k) == v for k, v in OLD_RECORD.items() if k != "checkpoint_every")
-    assert GPTConfig.from_record(dataclasses.asdict(c)) == c  # today's records round-trip
+def test_records_load():
+    c = GPTConfig.from_record(RECORD)
+    assert all(getattr(c, k) == v for k, v in RECORD.items())
+    assert GPTConfig.from_record(dataclasses.asdict(c)) == c  # records round-trip
     with pytest.raises(TypeError):
-        GPTConfig.from_record({**OLD_RECORD, "no_such_field": 1})
-    assert GPTConfig.from_record({**OLD_RECORD, "no_such_field": 1}, ignore_unknown=True) == c
-    # An exported config.json of older megagpt: its "megagpt" record, written for inference.
-    old_json = hf_config(c, 0)
-    old_json["megagpt"] = {**OLD_RECORD, "checkpoint_every": 0}
-    assert config_from_hf(old_json) == c.for_inference("sdpa")
+        GPTConfig.from_record({**RECORD, "no_such_field": 1})
+    assert GPTConfig.from_record({**RECORD, "no_such_field": 1}, ignore_unknown=True) == c
+    # An exported config.json: its "megagpt" record, written for inference.
+    assert config_from_hf(hf_config(c.for_inference("sdpa"), 0)) == c.for_inference("sdpa")
 
 
 # --- the family table --------------------------------------------------------------

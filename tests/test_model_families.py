@@ -127,7 +127,7 @@ def test_activation_checkpointing_recomputes_the_chosen_blocks():
 
 
 def test_fused_adamw_matches_plain():
-    from megagpt.optimizer import use_fused_adamw
+    from megagpt.engine.optimizer import use_fused_adamw
 
     assert use_fused_adamw(None, "cpu") and use_fused_adamw(None, "cuda") and not use_fused_adamw(False, "cpu")
     x = ids(2, 9)

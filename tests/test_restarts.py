@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import _torchrun_job, kill_job, make_dataset, torchrun, torchrun_popen, worker_pid, worker_pids
+from helpers import _torchrun_job, kill_job, make_dataset, torchrun, torchrun_popen, wait_for, worker_pid, worker_pids
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 STEPS = 16
 
@@ -63,17 +65,6 @@ def newest_committed(run_dir: Path) -> int:
     """The newest committed checkpoint's step (step_N.partial holds its state file before the rename)."""
     names = [p.parent.name for p in (run_dir / "checkpoints").glob("step_*/megagpt_state.json")]
     return max((int(n[5:]) for n in names if n[5:].isdigit()), default=0)
-
-
-def wait_for(predicate, timeout: float, job, what: str, poll: float = 0.02) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        if job.poll() is not None:
-            raise AssertionError(f"job ended (code {job.returncode}) before {what}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_restarted_rank_passes_over_the_previous_attempts_store(monkeypatch):

@@ -24,6 +24,8 @@ import torch
 
 from helpers import REPO, _torchrun_job, make_dataset, torchrun
 
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
+
 BASE_STEPS = 20
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, kill_job, make_dataset, torchrun, torchrun_popen, worker_pid
+from helpers import REPO, kill_job, make_dataset, torchrun, torchrun_popen, wait_for, worker_pid
 
 from megagpt.run_lock import LOCK_NAME, Holder, LockError, acquire
 
@@ -118,6 +118,7 @@ def test_a_held_lock_refuses_a_second_job_naming_it_and_is_released(tmp_path):
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_the_refusal_names_the_slurm_job_and_the_heartbeat_keeps_the_lock_fresh(tmp_path):
     holder = start_holder(tmp_path, env={"SLURM_JOB_ID": "567", "SLURM_ARRAY_JOB_ID": "560",
                                          "SLURM_ARRAY_TASK_ID": "7"}, stale=3.0)  # a beat every 0.3 s
@@ -222,6 +223,7 @@ def test_the_same_slurm_job_or_a_torchrun_restart_takes_over_its_own_lock(tmp_pa
         stop_holder(holder)
 
 
+@pytest.mark.slow
 def test_two_jobs_taking_over_one_stale_lock_at_once_one_wins(tmp_path):
     """Several processes find one stale lock at the same moment: exactly one
     takes it over, the others are refused naming that one."""
@@ -281,14 +283,7 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def wait_for(predicate, timeout: float, job, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert job.poll() is None, f"the job ended (code {job.returncode}) before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_a_second_job_on_a_run_dir_in_use_stops_at_start_and_the_first_is_intact(data_dir, tmp_path):
     run_dir, log, stop_file = tmp_path / "run", tmp_path / "first.log", tmp_path / "STOP"
     first = torchrun_popen(job_args(data_dir, run_dir, 10_000), cwd=tmp_path, log=log,
@@ -322,6 +317,7 @@ def test_a_second_job_on_a_run_dir_in_use_stops_at_start_and_the_first_is_intact
     assert not (run_dir / LOCK_NAME).exists()  # released at the end
 
 
+@pytest.mark.slow
 def test_a_sigkilled_job_does_not_block_the_next_which_resumes(data_dir, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "first.log"
     first = torchrun_popen(job_args(data_dir, run_dir, 12), cwd=tmp_path, log=log, env_extra=NOT_IN_SLURM)
@@ -341,6 +337,7 @@ def test_a_sigkilled_job_does_not_block_the_next_which_resumes(data_dir, tmp_pat
     assert not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_multirun_in_one_process_releases_the_lock_between_points(data_dir, tmp_path):
     """`python -m megagpt.train -m`: the points run one after another in this
     process, each in a run.dir of its own; the first one's was left locked by a
@@ -361,6 +358,7 @@ def test_a_multirun_in_one_process_releases_the_lock_between_points(data_dir, tm
     assert not (runs / "2" / LOCK_NAME).exists() and not (runs / "3" / LOCK_NAME).exists()
 
 
+@pytest.mark.slow
 def test_a_job_that_fails_after_taking_the_lock_releases_it(tmp_path):
     """A user error after the lock was taken (here: no data at data.urls) ends
     the job with its one line and exit code 2, and leaves no lock behind (the

@@ -18,6 +18,8 @@ import pytest
 
 from helpers import make_dataset, torchrun
 
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

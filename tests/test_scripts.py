@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, wait_for
 
 SCRIPTS = ["slurm/pretrain.sh", "launch/local.sh", ".ci/run", ".ci/slurm-up", ".ci/slurm-down"]
 
@@ -84,14 +84,11 @@ def test_slurm_script_on_signal_creates_stop_file_and_waits_for_srun(tmp_path, s
     p = subprocess.Popen(["bash", str(REPO / "slurm/pretrain.sh"), "logger=none"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while not started.exists():
-            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-            time.sleep(0.05)
+        wait_for(started.exists, 20, p, "srun to start", poll=0.05)
         assert not stop_file.exists()
         p.send_signal(sig)  # to the batch shell only, as `--signal=B:USR1` and `scancel --batch` do
         t0 = time.monotonic()
-        time.sleep(0.3)
+        wait_for(stop_file.exists, 20, p, "the batch shell to take the signal", poll=0.02)
         p.send_signal(sig)  # a second signal while it waits changes nothing
         out, err = p.communicate(timeout=20)
     finally:

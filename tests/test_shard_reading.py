@@ -435,6 +435,7 @@ def test_config_rejects_unknown_verify_in_one_line():
     assert msg.startswith("data.verify:") and "bogus" in msg and "\n" not in msg, msg
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_verify_in_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, make_dataset
+from helpers import REPO, make_dataset, wait_for
+
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 SCRIPT = REPO / "slurm" / "pretrain.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -90,10 +92,10 @@ def job_info(job: str) -> dict[str, str]:
 def wait_done(jobs: dict[str, Path], timeout: float) -> dict[str, dict[str, str]]:
     """Poll the jobs (id -> output file) until each reaches a final state; return
     each one's final `scontrol show job` record."""
-    deadline = time.monotonic() + timeout
     last: dict[str, dict[str, str]] = {job: {} for job in jobs}
     done: dict[str, dict[str, str]] = {}
-    while len(done) < len(jobs):
+
+    def all_done() -> bool:
         for job, out in jobs.items():
             if job in done:
                 continue
@@ -102,12 +104,15 @@ def wait_done(jobs: dict[str, Path], timeout: float) -> dict[str, dict[str, str]
             last[job] = info
             if info.get("JobState") in FINAL_STATES:
                 done[job] = info
-        if time.monotonic() > deadline:
-            for job in jobs:
-                subprocess.run(["scancel", job], timeout=30)
-            pytest.fail(f"jobs not done after {timeout:.0f}s: "
-                        + "; ".join(f"{j}: {last[j].get('JobState')}\n{tail(o, 3000)}" for j, o in jobs.items()))
-        time.sleep(0.5)
+        return len(done) == len(jobs)
+
+    try:
+        wait_for(all_done, timeout, what="the jobs to reach a final state", poll=0.5,
+                 detail=lambda: "; ".join(f"{j}: {last[j].get('JobState')}\n{tail(o, 3000)}" for j, o in jobs.items()))
+    except AssertionError:
+        for job in jobs:
+            subprocess.run(["scancel", job], timeout=30)
+        raise
     return done
 
 
@@ -148,11 +153,11 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, t
     job = submit(tmp_path, out, overrides(data_dir, run_dir, steps, logger="wandb"))
 
     # A few steps in, USR1 to the batch shell only (what `--signal=B:USR1@120` does near the time limit).
-    deadline = time.monotonic() + 180
-    while len(metrics(run_dir)) < 3:
-        assert time.monotonic() < deadline, f"no steps logged after 180s:\n{tail(out)}"
+    def three_steps() -> bool:
         assert job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), tail(out)
-        time.sleep(0.1)
+        return len(metrics(run_dir)) >= 3
+
+    wait_for(three_steps, 180, what="3 steps logged", detail=lambda: tail(out))
     signalled_at = len(metrics(run_dir))
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
 
@@ -160,14 +165,14 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, t
     # its begin time (cred_expire=10 s on the test cluster) has passed.  (Forcing
     # StartTime=now raced with the revocation of the old job's credential:
     # "Killing non-startable batch job: Job credential revoked".)
-    deadline = time.monotonic() + 120
-    while True:
+    def running_again() -> bool:  # or already done
         info = job_info(job)
         if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") not in ("PENDING", "COMPLETING"):
-            break  # running again (or already done)
+            return True
         assert info.get("JobState") not in FINAL_STATES, (info, tail(out))
-        assert time.monotonic() < deadline, (info, tail(out))
-        time.sleep(0.3)
+        return False
+
+    wait_for(running_again, 120, what="the requeued job to run", poll=0.3, detail=lambda: (job_info(job), tail(out)))
     restarted_at = time.monotonic()
 
     final = wait_done({job: out, ref: ref_out}, timeout=300)

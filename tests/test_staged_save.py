@@ -1,5 +1,5 @@
 """trainer.async_save stages DeepSpeed's state in host memory and writes it
-from the checkpointer's thread (megagpt/staged_save.py).  Real 2-rank torchrun
+from the checkpointer's thread (megagpt/engine/staged_save.py).  Real 2-rank torchrun
 jobs on CPU (fp32, gloo), for ZeRO-0, ZeRO-2 and ZeRO-3:
 
 - every file of an async checkpoint is byte for byte the file DeepSpeed's own
@@ -46,6 +46,7 @@ def deepspeed_files(step_dir: Path) -> dict[str, Path]:
     return {p.name: p for p in step_dir.glob("*.pt") if not p.name.startswith("rng_rank")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_async_checkpoints_equal_deepspeeds_and_resume_bit_for_bit(data_dir, tmp_path, stage):
     sync_dir, async_dir, resumed_dir = tmp_path / "sync", tmp_path / "async", tmp_path / "resumed"
@@ -76,7 +77,7 @@ def test_async_checkpoints_equal_deepspeeds_and_resume_bit_for_bit(data_dir, tmp
 
 
 def test_staged_state_is_a_copy_taken_at_the_save(tmp_path, caplog):
-    from megagpt.staged_save import StagedCheckpointEngine
+    from megagpt.engine.staged_save import StagedCheckpointEngine
 
     weight = torch.nn.Parameter(torch.randn(4, 3))
     moment = torch.randn(5, requires_grad=True)
@@ -139,7 +140,7 @@ def test_staging_from_cuda_is_pinned_asynchronous_and_a_copy(tmp_path):
     """On CUDA the host buffers are page-locked and the copies asynchronous: commit()
     waits for them, after which kernels changing the live state do not reach the file.
     Prints the staging rate of 1 GiB (device to page-locked host memory)."""
-    from megagpt.staged_save import StagedCheckpointEngine
+    from megagpt.engine.staged_save import StagedCheckpointEngine
 
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
 

@@ -11,6 +11,8 @@ import pytest
 
 from helpers import make_texts, torchrun
 
+pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
+
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):

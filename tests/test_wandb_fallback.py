@@ -66,6 +66,7 @@ def _offline_dir(run_dir, run_id: str):
     return offline
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server", ["closed_port", "silent_server"])
 def test_unreachable_wandb_falls_back_to_offline(server, request, tmp_path, wandb_env, caplog, capfd):
     port = request.getfixturevalue(server)
@@ -125,6 +126,7 @@ def _started(run_dir, name: str) -> datetime:
     return datetime.strptime(stamp, "%Y%m%d_%H%M%S")
 
 
+@pytest.mark.slow
 def test_training_with_wandb_online_but_unreachable_finishes_offline(tmp_path, silent_server):
     """A real 2-rank run with logger.mode=online against a server that never
     answers, with megagpt's own bound on wandb.init (W&B's default is 90 s,

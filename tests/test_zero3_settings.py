@@ -19,7 +19,7 @@ from distributed import run_distributed
 from helpers import make_dataset, torchrun
 from megagpt.config import ConfigError
 from megagpt.config_checks import validate
-from megagpt.ds_config import deepspeed_config
+from megagpt.engine import deepspeed_config
 
 
 def make_cfg(*overrides: str):
@@ -142,6 +142,7 @@ def _engine_hooks(rank, world_size, runs):
     return out
 
 
+@pytest.mark.slow
 def test_build_engine_sets_leaf_blocks_and_the_heads_external_parameter():
     """Blocks as leaves, by stage3_leaf_blocks or by a granularity threshold between the blocks'
     (5553 parameters per layer here) and the whole model's (6221)."""
@@ -161,7 +162,7 @@ def test_a_granularity_threshold_that_makes_the_whole_model_a_leaf_is_refused():
     then fails in backward; build_engine refuses it first, in one line."""
     import torch
 
-    from megagpt.config_checks import check_module_granularity
+    from megagpt.engine.faults import check_module_granularity
     from megagpt.model.gpt import GPT, GPTConfig
 
     with torch.device("meta"):
@@ -209,6 +210,7 @@ def baseline(data_dir, tmp_path_factory):
     ["deepspeed.stage3_module_granularity_threshold=6000"],
     ["deepspeed.stage3_param_persistence_threshold=0"],  # nothing kept whole: every parameter gathered
 ], ids=["leaf_blocks", "granularity", "persist_nothing"])
+@pytest.mark.slow
 def test_zero3_settings_train_the_same_losses(data_dir, baseline, tmp_path, extra):
     losses, _ = _run(data_dir, tmp_path / "run", extra)
     assert len(losses) == len(baseline) == 4
@@ -216,6 +218,7 @@ def test_zero3_settings_train_the_same_losses(data_dir, baseline, tmp_path, extr
         assert abs(a - b) <= 1e-6 * b, (losses, baseline)
 
 
+@pytest.mark.slow
 def test_a_whole_model_leaf_is_refused_in_a_run(data_dir, tmp_path):
     """deepspeed.stage3_module_granularity_threshold=100000 on this small model: the one-line
     error on every rank, before the weights are initialised, not DeepSpeed's crash in backward."""
@@ -229,6 +232,7 @@ def test_a_whole_model_leaf_is_refused_in_a_run(data_dir, tmp_path):
                           for ln in errors), r.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_deepcompile_on_cpu_is_one_line_at_start(tmp_path):
     import os
     import subprocess
@@ -273,6 +277,7 @@ def _compiled_steps(rank, world_size, n_layer):
     return out
 
 
+@pytest.mark.slow
 def test_compiled_blocks_under_zero3_are_leaves_and_compile_once_without_breaks():
     """model.compile compiles each block (GPT.compile_blocks); under ZeRO-3 the blocks become
     leaves by default, so no gather hook runs inside a compiled block: no graph break, and
@@ -318,6 +323,7 @@ def _linear_after_builds(rank, world_size, settings):
     return out
 
 
+@pytest.mark.slow
 def test_memory_efficient_linear_false_trains_with_torchs_linear_even_after_true():
     """DeepSpeed's replacement of F.linear is process-wide and sticky; a later engine with
     stage3_memory_efficient_linear=false gets torch's back, and both train the same loss."""

@@ -152,14 +152,14 @@ def bench_corpus(cache_dir: str, mib: int, log=print) -> Path:
     import numpy as np
 
     from megagpt.data.embedded import ensure_embedded
-    from megagpt.data.prepare import DEFAULT_DOCS_PER_SHARD, DEFAULT_SHARD_BYTES, MANIFEST
+    from megagpt.data.prepare import DATASET_MANIFEST, DEFAULT_DOCS_PER_SHARD, DEFAULT_SHARD_BYTES
     from megagpt.data.shards import open_dataset, read_shard
     from megagpt.data.shardwriter import ShardSink, manifest_entry
 
     src_dir = ensure_embedded(cache_dir, log=log)
     key = hashlib.sha256(json.dumps([str(src_dir), mib, BENCH_CORPUS_VERSION]).encode()).hexdigest()[:12]
     final = Path(cache_dir) / f"bench-corpus-{key}"
-    if (final / MANIFEST).is_file():
+    if (final / DATASET_MANIFEST).is_file():
         return final
     src = open_dataset(str(src_dir))
     docs = []
@@ -180,10 +180,10 @@ def bench_corpus(cache_dir: str, mib: int, log=print) -> Path:
                 if written >= mib << 20:
                     break
         sink.close()
-        manifest = json.loads((src_dir / MANIFEST).read_text())
+        manifest = json.loads((src_dir / DATASET_MANIFEST).read_text())
         manifest.update(shards=[manifest_entry(s) for s in shards], val_shards=[],
                         documents=sum(s["documents"] for s in shards), tokens=sum(s["tokens"] for s in shards))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.copy(src_dir / manifest["tokenizer"], tmp / manifest["tokenizer"])
         os.rename(tmp, final)
     finally:

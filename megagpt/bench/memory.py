@@ -6,7 +6,7 @@
 For each ZeRO stage and number of ranks, a real job under torchrun
 (`python -m torch.distributed.run --nproc_per_node=W -m megagpt.bench.memory
 --worker ...`) builds the engine with megagpt's own functions (the Hydra
-config composed from conf/, ds_config.deepspeed_config, build_model_config,
+config composed from conf/, engine.deepspeed_config, build_model_config,
 build_engine: the model built inside deepspeed.zero.Init, torch AdamW),
 runs a few training steps on random tokens (seq len and batch tiny: this
 measures model state, not activations) and every rank reports:
@@ -166,8 +166,7 @@ def worker(argv: list[str]) -> None:
     from megagpt import runtime
     from megagpt.config import register
     from megagpt.config_checks import validate
-    from megagpt.ds_config import deepspeed_config
-    from megagpt.engine import build_engine, build_model_config
+    from megagpt.engine import build_engine, build_model_config, deepspeed_config
     from megagpt.model.attention import resolve_backend
     from megagpt.train import CONF_DIR
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from megagpt.data.prepare import MANIFEST, prepare
+from megagpt.data.prepare import DATASET_MANIFEST, prepare
 
 # Bump when the corpus recipe or shard format changes so old caches are not reused.
 EMBEDDED_VERSION = 3  # 2: validation split (val_docs); 3: xxh3_128 checksums
@@ -68,7 +68,7 @@ def ensure_embedded(
     key = _key(vocab_size, max_bytes, docs_per_shard, val_docs)
     cache = Path(cache_dir)
     final = cache / f"embedded-{key}"
-    if (final / MANIFEST).is_file():
+    if (final / DATASET_MANIFEST).is_file():
         return final
 
     cache.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def ensure_embedded(
         except OSError as e:  # e.g. ENOLCK on a filesystem mounted without lock support
             raise OSError(f"cannot lock {lock.name}: {e} (put the cache on a filesystem with flock support)") from e
         # The lock is released when the file is closed, also if this process dies.
-        if (final / MANIFEST).is_file():  # the lock holder before us finished it
+        if (final / DATASET_MANIFEST).is_file():  # the lock holder before us finished it
             return final
         # We hold the lock, so leftovers of crashed earlier attempts are nobody's work in progress.
         for stale in cache.glob(f".embedded-{key}.*"):
@@ -113,7 +113,7 @@ def ensure_embedded(
             except OSError:
                 # Only possible if someone without the lock (e.g. a filesystem where flock
                 # is a no-op) finished first; their complete copy is as good as ours.
-                if not (final / MANIFEST).is_file():
+                if not (final / DATASET_MANIFEST).is_file():
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

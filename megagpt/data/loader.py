@@ -218,6 +218,16 @@ class Batches:
         """Sequences this process has taken from each source."""
         return self._before + (self._counts[self._at - 1] if self._at else 0)
 
+    @property
+    def source_names(self) -> list[str]:
+        """The sources' names, in the order of source_counts."""
+        return list(self.mix.names)
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards this process's readers skipped (data.on_error=skip)."""
+        return self.mix.skipped
+
     def next_windows(self) -> torch.Tensor:
         """The next micro-batch: (micro_batch, seq_len + 1) int32 windows."""
         if self._at == len(self._blocks):

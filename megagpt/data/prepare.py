@@ -42,7 +42,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from megagpt.atomic import write_text
+from megagpt.atomic import sha256_file, write_text
 from megagpt.data.prep_inputs import (
     CHUNK_BYTES,
     Job,
@@ -55,25 +55,22 @@ from megagpt.data.prep_inputs import (
 )
 from megagpt.data.prep_progress import Progress, clearing
 from megagpt.data.prep_sources import Input, as_inputs, check_readers, identity
-from megagpt.data.shards import FORMAT, VERSION, check_manifest
+from megagpt.data.shards import DATASET_MANIFEST, FORMAT, VERSION, check_manifest
 from megagpt.data.shardwriter import (
-    MANIFEST,
     SPLITS,
     STATE_FILE,
-    TOKENIZER_FILE,
     State,
     Tally,
     manifest_entry,
     other_entries,
     plural,
     remove_outputs,
-    sha256_file,
     shard_ok,
     write_shards,
 )
-from megagpt.data.tokenizer import eod_id, load_tokenizer, token_dtype, train_bpe
+from megagpt.data.tokenizer import TOKENIZER_FILE, eod_id, load_tokenizer, token_dtype, train_bpe
 
-__all__ = ["MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read_manifest"]
+__all__ = ["DATASET_MANIFEST", "find_inputs", "iter_documents", "main", "prepare", "read_manifest"]
 
 STATE_VERSION = 1  # of .prepare_state.jsonl; part of the fingerprint, so a change means starting over
 DEFAULT_DOCS_PER_SHARD = 2000
@@ -111,14 +108,14 @@ def _save_tokenizer(tok: Tokenizer, out: Path) -> str:
     tmp = out / (TOKENIZER_FILE + ".tmp")
     tok.save(str(tmp))
     os.replace(tmp, out / TOKENIZER_FILE)
-    return sha256_file(out / TOKENIZER_FILE)
+    return sha256_file(out / TOKENIZER_FILE)[1]
 
 
 def _saved_tokenizer(out: Path, state: State) -> Tokenizer | None:
     """The tokenizer an earlier run trained and saved, if it is still the one it recorded."""
     path = out / TOKENIZER_FILE
     try:
-        if sha256_file(path) != state.header.get("tokenizer_sha256"):
+        if sha256_file(path)[1] != state.header.get("tokenizer_sha256"):
             return None
         return load_tokenizer(str(path))
     except (OSError, ValueError):
@@ -136,7 +133,7 @@ def _complete(out: Path, state: State) -> dict | None:
     if m.get("val_shards", []) != [manifest_entry(s) for s in state.shards["val"]]:
         return None
     try:
-        if sha256_file(out / TOKENIZER_FILE) != state.header.get("tokenizer_sha256"):
+        if sha256_file(out / TOKENIZER_FILE)[1] != state.header.get("tokenizer_sha256"):
             return None
     except OSError:
         return None
@@ -150,7 +147,7 @@ def _claim(out: Path, state: State | None, fingerprint: str, options: dict, inpu
     settings, one whose inputs are not recorded, or files of someone else's."""
     if state is not None and state.header.get("fingerprint") == fingerprint:
         return state
-    kind = "prepared dataset" if (out / MANIFEST).is_file() else "partly prepared dataset"
+    kind = "prepared dataset" if (out / DATASET_MANIFEST).is_file() else "partly prepared dataset"
     if state is not None and kind != "prepared dataset" and _nothing_made(state):
         say(f"the unfinished run in {out} wrote no shards (other inputs or settings: "
             f"{state.differences(options, inputs)}): starting over")
@@ -159,7 +156,7 @@ def _claim(out: Path, state: State | None, fingerprint: str, options: dict, inpu
         why = f"made from other inputs or settings ({state.differences(options, inputs)})"
         refusal, action = f"holds a {kind} {why}", "replace it"
         done = f"replacing the {kind} in {out} ({why.replace(' (', ': ', 1)}"
-    elif (out / MANIFEST).exists() or (out / STATE_FILE).exists():
+    elif (out / DATASET_MANIFEST).exists() or (out / STATE_FILE).exists():
         refusal, action = f"holds a {kind} whose inputs are not recorded (no readable {STATE_FILE})", "replace it"
         done = f"replacing the {kind} in {out} (its inputs are not recorded)"
     elif names := other_entries(out):
@@ -185,7 +182,7 @@ def _nothing_made(state: State) -> bool:
 
 def _clear(out: Path) -> None:
     # The manifest goes first: from here until the new one is written the directory reads as incomplete.
-    (out / MANIFEST).unlink(missing_ok=True)
+    (out / DATASET_MANIFEST).unlink(missing_ok=True)
     (out / STATE_FILE).unlink(missing_ok=True)
     remove_outputs(out)
 
@@ -272,7 +269,7 @@ def prepare(
         state = State({**header, "tokenizer_sha256": tok_sha})
         state.rewrite(out)
     else:
-        (out / MANIFEST).unlink(missing_ok=True)
+        (out / DATASET_MANIFEST).unlink(missing_ok=True)
         if given is not None:
             state.header["tokenizer_sha256"] = _save_tokenizer(given, out)
         for split in SPLITS:
@@ -307,7 +304,7 @@ def prepare(
         raise ValueError(f"no non-empty documents in inputs{where}: {' '.join(inputs)}")
     manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "eod_id": eod,
                 "tokenizer": TOKENIZER_FILE, **manifest}
-    write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_text(out / DATASET_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     say(
         f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
         f" + validation {len(manifest['val_shards'])} shards, {manifest['val_documents']:,} documents"
@@ -326,7 +323,7 @@ def _not_text(t: Tally) -> str:
 def read_manifest(dir_or_file: str) -> dict:
     """Load and validate the manifest of a prepared dataset (its directory or the file itself)."""
     p = Path(dir_or_file)
-    path = p / MANIFEST if p.is_dir() else p
+    path = p / DATASET_MANIFEST if p.is_dir() else p
     if not path.is_file():
         raise ValueError(f"no dataset manifest at {path} (run `python -m {PROG}` to create one)")
     try:

@@ -34,10 +34,14 @@ import numpy as np
 from megagpt.data.buffers import BufferPool
 from megagpt.data.remote import describe, is_http, is_local, read_bytes, read_http
 from megagpt.data.tar_index import general_index, ustar_index
+from megagpt.data.tokenizer import TOKENIZER_FILE
 
 
 FORMAT = "megagpt-shards"
 VERSION = 1
+# A prepared dataset's list of shards, beside them.  (Not a checkpoint's manifest.json,
+# checkpoint.CHECKPOINT_MANIFEST: that one lists a checkpoint's files.)
+DATASET_MANIFEST = "manifest.json"
 MANIFEST_KEYS = ("format", "version", "dtype", "vocab_size", "eod_id", "tokenizer", "documents", "tokens", "shards")
 SHARD_KEYS = ("name", "documents", "tokens", "bytes", "sha256")
 log = logging.getLogger("megagpt")
@@ -204,7 +208,7 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
         def near(name: str) -> str:  # a file beside the first shard, fetched the way it is
             return beside(first, name)
 
-    manifest = manifest or near("manifest.json")
+    manifest = manifest or near(DATASET_MANIFEST)
     try:
         man = json.loads(read_bytes(manifest))
     except Exception as e:  # noqa: BLE001 - any failure to fetch or parse is the same user error
@@ -223,7 +227,7 @@ def open_dataset(urls, manifest: str | None = None) -> Dataset:
             raise DataError(f"data.urls: shard {url} is not listed in {manifest}")
         shards.append(_entry(url, by_name[name]))
     val = tuple(_entry(near(e["name"]), e) for e in man.get("val_shards", []))
-    tokenizer = _tokenizer_url(manifest, man.get("tokenizer", "tokenizer.json"), near)
+    tokenizer = _tokenizer_url(manifest, man.get("tokenizer", TOKENIZER_FILE), near)
     return Dataset(tuple(shards), val, man["dtype"], int(man["vocab_size"]), int(man["eod_id"]), tokenizer)
 
 

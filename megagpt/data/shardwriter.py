@@ -15,26 +15,17 @@ from typing import BinaryIO, NamedTuple
 
 import xxhash
 
-from megagpt.atomic import write_text
+from megagpt.atomic import sha256_file, write_text
 from megagpt.data.prep_formats import Note
 from megagpt.data.prep_inputs import Job, Pool, iter_tasks, iter_units, tokenize_task
 from megagpt.data.prep_progress import Progress
 from megagpt.data.prep_sources import Input, as_inputs
-from megagpt.data.shards import SHARD_KEYS
+from megagpt.data.shards import DATASET_MANIFEST, SHARD_KEYS
+from megagpt.data.tokenizer import TOKENIZER_FILE
 
 SPLITS = {"train": "shard", "val": "val"}  # split -> shard name prefix
 STATE_FILE = ".prepare_state.jsonl"
-MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.json"
 _OUTPUT_RE = re.compile(r"(shard|val)-\d{6}\.tar(\.tmp)?")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest_entry(shard: dict) -> dict:
@@ -45,14 +36,14 @@ def shard_ok(out: Path, shard: dict) -> bool:
     """The file is there with the recorded size and sha256."""
     try:
         path = out / shard["name"]
-        return path.stat().st_size == shard["bytes"] and sha256_file(path) == shard["sha256"]
+        return path.stat().st_size == shard["bytes"] and sha256_file(path)[1] == shard["sha256"]
     except (OSError, KeyError, TypeError):  # gone, or a record from some other version
         return False
 
 
 def other_entries(out: Path) -> list[str]:
     """Names in ``out`` that no run of prepare left there (its ``.tmp`` files of a crash are its own)."""
-    own_temporary = {name + ".tmp" for name in (MANIFEST, STATE_FILE, TOKENIZER_FILE)}
+    own_temporary = {name + ".tmp" for name in (DATASET_MANIFEST, STATE_FILE, TOKENIZER_FILE)}
     try:
         names = sorted(p.name for p in out.iterdir())
     except FileNotFoundError:

@@ -41,13 +41,14 @@ def _datasets(cfg, env, barrier) -> list[tuple[str, float, Dataset]]:
     d = cfg.data
     if d.source == "embedded":
         from megagpt.data.embedded import ensure_embedded
+        from megagpt.metrics import console
 
         cache = d.cache_dir or default_cache_dir()
         kwargs = dict(vocab_size=d.embedded_vocab_size, max_bytes=d.embedded_max_bytes)
         # The first rank of each node prepares the corpus while the others wait; a file
         # lock keeps nodes that share a filesystem from preparing it twice.
         if env.local_rank == 0:
-            ensure_embedded(cache, log=print if env.rank == 0 else None, **kwargs)
+            ensure_embedded(cache, log=console if env.rank == 0 else None, **kwargs)
         if barrier is not None:
             barrier()
         path = str(ensure_embedded(cache, log=None, **kwargs))

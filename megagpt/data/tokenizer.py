@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+# A Hugging Face tokenizers file: in a prepared dataset, a checkpoint, an export and a model folder.
+TOKENIZER_FILE = "tokenizer.json"
 EOD_TOKEN = "<|endoftext|>"
 # End-of-document tokens of common pretrained tokenizers, tried when EOD_TOKEN is absent.
 _FALLBACK_EOD_TOKENS = ("</s>", "<|end_of_text|>", "<eos>")
@@ -34,7 +36,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """Load ``path`` (a ``tokenizer.json`` file or a folder that contains one)."""
     p = Path(path)
-    file = p / "tokenizer.json" if p.is_dir() else p
+    file = p / TOKENIZER_FILE if p.is_dir() else p
     if not file.is_file():
         raise ValueError(f"tokenizer not found: {file} (expected a tokenizer.json file or a folder containing one)")
     try:

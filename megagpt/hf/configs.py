@@ -76,9 +76,8 @@ def read_hf_config(folder: str) -> GPTConfig:
 
 
 def config_from_hf(cfg: dict, where: str = "config.json") -> GPTConfig:
-    """A GPTConfig from a config.json: megagpt's own record when present
-    (older records' names included), otherwise parse_hf_config (folders made
-    elsewhere)."""
+    """A GPTConfig from a config.json: megagpt's own record when present,
+    otherwise parse_hf_config (folders made elsewhere)."""
     if "megagpt" in cfg:
         return GPTConfig.from_record(cfg["megagpt"], ignore_unknown=True)
     return parse_hf_config(cfg, where)

@@ -7,7 +7,9 @@ softmax(Q K^T / sqrt(d)) V with a causal mask, computed by one of:
               documents go through their varlen kernels
   sdpa        torch.nn.functional.scaled_dot_product_attention; on CUDA its
               kernel is model.sdpa_backend's (cuDNN, flash, efficient, math;
-              `auto`: the faster of cuDNN and flash, timed once at start)
+              `auto`: the faster of cuDNN and flash, timed once at start by
+              resolve_sdpa_backend); the model passes it with each call
+              (GPTConfig.sdpa_backend), nothing here holds it
   eager       the reference math, written out
 `auto` picks the best one available on the device the model runs on.
 
@@ -34,6 +36,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from megagpt.config import ConfigError
 from megagpt.model.visibility import Visibility
 
 BACKENDS = ("flash_attn", "sdpa", "eager")
@@ -61,8 +64,12 @@ def choose_flash_impl(device_type: str, capability: tuple[int, int] | None, fa4_
     return None
 
 
-# Imported once per process: name -> (module, "") or (None, why not).  Plain
-# dicts, not functools.cache, so torch.compile reads them as constants.
+# Imported once per process: name -> (module, "") or (None, why not), and the
+# FlashAttention each CUDA device runs.  Pure caches: each entry is a fact that
+# cannot change while the process lives (what is installed, a device's compute
+# capability), written once by the function that reads it and never set from
+# outside, so a call gives the same answer with or without them.  Plain dicts,
+# not functools.cache, so torch.compile reads them as constants.
 _imported: dict[str, tuple[object | None, str]] = {}
 _impl_by_device: dict[int, str | None] = {}
 
@@ -118,18 +125,18 @@ def flash_unavailable_reason() -> str:
 
 
 def resolve_backend(name: str, device_type: str) -> str:
-    """Turn `auto` into a concrete backend; reject what cannot run here."""
+    """Turn `auto` into a concrete backend; reject what cannot run here (ConfigError)."""
     if name == "auto":
         if device_type == "cuda" and flash_attn_available():
             return "flash_attn"
         return "sdpa"
     if name == "flash_attn" and not (device_type == "cuda" and flash_attn_available()):
-        raise ValueError(
+        raise ConfigError(
             "model.attention=flash_attn needs CUDA and FlashAttention: flash-attn-4 on Hopper/Blackwell "
             '(pip install -e ".[flash4]") or flash-attn 2 (pip install -e ".[flash]"); use sdpa or auto here'
         )
     if name not in BACKENDS:
-        raise ValueError(f"model.attention: unknown backend {name!r}; choose auto or one of {BACKENDS}")
+        raise ConfigError(f"model.attention: unknown backend {name!r}; choose auto or one of {BACKENDS}")
     return name
 
 
@@ -177,21 +184,20 @@ def flash_trial(n_head: int, n_kv_head: int, head_dim: int, doc_mask: bool = Fal
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 _SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
               "math": "MATH"}
-_sdpa_backend: str | None = None  # None: torch's own choice (set_sdpa_backend)
 
 
-def set_sdpa_backend(name: str | None) -> None:
-    """The kernel every SDPA call in this process uses from now on: one of
-    SDPA_BACKENDS but auto, or None (torch's choice).  Set once at start,
-    before torch.compile traces the model (the choice is read at trace time)."""
-    global _sdpa_backend
-    if name not in (None, *SDPA_BACKENDS[1:]):
-        raise ValueError(f"model.sdpa_backend: unknown kernel {name!r}; choose one of {SDPA_BACKENDS}")
-    _sdpa_backend = name
-
-
-def get_sdpa_backend() -> str | None:
-    return _sdpa_backend
+def sdpa_backend_problem(name: str, cuda: bool, doc_mask: bool) -> str | None:
+    """Why model.sdpa_backend=`name` cannot run, or None: the one place its
+    checks live (config_checks.validate runs them at start, resolve_sdpa_backend
+    where the kernel is chosen).  `cuda`: whether the model runs on CUDA;
+    `doc_mask`: whether SDPA gets a mask (document masking on an SDPA run)."""
+    if name not in SDPA_BACKENDS:
+        return f"unknown kernel {name!r}; choose one of {SDPA_BACKENDS}"
+    if name != "auto" and not cuda:
+        return f"{name} selects a CUDA kernel and training runs on CPU here; leave it auto"
+    if name == "flash" and doc_mask:
+        return "flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto"
+    return None
 
 
 def _sdpa_context(name: str | None):
@@ -256,24 +262,19 @@ def time_sdpa_backends(batch: int, n_head: int, n_kv_head: int, seq_len: int, he
 
 def resolve_sdpa_backend(name: str, device_type: str, *, batch: int, n_head: int, n_kv_head: int, seq_len: int,
                          head_dim: int, doc_mask: bool = False,
-                         log: Callable[[str], None] | None = print) -> str | None:
-    """model.sdpa_backend -> the kernel for set_sdpa_backend (None: torch's
-    choice).  CPU: auto is ignored (None); an explicit kernel is a ConfigError
-    (config_checks rejects it first).  CUDA: an explicit kernel is used as
-    given; auto times cuDNN against flash (efficient with document masking) at
-    the run's shape in bf16, logs both and picks the faster."""
-    from megagpt.config import ConfigError
-
-    if name not in SDPA_BACKENDS:
-        raise ConfigError(f"model.sdpa_backend: unknown kernel {name!r}; choose one of {SDPA_BACKENDS}")
+                         log: Callable[[str], None] | None = None) -> str | None:
+    """model.sdpa_backend -> the kernel the model's SDPA calls use
+    (GPTConfig.sdpa_backend; None: torch's choice).  What cannot run is a
+    ConfigError (sdpa_backend_problem; config_checks rejects it first).  CPU:
+    auto is ignored (None).  CUDA: an explicit kernel is used as given; auto
+    times cuDNN against flash (efficient with document masking) at the run's
+    shape in bf16, says both through `log` and picks the faster."""
+    problem = sdpa_backend_problem(name, device_type == "cuda", doc_mask)
+    if problem is not None:
+        raise ConfigError(f"model.sdpa_backend: {problem}")
     if device_type != "cuda":
-        if name != "auto":
-            raise ConfigError(f"model.sdpa_backend: {name} selects a CUDA kernel; on {device_type} leave it auto")
         return None
     if name != "auto":
-        if name == "flash" and doc_mask:
-            raise ConfigError("model.sdpa_backend: flash takes no mask, and model.doc_mask=true needs one; "
-                              "use cudnn, efficient or auto")
         return name
     candidates = sdpa_candidates(doc_mask)
     times, errors = time_sdpa_backends(batch, n_head, n_kv_head, seq_len, head_dim, candidates, doc_mask)
@@ -289,12 +290,15 @@ def resolve_sdpa_backend(name: str, device_type: str, *, batch: int, n_head: int
 # --- The kernels --------------------------------------------------------------------------
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                     vis: Visibility | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+                     vis: Visibility | None = None, dropout_p: float = 0.0,
+                     sdpa_backend: str = "auto") -> torch.Tensor:
     """q: (B, H, T, D); k, v: (B, KV, S, D) with H % KV == 0 and S = offset + T.
-    Returns (B, H, T, D)."""
+    Returns (B, H, T, D).  `sdpa_backend`: SDPA's kernel on CUDA (one of
+    SDPA_BACKENDS; auto: torch's own choice), read at trace time under
+    torch.compile; CPU tensors always get torch's choice."""
     vis = vis or Visibility(q.size(-2))
     if backend == "sdpa":
-        kernel = _sdpa_backend if q.device.type == "cuda" else None
+        kernel = sdpa_backend if q.device.type == "cuda" and sdpa_backend != "auto" else None
         if kernel == "flash" and not vis.plain_causal and vis.mask(q.device) is not None:
             kernel = None  # SDPA's flash kernels take no mask (a cache's prefill): torch's choice
         if kernel is None:

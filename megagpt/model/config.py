@@ -7,6 +7,8 @@ inherited, plus what only a model being built knows:
   vocab_size   required, final (the tokenizer's or model.vocab_size, padded)
   max_seq_len  required, final (model.max_seq_len or data.seq_len)
   attention    a concrete backend (flash_attn | sdpa | eager), not auto
+  sdpa_backend on an SDPA run on CUDA, the kernel its SDPA calls use (cudnn | flash |
+               efficient | math: run.py sets the one auto measured); auto: torch's choice
   compile      true or false for the device the model runs on, not None (auto)
   loss_chunk_tokens  a number of tokens (0: the plain loss) for that device, not None
   eod_id       the end-of-document token id (document masking)
@@ -20,7 +22,7 @@ raises ConfigError with one line naming the key.
 
 A GPTConfig's dict (`dataclasses.asdict`) is the model record in a
 checkpoint's megagpt_state.json ("model") and in an exported config.json
-("megagpt"); `from_record` reads it back, records of older megagpt included.
+("megagpt"); `from_record` reads it back.
 """
 
 from __future__ import annotations
@@ -33,9 +35,6 @@ from megagpt.config import ConfigError, ModelConfig
 from megagpt.model.attention import BACKENDS
 from megagpt.model.families import Family, family
 from megagpt.model.layers import Llama3Scaling
-
-# Names older megagpt wrote into model records: old -> current.
-RENAMED = {"checkpoint_every": "activation_checkpointing"}
 
 # model.rope_scaling's types, and the settings each needs (layers.py: Llama3Scaling).
 ROPE_SCALINGS = ("llama3",)
@@ -181,10 +180,9 @@ class GPTConfig(ModelConfig):
 
     @classmethod
     def from_record(cls, record: dict, ignore_unknown: bool = False) -> "GPTConfig":
-        """A GPTConfig from its saved dict. Keys older megagpt wrote under
-        another name are renamed (RENAMED); keys it did not write take the
-        defaults.  A key unknown here is a TypeError unless `ignore_unknown`."""
-        values = {RENAMED.get(k, k): v for k, v in record.items()}
+        """A GPTConfig from its saved dict (`dataclasses.asdict` of one).  A key
+        unknown here is a TypeError unless `ignore_unknown`."""
+        values = dict(record)
         if ignore_unknown:
             known = {f.name for f in dataclasses.fields(cls)}
             values = {k: v for k, v in values.items() if k in known}
@@ -192,9 +190,10 @@ class GPTConfig(ModelConfig):
 
     def for_inference(self, attention: str = "sdpa") -> "GPTConfig":
         """A copy set up for inference: the given attention backend, no
-        activation checkpointing, no dropout, no compile."""
+        activation checkpointing, no dropout, no compile, and SDPA's kernel
+        torch's choice (a training run's measured kernel was measured for its shapes)."""
         return dataclasses.replace(self, attention=attention, activation_checkpointing=0, dropout=0.0,
-                                   compile=False)
+                                   compile=False, sdpa_backend="auto")
 
     @property
     def family_spec(self) -> Family:

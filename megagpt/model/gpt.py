@@ -18,7 +18,7 @@ Weights are initialised by `init_module_`, one module at a time, from a
 generator the caller owns.  That keeps initialisation identical whether the
 model is built whole (tests, export) or already sharded by ZeRO-3, where the
 engine gathers each module's parameters, runs the same function and
-re-partitions (see engine.py).
+re-partitions (see engine/build.py).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, offset + T, D)
         p = self.cfg.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.cfg.attention, vis, dropout_p=p)  # (B, H, T, D)
+        y = causal_attention(q, k, v, self.cfg.attention, vis, dropout_p=p,
+                             sdpa_backend=self.cfg.sdpa_backend)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return F.dropout(self.proj(y), p, self.training)
 

@@ -6,7 +6,7 @@ non-zero: the decision never has to reach the host.  Before the first
 parameter group is updated, each rank's verdict (its loss, from the engine;
 its gradients, checked here) is agreed with the other ranks through the
 `agree` callback the engine installs: a single all-reduce per step, which the
-engine also uses for its own per-step exchange (see engine.TrainEngine).
+engine also uses for its own per-step exchange (see train_engine.TrainEngine).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """DeepSpeed's JSON config, from megagpt's: the batch, ZeRO, the warmup + cosine
 schedule, gradient clipping, precision and DeepCompile.  (The optimizer is
 megagpt's own: optimizer.py; DeepSpeed wraps it.  ZeRO-3's leaf blocks,
-deepspeed.stage3_leaf_blocks, are set on the model: engine.build_engine.)"""
+deepspeed.stage3_leaf_blocks, are set on the model: build.build_engine.)"""
 
 from __future__ import annotations
 
