@@ -68,8 +68,9 @@ class _OtherRankFailed(Exception):
 
 def _files(partial: str) -> list[str]:
     """The checkpoint's files under `partial`, relative, without the hash shares and markers."""
-    found = (os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True)
-             if os.path.isfile(p))
+    found = (
+        os.path.relpath(p, partial) for p in glob.glob(os.path.join(partial, "**"), recursive=True) if os.path.isfile(p)
+    )
     return [rel for rel in found if not os.path.basename(rel).startswith((".hashes_rank", _PENDING, _FAILED))]
 
 
@@ -104,6 +105,7 @@ def complete_checkpoints(root: str) -> list[tuple[int, str]]:
 
 
 # -- verification -------------------------------------------------------------------------
+
 
 def verify(path: str) -> str | None:
     """None if the checkpoint at `path` is intact, else what is wrong."""
@@ -171,20 +173,26 @@ def resolve_resume(resume: str, root: str) -> str | None:
             refused += [(path, "set aside as damaged by an earlier start") for path in set_aside(root)]
             if refused:
                 listed = "; ".join(f"{os.path.basename(path)}: {problem}" for path, problem in refused)
-                raise CheckpointError(f"trainer.resume=auto: {root} holds {len(refused)} checkpoint(s) and none "
-                                      f"verifies ({listed}); not starting over: repair or remove them, resume "
-                                      "from a path (trainer.resume=PATH), or start over with trainer.resume=never")
+                raise CheckpointError(
+                    f"trainer.resume=auto: {root} holds {len(refused)} checkpoint(s) and none "
+                    f"verifies ({listed}); not starting over: repair or remove them, resume "
+                    "from a path (trainer.resume=PATH), or start over with trainer.resume=never"
+                )
             return None
         for path, problem in refused:
             aside = f"{path}.damaged-{int(time.time())}"
-            log.warning("checkpoint %s is damaged (%s); set aside as %s, using %s", path, problem,
-                        os.path.basename(aside), os.path.basename(intact))
+            log.warning(
+                "checkpoint %s is damaged (%s); set aside as %s, using %s",
+                path,
+                problem,
+                os.path.basename(aside),
+                os.path.basename(intact),
+            )
             os.rename(path, aside)
         return intact
     path = os.path.abspath(resume)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise CheckpointError(f"trainer.resume: {resume} is not a complete megagpt checkpoint "
-                              f"(no {STATE_FILE})")
+        raise CheckpointError(f"trainer.resume: {resume} is not a complete megagpt checkpoint (no {STATE_FILE})")
     problem = verify(path)
     if problem:
         raise CheckpointError(f"trainer.resume: checkpoint {resume} is damaged: {problem}")
@@ -195,11 +203,14 @@ def set_aside(root: str) -> list[str]:
     """The checkpoints an earlier start set aside as damaged (step_<N>.damaged-<time>), oldest first."""
     if not os.path.isdir(root):
         return []
-    return sorted((os.path.join(root, n) for n in os.listdir(root) if _DAMAGED_DIR.match(n)),
-                  key=lambda p: int(_DAMAGED_DIR.match(os.path.basename(p)).group(1)))
+    return sorted(
+        (os.path.join(root, n) for n in os.listdir(root) if _DAMAGED_DIR.match(n)),
+        key=lambda p: int(_DAMAGED_DIR.match(os.path.basename(p)).group(1)),
+    )
 
 
 # -- saving ---------------------------------------------------------------------------------
+
 
 class Checkpointer:
     """Writes verified checkpoints under `root`; collective (every rank calls save).
@@ -212,8 +223,15 @@ class Checkpointer:
     after hashing and after committing (in the background: when the next save
     or the end of training waits for the commit)."""
 
-    def __init__(self, root: str, rank: int, world_size: int, keep_last: int = 0, async_commit: bool = False,
-                 tokenizer: bytes | None = None):
+    def __init__(
+        self,
+        root: str,
+        rank: int,
+        world_size: int,
+        keep_last: int = 0,
+        async_commit: bool = False,
+        tokenizer: bytes | None = None,
+    ):
         self.root, self.rank, self.world = root, rank, world_size
         self.keep_last, self.async_commit = keep_last, async_commit
         self.tokenizer = tokenizer  # the data's tokenizer.json (rank 0): export needs nothing but the checkpoint
@@ -269,9 +287,12 @@ class Checkpointer:
         self._stop_on_failure(tag, collectives.first_message(error))
         if self.async_commit:
             self._committing = tag
-            self._thread = threading.Thread(target=self._commit_in_background,
-                                            args=(partial, tag, write_staged, own, state),
-                                            name="megagpt-commit", daemon=True)
+            self._thread = threading.Thread(
+                target=self._commit_in_background,
+                args=(partial, tag, write_staged, own, state),
+                name="megagpt-commit",
+                daemon=True,
+            )
             self._thread.start()
         else:
             self._commit_now(partial, tag, write_staged, own, state)
@@ -302,8 +323,11 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # gives back the space it took
         newest = complete_checkpoints(self.root)
-        remains = f"the newest checkpoint remains {os.path.basename(newest[-1][1])}" if newest else \
-            "there is no checkpoint yet"
+        remains = (
+            f"the newest checkpoint remains {os.path.basename(newest[-1][1])}"
+            if newest
+            else "there is no checkpoint yet"
+        )
         raise CheckpointError(f"cannot save checkpoint {tag} in {self.root}: {error}; {remains}")
 
     def _share(self, partial: str, write_staged, own: list[str]) -> list[str]:
@@ -396,9 +420,14 @@ class Checkpointer:
         self._prune(keep=final)
         t = self._timing
         written = f"written in {t['write_s']:.1f} s, " if "write_s" in t else ""
-        log.info("checkpoint %s committed: rank 0's files %.2f GB, %shashed (sha256) and fsynced in %.1f s "
-                 "(%.2f GB/s)", tag, t["hashed_bytes"] / 1e9, written, t["hash_s"],
-                 t["hashed_bytes"] / 1e9 / max(t["hash_s"], 1e-9))
+        log.info(
+            "checkpoint %s committed: rank 0's files %.2f GB, %shashed (sha256) and fsynced in %.1f s (%.2f GB/s)",
+            tag,
+            t["hashed_bytes"] / 1e9,
+            written,
+            t["hash_s"],
+            t["hashed_bytes"] / 1e9 / max(t["hash_s"], 1e-9),
+        )
 
     def _prune(self, keep: str) -> None:
         """Keep the `keep_last` highest steps, and always `keep`, the one just
@@ -413,6 +442,7 @@ class Checkpointer:
 
 
 # -- loading --------------------------------------------------------------------------------
+
 
 def load_state(path: str) -> dict:
     try:

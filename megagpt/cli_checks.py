@@ -95,13 +95,18 @@ def _hydra_as_launched(args, task_function, conf_dir: str):
         config_dir = os.path.abspath(args.config_dir)
         if not os.path.isdir(config_dir):
             raise SearchPathException(f"Additional config directory '{config_dir}' not found")
-        search_path.prepend(provider="command-line", path=f"file://{config_dir}",
-                            anchor=SearchPathQuery(provider="schema"))
+        search_path.prepend(
+            provider="command-line", path=f"file://{config_dir}", anchor=SearchPathQuery(provider="schema")
+        )
     global_hydra, hydra_config = GlobalHydra.instance(), HydraConfig.instance()
     before = global_hydra.hydra, hydra_config.cfg
     try:
-        yield Hydra.create_main_hydra2(task_name=launch.detect_task_name(calling_file, calling_module),
-                                       config_search_path=search_path), search_path
+        yield (
+            Hydra.create_main_hydra2(
+                task_name=launch.detect_task_name(calling_file, calling_module), config_search_path=search_path
+            ),
+            search_path,
+        )
     finally:
         global_hydra.hydra, hydra_config.cfg = before
 
@@ -116,14 +121,16 @@ def _check_config(hydra, args) -> None:
     mode = hydra.get_mode(config_name=config_name, overrides=overrides)
     if not (args.multirun or mode == RunMode.MULTIRUN):
         # from_shell=False: the compose API's shorter wording of the first line
-        config = hydra.compose_config(config_name=config_name, overrides=overrides, run_mode=RunMode.RUN,
-                                      from_shell=False)
+        config = hydra.compose_config(
+            config_name=config_name, overrides=overrides, run_mode=RunMode.RUN, from_shell=False
+        )
         _check_job(config, "hydra.run.dir", None)
         return
     if mode != RunMode.MULTIRUN:
         overrides.append("hydra.mode=MULTIRUN")  # as Hydra's launch adds it
-    master = hydra.compose_config(config_name=config_name, overrides=overrides, run_mode=RunMode.MULTIRUN,
-                                  from_shell=False)
+    master = hydra.compose_config(
+        config_name=config_name, overrides=overrides, run_mode=RunMode.MULTIRUN, from_shell=False
+    )
     points = _sweep_points(hydra, master)
     if points is None:
         return
@@ -196,21 +203,23 @@ def _shared_run_dir(run_dir: str, first: int, second: int, points: list[list[str
         part = f"${{hydra:runtime.choices.{key}}}"
     else:
         part = f"${{{key}}}"
-    return (f"run.dir: points {first} and {second} of this multirun share run.dir {run_dir} (the second would "
-            f"resume the first's checkpoint); make run.dir differ per point, e.g. 'run.dir={run_dir}/{part}', "
-            "or leave it unset: each point then gets its own default")
+    return (
+        f"run.dir: points {first} and {second} of this multirun share run.dir {run_dir} (the second would "
+        f"resume the first's checkpoint); make run.dir differ per point, e.g. 'run.dir={run_dir}/{part}', "
+        "or leave it unset: each point then gets its own default"
+    )
 
 
 def _one_line(e: BaseException, search_path=None) -> str:
     cause = e.__cause__ or e.__context__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
         # An unknown key: the same line as for one added with `+` (check_known_keys).
-        return str(unknown_key_error(cause.full_key, getattr(cause, "object_type", None))) + \
-            _in_file(e, search_path)
+        return str(unknown_key_error(cause.full_key, getattr(cause, "object_type", None))) + _in_file(e, search_path)
     parts = [str(e).splitlines()[0].strip()]
     if getattr(e, "override", None):  # Hydra could not parse this override
-        parts = [f"cannot parse override {e.override!r}: {parts[0]} "
-                 "(quote values with special characters: key='value')"]
+        parts = [
+            f"cannot parse override {e.override!r}: {parts[0]} (quote values with special characters: key='value')"
+        ]
     cause = e.__cause__ or e.__context__
     if cause is not None and str(cause) and str(cause).splitlines()[0].strip() != str(e).splitlines()[0].strip():
         parts.append(str(cause).splitlines()[0].strip())
@@ -233,7 +242,7 @@ def _in_file(e: BaseException, search_path) -> str:
         return ""
     for entry in search_path.get_path():
         if entry.path.startswith("file://"):
-            candidate = os.path.join(entry.path[len("file://"):], match.group(1) + ".yaml")
+            candidate = os.path.join(entry.path[len("file://") :], match.group(1) + ".yaml")
             if os.path.isfile(candidate):
                 return f" in {candidate}"
     return ""

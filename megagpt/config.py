@@ -24,6 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     """Where a run keeps its outputs, and the lock that gives that place one writer."""
+
     # Output directory: config.yaml, checkpoints/, metrics.jsonl, wandb/. None: derived from an id
     # every rank shares (the SLURM job, the torchrun run id; for a lone process its start time and
     # PID) under outputs/ (runtime.default_run_dir).
@@ -43,6 +44,7 @@ class ModelConfig:
     """The model's shape and computation. The model's own config, GPTConfig
     (megagpt/model/config.py), is this dataclass extended: the same fields,
     resolved; its checks are in that module's `check`."""
+
     # gpt2 (learned positions, LayerNorm, GELU MLP) | llama (RoPE, RMSNorm, SwiGLU MLP) |
     # mistral (llama's computation, exported as MistralForCausalLM; no biases):
     # the rows of megagpt/model/families.py.
@@ -137,6 +139,7 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     """One source of a mixture: its shards and its share of the sequences."""
+
     # The source's name in the metrics (mix/<name>, data_epoch/<name>, val_loss/<name>); unique.
     name: str = MISSING
     # Its shards, as data.urls: a brace pattern, glob or list of shard URLs, or a prepared dataset dir.
@@ -150,6 +153,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     """What a run reads: one source or a mixture of several, cut into sequences of seq_len tokens."""
+
     # embedded (the Python standard library's sources, prepared once into data.cache_dir) |
     # webdataset (the shards of data.urls) | mixture (data.sources).
     source: str = "embedded"
@@ -190,6 +194,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW, and its learning rate: a linear warmup, then a cosine decay to lr x min_lr_ratio at
     trainer.max_steps."""
+
     # The peak learning rate, reached at the end of the warmup.
     lr: float = 1e-3
     # The cosine decay ends at lr x min_lr_ratio, at trainer.max_steps.
@@ -216,6 +221,7 @@ class DeepSpeedConfig:
     """DeepSpeed's engine: the ZeRO stage, the precision, the process group and ZeRO-3's
     trade-offs between memory and speed (megagpt/engine/ds_config.py writes DeepSpeed's config
     from them)."""
+
     # ZeRO stage: 0 (plain data parallelism), 1 (the optimizer state sharded across ranks), 2 (and
     # the gradients), 3 (and the parameters). A checkpoint resumes at the stage it was written with.
     zero_stage: int = 3
@@ -262,6 +268,7 @@ class DeepSpeedConfig:
 @dataclass
 class LoggerConfig:
     """Where the metrics go besides <run.dir>/metrics.jsonl and the console: Weights & Biases."""
+
     # wandb | none (metrics.jsonl and the console only)
     kind: str = "wandb"
     # offline (into <run.dir>/wandb, for `wandb sync`) | online (needs W&B credentials; without
@@ -283,6 +290,7 @@ class LoggerConfig:
 class TrainerConfig:
     """The training loop: its length and batch, checkpoints and resume, logging and validation, and
     what keeps a long run alive."""
+
     # Optimizer steps to train for; the learning rate's cosine decay ends here.
     max_steps: int = 200
     # A checkpoint every this many steps, and at the last step.
@@ -345,6 +353,7 @@ class TrainerConfig:
 @dataclass
 class ExportConfig:
     """The Hugging Face export of the final checkpoint at the end of training."""
+
     # Export the final checkpoint to a Hugging Face folder when training finishes.
     at_end: bool = False
     # Where the export at the end goes. None: <run.dir>/hf.
@@ -399,6 +408,7 @@ def yaml_syntax_error(e: Exception) -> ConfigError:
     """The one line for a config file YAML cannot parse (a yaml.MarkedYAMLError):
     `<file>:<line>:<column>: YAML syntax error: <problem> (<context> at line L, column C)`,
     lines and columns counted from 1 as editors do (yaml's marks count from 0)."""
+
     def at(mark) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}"
 

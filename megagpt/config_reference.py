@@ -116,7 +116,7 @@ def presets(conf_dir: Path) -> dict[str, tuple[str | None, list[Preset]]]:
     chosen = {}
     for entry in root.get("defaults", []):
         if isinstance(entry, dict) and len(entry) == 1:
-            (group, name), = entry.items()
+            ((group, name),) = entry.items()
             if (conf_dir / group).is_dir():
                 chosen[group] = name
     found = {}
@@ -189,8 +189,9 @@ def groups(source: str | None = None, conf_dir: Path = CONF_DIR) -> list[Group]:
             default = _default(f)
             composed = chosen.values[f.name] if chosen is not None and f.name in chosen.values else default
             text, field_line = fields.get(f.name, ("", line))
-            keys.append(Key(f"{name}.{f.name}", type_name(field_hints[f.name], items), composed, default, text,
-                            field_line))
+            keys.append(
+                Key(f"{name}.{f.name}", type_name(field_hints[f.name], items), composed, default, text, field_line)
+            )
         out.append(Group(name, cls, doc, line, keys, group_presets, default_preset))
         for item, item_name in items.items():
             add(item_name, item, None)
@@ -234,18 +235,27 @@ def description_problems(found: list[Group], schema_path: Path) -> list[str]:
     without a docstring and per key without a comment."""
     where = _relative(schema_path)
     names = [f.name for f in dataclasses.fields(schema.Config)]
-    out = [f"{where}: Config.{name} is not in megagpt/config_reference.py's ORDER: add it"
-           for name in names if name not in ORDER]
-    out += [f"megagpt/config_reference.py: ORDER names {name}, which Config does not have"
-            for name in ORDER if name not in names]
+    out = [
+        f"{where}: Config.{name} is not in megagpt/config_reference.py's ORDER: add it"
+        for name in names
+        if name not in ORDER
+    ]
+    out += [
+        f"megagpt/config_reference.py: ORDER names {name}, which Config does not have"
+        for name in ORDER
+        if name not in names
+    ]
     for group in found:
         if not group.description:
-            out.append(f"{where}:{group.line}: {group.schema.__name__} has no docstring to describe the "
-                       f"{group.name} group")
+            out.append(
+                f"{where}:{group.line}: {group.schema.__name__} has no docstring to describe the {group.name} group"
+            )
         for key in group.keys:
             if not key.description:
-                out.append(f"{where}:{key.line}: {key.name} has no description: write it as # comment lines "
-                           "directly above the field")
+                out.append(
+                    f"{where}:{key.line}: {key.name} has no description: write it as # comment lines "
+                    "directly above the field"
+                )
     return out
 
 
@@ -258,19 +268,25 @@ def preset_problems(found: list[Group], schema_path: Path, conf_dir: Path = CONF
     for group in found:
         fields = {key.name.rpartition(".")[2]: key for key in group.keys}
         if group.default_preset is not None and group.default_preset not in [p.name for p in group.presets]:
-            out.append(f"{_relative(conf_dir / 'config.yaml')}: the default preset {group.name}="
-                       f"{group.default_preset} has no file conf/{group.name}/{group.default_preset}.yaml")
+            out.append(
+                f"{_relative(conf_dir / 'config.yaml')}: the default preset {group.name}="
+                f"{group.default_preset} has no file conf/{group.name}/{group.default_preset}.yaml"
+            )
         for preset in group.presets:
             for name, value in preset.values.items():
                 key = fields.get(name)
                 if key is None:
-                    out.append(f"{_relative(preset.path)}: {group.name}.{name} is not a key of the schema "
-                               f"({group.schema.__name__})")
+                    out.append(
+                        f"{_relative(preset.path)}: {group.name}.{name} is not a key of the schema "
+                        f"({group.schema.__name__})"
+                    )
                 elif preset.name == group.default_preset and not _same(value, key.schema_default):
-                    out.append(f"{_relative(preset.path)}: {key.name} is {show(value)} here and "
-                               f"{show(key.schema_default)} in the schema ({where}:{key.line}); "
-                               f"{group.name}={preset.name} is composed by default, so runs get {show(value)}: "
-                               "make the schema's default the same")
+                    out.append(
+                        f"{_relative(preset.path)}: {key.name} is {show(value)} here and "
+                        f"{show(key.schema_default)} in the schema ({where}:{key.line}); "
+                        f"{group.name}={preset.name} is composed by default, so runs get {show(value)}: "
+                        "make the schema's default the same"
+                    )
     return out
 
 
@@ -278,8 +294,9 @@ def _escape(text: str) -> str:
     """Text for a Markdown table cell: pipes escaped everywhere (code spans
     too), `<` outside code spans, so that <run.dir> is not taken for HTML."""
     parts = text.split("`")
-    return "`".join(p.replace("|", "\\|") if i % 2 else p.replace("|", "\\|").replace("<", "\\<")
-                    for i, p in enumerate(parts))
+    return "`".join(
+        p.replace("|", "\\|") if i % 2 else p.replace("|", "\\|").replace("<", "\\<") for i, p in enumerate(parts)
+    )
 
 
 def _anchor(heading: str) -> str:
@@ -309,15 +326,27 @@ def render(found: list[Group]) -> str:
         " · ".join(f"[{_heading(g)}](#{_anchor(_heading(g))})" for g in found),
     ]
     for group in found:
-        lines += ["", f"### {_heading(group)}", "", _escape(group.description), "",
-                  "| key | type | default | description |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"### {_heading(group)}",
+            "",
+            _escape(group.description),
+            "",
+            "| key | type | default | description |",
+            "| --- | --- | --- | --- |",
+        ]
         for key in group.keys:
             default = "required" if key.default is MISSING else f"`{_escape(show(key.default))}`"
             lines.append(f"| `{key.name}` | `{_escape(key.type)}` | {default} | {_escape(key.description)} |")
         if group.presets:
-            lines += ["", f"Presets: `{group.name}=<name>` composes conf/{group.name}/<name>.yaml over the "
-                      f"schema; the default is `{group.default_preset}`.", "",
-                      "| preset | what it is | sets |", "| --- | --- | --- |"]
+            lines += [
+                "",
+                f"Presets: `{group.name}=<name>` composes conf/{group.name}/<name>.yaml over the "
+                f"schema; the default is `{group.default_preset}`.",
+                "",
+                "| preset | what it is | sets |",
+                "| --- | --- | --- |",
+            ]
             for preset in group.presets:
                 name = f"`{preset.name}`" + (" (default)" if preset.name == group.default_preset else "")
                 sets = ", ".join(f"`{_escape(f'{k}={show(v)}')}`" for k, v in preset.values.items())
@@ -339,7 +368,7 @@ def splice(page: str | None, body: str) -> str:
     end = page.find(END, start + len(BEGIN)) if start >= 0 else -1
     if start < 0 or end < 0:
         return page.rstrip("\n") + f"\n\n{section(body)}\n"
-    return page[:start] + section(body) + page[end + len(END):]
+    return page[:start] + section(body) + page[end + len(END) :]
 
 
 def page_problems(page_path: Path, body: str) -> list[str]:
@@ -351,11 +380,13 @@ def page_problems(page_path: Path, body: str) -> list[str]:
     end = page.find(END, start + len(BEGIN)) if start >= 0 else -1
     if start < 0 or end < 0:
         return [f"{where}: no generated section (the lines {BEGIN} and {END}); run {COMMAND}"]
-    current, wanted = page[start:end + len(END)], section(body)
+    current, wanted = page[start : end + len(END)], section(body)
     if current == wanted:
         return []
-    first = next((i for i, (a, b) in enumerate(zip(current.splitlines(), wanted.splitlines())) if a != b),
-                 min(len(current.splitlines()), len(wanted.splitlines())))
+    first = next(
+        (i for i, (a, b) in enumerate(zip(current.splitlines(), wanted.splitlines())) if a != b),
+        min(len(current.splitlines()), len(wanted.splitlines())),
+    )
     line = page[:start].count("\n") + first + 1
     return [f"{where}:{line}: the generated section is stale (the schema or conf/ changed); run {COMMAND}"]
 
@@ -364,15 +395,18 @@ def check(page_path: Path = PAGE, conf_dir: Path = CONF_DIR, source: str | None 
     """Every problem, one line each; [] when the page is current and the schema sound."""
     schema_path, text = schema_source()
     found = groups(text if source is None else source, conf_dir)
-    return (description_problems(found, schema_path) + preset_problems(found, schema_path, conf_dir)
-            + page_problems(page_path, render(found)))
+    return (
+        description_problems(found, schema_path)
+        + preset_problems(found, schema_path, conf_dir)
+        + page_problems(page_path, render(found))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true",
-                   help="write nothing; print one line per problem and exit 1 if there is any")
+    p = argparse.ArgumentParser(prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--check", action="store_true", help="write nothing; print one line per problem and exit 1 if there is any"
+    )
     args = p.parse_args(argv)
     if args.check:
         problems = check()

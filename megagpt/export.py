@@ -31,23 +31,30 @@ checkpoints you trust.
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import glob
 import os
 import re
 import shutil
 import sys
+from functools import partial
 
 import torch
 
 from megagpt.atomic import fsync_dir, write_json
-from megagpt.checkpoint import (CHECKPOINT_MANIFEST, LATEST_FILE, STATE_FILE, CheckpointError,
-                                complete_checkpoints, load_state, newest_verified, problem_of)
+from megagpt.checkpoint import (
+    CHECKPOINT_MANIFEST,
+    LATEST_FILE,
+    STATE_FILE,
+    CheckpointError,
+    complete_checkpoints,
+    load_state,
+    newest_verified,
+    problem_of,
+)
 from megagpt.data.tokenizer import TOKENIZER_FILE
 from megagpt.model.config import GPTConfig
 from megagpt.model.families import FAMILIES
 from megagpt.model.gpt import GPT
-
 
 _write_json = partial(write_json, indent=2)  # exported JSON as transformers writes it
 EXPORT_RECORD = "megagpt_export.json"  # marks a folder as an export, which a later export may replace
@@ -60,8 +67,11 @@ def find_checkpoint(path: str) -> str:
     newer damaged ones it skipped are reported on stderr."""
     found, skipped = resolve_checkpoint(path)
     for damaged, problem in skipped:
-        print(f"megagpt: checkpoint {damaged} is damaged ({problem}); using {os.path.basename(found)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"megagpt: checkpoint {damaged} is damaged ({problem}); using {os.path.basename(found)}",
+            file=sys.stderr,
+            flush=True,
+        )
     return found
 
 
@@ -89,6 +99,7 @@ def resolve_checkpoint(path: str) -> tuple[str, list[tuple[str, str]]]:
 
 # -- where an export may go -------------------------------------------------------------------
 
+
 def check_out(out: str, overwrite: bool = False) -> None:
     """Raise a one-line CheckpointError when exporting into `out` could damage a
     checkpoint or replace a folder that is not an earlier export (`overwrite`:
@@ -99,8 +110,9 @@ def check_out(out: str, overwrite: bool = False) -> None:
         what = _checkpoint_place(place)
         if what is not None:
             where = "it is" if place == real else "it is inside"
-            raise CheckpointError(f"cannot export to {out}: {where} {what} {place}; an export is a folder of its "
-                                  "own (e.g. <run.dir>/hf)")
+            raise CheckpointError(
+                f"cannot export to {out}: {where} {what} {place}; an export is a folder of its own (e.g. <run.dir>/hf)"
+            )
         if os.path.dirname(place) == place:
             break
         place = os.path.dirname(place)
@@ -114,8 +126,10 @@ def check_out(out: str, overwrite: bool = False) -> None:
     if held is not None:
         raise CheckpointError(f"cannot export to {out}: it holds {held}")
     if not overwrite and not os.path.isfile(os.path.join(real, EXPORT_RECORD)):
-        raise CheckpointError(f"cannot export to {out}: it exists and is not a megagpt export (no {EXPORT_RECORD}); "
-                              "give a new or empty folder, or --overwrite to replace it")
+        raise CheckpointError(
+            f"cannot export to {out}: it exists and is not a megagpt export (no {EXPORT_RECORD}); "
+            "give a new or empty folder, or --overwrite to replace it"
+        )
 
 
 def _checkpoint_place(folder: str) -> str | None:
@@ -128,9 +142,12 @@ def _checkpoint_place(folder: str) -> str | None:
     if any(os.path.isfile(os.path.join(folder, name)) for name in (STATE_FILE, CHECKPOINT_MANIFEST)):
         return "the megagpt checkpoint"
     if os.path.isfile(os.path.join(folder, LATEST_FILE)) or (
-            os.path.basename(folder) == "checkpoints"
-            and (os.path.isfile(os.path.join(os.path.dirname(folder), _RUN_CONFIG))
-                 or any(_CHECKPOINT_ENTRY.match(name) for name in _names(folder)))):
+        os.path.basename(folder) == "checkpoints"
+        and (
+            os.path.isfile(os.path.join(os.path.dirname(folder), _RUN_CONFIG))
+            or any(_CHECKPOINT_ENTRY.match(name) for name in _names(folder))
+        )
+    ):
         return "the run's checkpoints folder"
     return None
 
@@ -154,13 +171,15 @@ def _checkpoint_below(folder: str) -> str | None:
 
 # -- reading a checkpoint ---------------------------------------------------------------------
 
+
 def model_config(state: dict, path: str) -> GPTConfig:
     m = state.get("model")
     if not isinstance(m, dict):
         raise CheckpointError(f"checkpoint {path}: {STATE_FILE} has no model description")
     if m.get("family") not in FAMILIES:
-        raise CheckpointError(f"checkpoint {path}: unknown model family {m.get('family')!r}; "
-                              f"megagpt knows {tuple(FAMILIES)}")
+        raise CheckpointError(
+            f"checkpoint {path}: unknown model family {m.get('family')!r}; megagpt knows {tuple(FAMILIES)}"
+        )
     try:
         return GPTConfig.from_record(m)
     except (TypeError, ValueError) as e:
@@ -203,13 +222,16 @@ def load_checkpoint_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict
     missing = [k for k in expected if k not in sd]
     wrong = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or wrong:
-        raise CheckpointError(f"checkpoint {path}: weights do not match the model description "
-                              f"(missing {missing[:3]}, wrong shape {wrong[:3]})")
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not match the model description "
+            f"(missing {missing[:3]}, wrong shape {wrong[:3]})"
+        )
     model.load_state_dict({k: sd[k] for k in expected})
     return model.eval(), state
 
 
 # -- writing the export -----------------------------------------------------------------------
+
 
 def export(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
     """Write the Hugging Face folder from DIR `checkpoint`; returns its path."""
@@ -231,8 +253,10 @@ def export_checkpoint(path: str, out: str, max_shard_bytes: int = 5 * 2**30, ove
     try:
         write_hf_model(model, tmp, c.eod_id, max_shard_bytes)
         _write_tokenizer(path, tmp, c.max_seq_len)
-        _write_json(os.path.join(tmp, EXPORT_RECORD),
-                    {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")})
+        _write_json(
+            os.path.join(tmp, EXPORT_RECORD),
+            {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")},
+        )
         check_out(out, overwrite)  # again: `out` may have changed meanwhile
         _put_in_place(tmp, real)
     except BaseException:
@@ -271,9 +295,16 @@ def write_hf_model(model: GPT, out: str, eos_id: int | None = None, max_shard_by
     os.makedirs(out, exist_ok=True)
     _write_weights(tensors, out, max_shard_bytes, save_file)
     _write_json(os.path.join(out, "config.json"), hf_config(c, eos_id))
-    _write_json(os.path.join(out, "generation_config.json"),
-                {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False,
-                 "max_length": c.max_seq_len})
+    _write_json(
+        os.path.join(out, "generation_config.json"),
+        {
+            "bos_token_id": eos_id,
+            "eos_token_id": eos_id,
+            "pad_token_id": eos_id,
+            "do_sample": False,
+            "max_length": c.max_seq_len,
+        },
+    )
     return out
 
 
@@ -299,16 +330,16 @@ def _write_weights(tensors: dict, out: str, max_shard_bytes: int, save_file) -> 
         for n in names:
             weight_map[n] = fname
             total += tensors[n].numel() * tensors[n].element_size()
-    _write_json(os.path.join(out, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(
+        os.path.join(out, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
 
 
 def _write_tokenizer(path: str, out: str, max_len: int) -> None:
     src = os.path.join(path, TOKENIZER_FILE)
     if not os.path.isfile(src):
         # Training writes it into every checkpoint, unless it could not read the data's (a warning then).
-        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (training could not read the data's "
-                              "tokenizer)")
+        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (training could not read the data's tokenizer)")
     from megagpt.data.tokenizer import eod_id, load_tokenizer
 
     try:
@@ -318,22 +349,38 @@ def _write_tokenizer(path: str, out: str, max_len: int) -> None:
         raise CheckpointError(f"checkpoint {path}: cannot read {TOKENIZER_FILE}: {e.__cause__ or e}") from None
     with open(src, "rb") as f, open(os.path.join(out, TOKENIZER_FILE), "wb") as g:
         g.write(f.read())
-    _write_json(os.path.join(out, "tokenizer_config.json"),
-                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-                 "bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos,
-                 "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False})
-    _write_json(os.path.join(out, "special_tokens_map.json"),
-                {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos})
+    _write_json(
+        os.path.join(out, "tokenizer_config.json"),
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_len,
+            "bos_token": eos,
+            "eos_token": eos,
+            "unk_token": eos,
+            "pad_token": eos,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+    _write_json(
+        os.path.join(out, "special_tokens_map.json"),
+        {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megagpt.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m megagpt.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, checkpoints dir or run dir")
     p.add_argument("--out", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--max-shard-bytes", type=int, default=5 * 2**30)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out that is not an earlier export (never one of checkpoints)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out that is not an earlier export (never one of checkpoints)",
+    )
     args = p.parse_args(argv)
     try:
         check_out(args.out, args.overwrite)  # before verifying, which hashes every file

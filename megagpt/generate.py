@@ -33,8 +33,9 @@ import torch
 from megagpt.model.gpt import GPT
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                gen: torch.Generator | None) -> int:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, gen: torch.Generator | None
+) -> int:
     """One token id from logits (V,)."""
     if temperature <= 0:
         return int(logits.argmax())
@@ -52,16 +53,24 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: int | None = None) -> list[int]:
+def generate(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: int | None = None,
+) -> list[int]:
     """The new token ids after `prompt` (a non-empty list of ids)."""
     if not prompt:
         raise ValueError("empty prompt: give at least one token")
     limit = context(model)
     if len(prompt) >= limit:
-        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room: the model's max_seq_len "
-                         f"(or attention window) is {limit}")
+        raise ValueError(
+            f"prompt of {len(prompt)} tokens leaves no room: the model's max_seq_len (or attention window) is {limit}"
+        )
     device = model.wte.weight.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     budget = min(max_new_tokens, limit - len(prompt))
@@ -90,7 +99,7 @@ def fit_prompt(prompt: list[int], limit: int, max_new_tokens: int) -> list[int]:
     if len(prompt) < limit:
         return prompt
     keep = min(max(limit - max_new_tokens, limit // 2, 1), limit - 1)
-    return prompt[len(prompt) - keep:]
+    return prompt[len(prompt) - keep :]
 
 
 def load(model_dir: str, attention: str = "sdpa"):
@@ -112,8 +121,9 @@ def load(model_dir: str, attention: str = "sdpa"):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megagpt.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m megagpt.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="checkpoint, run dir or exported Hugging Face folder")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     p.add_argument("--interactive", action="store_true", help="read prompts from standard input")
@@ -148,23 +158,42 @@ def main(argv: list[str] | None = None) -> int:
         ids = fit_prompt(whole, limit, args.max_new_tokens)
         dropped = len(whole) - len(ids)
         if dropped:
-            print(f"megagpt.generate: the prompt's {len(whole)} tokens leave no room in the model's context of "
-                  f"{limit}: dropped its first {dropped} of {len(whole)}, kept the last {len(ids)} (room for "
-                  f"{min(args.max_new_tokens, limit - len(ids))} new)", file=sys.stderr, flush=True)
+            print(
+                f"megagpt.generate: the prompt's {len(whole)} tokens leave no room in the model's context of "
+                f"{limit}: dropped its first {dropped} of {len(whole)}, kept the last {len(ids)} (room for "
+                f"{min(args.max_new_tokens, limit - len(ids))} new)",
+                file=sys.stderr,
+                flush=True,
+            )
         try:
-            new = generate(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                           stop=eod)
+            new = generate(
+                model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop=eod
+            )
         except ValueError as e:  # a context of one token: no room at all
             print(f"megagpt.generate: error: {e}", file=sys.stderr)
             return
         if len(new) < args.max_new_tokens and new[-1] != eod:
-            print(f"megagpt.generate: stopped after {len(new)} of {args.max_new_tokens} new tokens: the model's "
-                  f"context of {limit} is full", file=sys.stderr, flush=True)
+            print(
+                f"megagpt.generate: stopped after {len(new)} of {args.max_new_tokens} new tokens: the model's "
+                f"context of {limit} is full",
+                file=sys.stderr,
+                flush=True,
+            )
         shown = new[:-1] if new and new[-1] == eod else new
         completion = tok.decode(shown)
         if args.json:
-            print(json.dumps({"prompt": text, "prompt_ids": ids, "prompt_tokens_dropped": dropped, "ids": new,
-                              "completion": completion}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "prompt": text,
+                        "prompt_ids": ids,
+                        "prompt_tokens_dropped": dropped,
+                        "ids": new,
+                        "completion": completion,
+                    }
+                ),
+                flush=True,
+            )
         else:
             print(text + completion, flush=True)
 

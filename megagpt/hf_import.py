@@ -45,8 +45,20 @@ INDEX_FILE = "model.safetensors.index.json"
 # others (RUN_TIME_KEYS, and attention and the loss chunking) are how this run
 # computes, and stay the user's.
 RUN_TIME_KEYS = ("dropout", "doc_mask", "activation_checkpointing", "compile", "sdpa_backend", "fp8", "fp8_min_dim")
-SHAPE_KEYS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "max_seq_len", "mlp_hidden",
-              "bias", "norm_eps", "rope_theta", "tie_embeddings")
+SHAPE_KEYS = (
+    "family",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "vocab_size",
+    "max_seq_len",
+    "mlp_hidden",
+    "bias",
+    "norm_eps",
+    "rope_theta",
+    "tie_embeddings",
+)
 
 
 class InitFromError(ConfigError):
@@ -78,9 +90,12 @@ def open_folder(folder: str) -> HFModel:
     _check_tensors(config, tensor_files, folder)
     with open(config_path, "rb") as f:
         config_bytes = f.read()
-    record = {"path": folder, "architectures": json.loads(config_bytes).get("architectures"),
-              "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
-              "weights": {os.path.basename(p): os.path.getsize(p) for p in sorted(set(tensor_files.values()))}}
+    record = {
+        "path": folder,
+        "architectures": json.loads(config_bytes).get("architectures"),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+        "weights": {os.path.basename(p): os.path.getsize(p) for p in sorted(set(tensor_files.values()))},
+    }
     return HFModel(folder, config, tensor_files, record)
 
 
@@ -133,25 +148,33 @@ def _check_tensors(config: GPTConfig, tensor_files: dict[str, str], folder: str)
             raise InitFromError(f"model.init_from: {folder} has no tensor {missing[0]} (needed for {name})")
         got = tuple(source.combine([torch.empty(shapes[n], device="meta") for n in source.names]).shape)
         if name in expected and got != expected[name]:
-            raise InitFromError(f"model.init_from: {source.names[0]} in {folder} has shape {shapes[source.names[0]]}, "
-                               f"which makes {name} {got}; config.json's shape needs {expected[name]}")
+            raise InitFromError(
+                f"model.init_from: {source.names[0]} in {folder} has shape {shapes[source.names[0]]}, "
+                f"which makes {name} {got}; config.json's shape needs {expected[name]}"
+            )
 
 
-def model_config(hf: HFModel, settings, chosen: set[str], seq_len: int, attention: str,
-                 eod_id: int | None) -> GPTConfig:
+def model_config(
+    hf: HFModel, settings, chosen: set[str], seq_len: int, attention: str, eod_id: int | None
+) -> GPTConfig:
     """The run's model config: the folder's shape, the user's run-time settings.
     `chosen`: the model keys the user set (a preset chooses all of its keys)."""
     for key in SHAPE_KEYS:
         if key in chosen and getattr(settings, key) is not None and getattr(settings, key) != getattr(hf.config, key):
-            raise ConfigError(f"model.{key}: {getattr(settings, key)} disagrees with {hf.folder}/{CONFIG_FILE} "
-                              f"({getattr(hf.config, key)}); the shape comes from model.init_from: leave it out")
+            raise ConfigError(
+                f"model.{key}: {getattr(settings, key)} disagrees with {hf.folder}/{CONFIG_FILE} "
+                f"({getattr(hf.config, key)}); the shape comes from model.init_from: leave it out"
+            )
     window = hf.config.sliding_window
     if window is not None and seq_len > window:
-        raise ConfigError(f"data.seq_len: {seq_len} is longer than the attention window ({window}) of "
-                          f"{hf.folder}/{CONFIG_FILE}; megagpt computes full causal attention only")
+        raise ConfigError(
+            f"data.seq_len: {seq_len} is longer than the attention window ({window}) of "
+            f"{hf.folder}/{CONFIG_FILE}; megagpt computes full causal attention only"
+        )
     if seq_len > hf.config.max_seq_len:
-        raise ConfigError(f"data.seq_len: {seq_len} is longer than the {hf.config.max_seq_len} positions of "
-                          f"{hf.folder}/{CONFIG_FILE}")
+        raise ConfigError(
+            f"data.seq_len: {seq_len} is longer than the {hf.config.max_seq_len} positions of {hf.folder}/{CONFIG_FILE}"
+        )
     run_time = {key: getattr(settings, key) for key in RUN_TIME_KEYS}
     return dataclasses.replace(hf.config, attention=attention, eod_id=eod_id, init_from=hf.folder, **run_time)
 
@@ -161,15 +184,18 @@ def check_tokenizer(hf: HFModel, data_vocab_size: int, data_tokenizer: bytes | N
     embedding, and its tokenizer.json is the folder's (as JSON: formatting
     aside).  Without a tokenizer.json in the folder only the first holds."""
     if data_vocab_size > hf.config.vocab_size:
-        raise ConfigError(f"data: its tokenizer has {data_vocab_size} tokens, more than the {hf.config.vocab_size} "
-                          f"rows of {hf.folder}'s embedding; prepare the data with --tokenizer {hf.folder}")
+        raise ConfigError(
+            f"data: its tokenizer has {data_vocab_size} tokens, more than the {hf.config.vocab_size} "
+            f"rows of {hf.folder}'s embedding; prepare the data with --tokenizer {hf.folder}"
+        )
     theirs = os.path.join(hf.folder, TOKENIZER_FILE)
     if data_tokenizer is None or not os.path.isfile(theirs):
         return
     with open(theirs, "rb") as f:
         if _canonical(f.read()) != _canonical(data_tokenizer):
-            raise ConfigError(f"data: prepared with another tokenizer than {theirs}; prepare it with "
-                              f"--tokenizer {hf.folder}")
+            raise ConfigError(
+                f"data: prepared with another tokenizer than {theirs}; prepare it with --tokenizer {hf.folder}"
+            )
 
 
 def _canonical(tokenizer_json: bytes) -> bytes:

@@ -42,13 +42,14 @@ class Phase(enum.IntEnum):
     """Where a hook acts among the others.  In each call (on_start, before_step,
     after_step, on_rollback, close) the hooks run phase by phase, so each may
     rely on what the earlier phases did:"""
+
     PREPARE = 0  # before the step's data is fetched: the profiler's step opens (Profile)
     OBSERVE = 1  # counts the step's events in loop.state.counters (SpikeWatch)
     MEASURE = 2  # adds the step's metrics to the record, those counters included (Throughput, Evaluation)
-    REPORT = 3   # hands the record on: metrics.jsonl, W&B, the console (MetricsWriter)
-    STOP = 4     # a stop request: saves, then ends the loop (loop.stopped) (StopAndRequeue)
-    SAVE = 5     # the checkpoint due at this step, unless the loop stopped (CheckpointPolicy)
-    DONE = 6     # the step is over, saves included (WatchdogHook)
+    REPORT = 3  # hands the record on: metrics.jsonl, W&B, the console (MetricsWriter)
+    STOP = 4  # a stop request: saves, then ends the loop (loop.stopped) (StopAndRequeue)
+    SAVE = 5  # the checkpoint due at this step, unless the loop stopped (CheckpointPolicy)
+    DONE = 6  # the step is over, saves included (WatchdogHook)
 
 
 def in_order(hooks: Iterable) -> list:
@@ -63,6 +64,7 @@ def in_order(hooks: Iterable) -> list:
 
 class Hook:
     """Every method is optional; `phase` is not."""
+
     name: str | None = None  # its key in checkpoints, for hooks with state
     phase: Phase  # where it acts among the others
 
@@ -83,6 +85,7 @@ def due(step: int, every: int, last: int) -> bool:
 
 class Profile(Hook):
     """torch.profiler over trainer.profile_steps steps (see profiling.py)."""
+
     phase = Phase.PREPARE
 
     def __init__(self, run_dir: str, rank: int, start: int, steps: int):
@@ -100,6 +103,7 @@ class CompileReport(Hook):
     how many graphs Dynamo built and how often it broke one (each break is a
     piece compiled apart, with a trip through Python between), and how long
     the step took with compiling.  Main rank only."""
+
     phase = Phase.MEASURE  # its line comes before the step's progress line
 
     def __init__(self):
@@ -117,14 +121,17 @@ class CompileReport(Hook):
         from torch._dynamo.utils import counters
 
         breaks = sum(counters["graph_break"].values())
-        console(f"compiled: {counters['stats']['unique_graphs']} graph(s), {breaks} graph break(s); the first "
-                f"step took {time.perf_counter() - self.started:.1f} s, compiling included")
+        console(
+            f"compiled: {counters['stats']['unique_graphs']} graph(s), {breaks} graph break(s); the first "
+            f"step took {time.perf_counter() - self.started:.1f} s, compiling included"
+        )
 
 
 class SpikeWatch(Hook):
     """A loss above spike_factor x the mean of the last spike_window finite
     losses is logged as a spike and counted.  The window is checkpointed, so a
     resumed run sees the spikes the uninterrupted one sees."""
+
     name = "spikes"
     phase = Phase.OBSERVE
 
@@ -142,8 +149,13 @@ class SpikeWatch(Hook):
         if full and self.factor > 0 and loss > self.factor * mean:
             loop.state.counters.loss_spikes += 1
             if self.is_main:
-                log.warning("step %d: loss spike: %.4f is above %.2f x the mean of the last %d steps",
-                            loop.state.step, loss, self.factor, self.recent.maxlen)
+                log.warning(
+                    "step %d: loss spike: %.4f is above %.2f x the mean of the last %d steps",
+                    loop.state.step,
+                    loss,
+                    self.factor,
+                    self.recent.maxlen,
+                )
 
     def state_dict(self) -> dict:
         return {"recent": list(self.recent)}
@@ -159,10 +171,19 @@ class Throughput(Hook):
     the data counters, exchanged between ranks once per window.  Reads the data
     loader's and the checkpointer's public counters (Batches.wait_time,
     .skipped_shards, .source_counts, ...; Checkpointer.blocked)."""
+
     phase = Phase.MEASURE
 
-    def __init__(self, log_every: int, max_steps: int, tokens_per_step: int, flops_per_token: float,
-                 peak_flops: float, world_size: int, device: torch.device):
+    def __init__(
+        self,
+        log_every: int,
+        max_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        world_size: int,
+        device: torch.device,
+    ):
         self.log_every, self.max_steps, self.tokens_per_step = log_every, max_steps, tokens_per_step
         self.flops_per_token, self.peak_flops, self.world_size = flops_per_token, peak_flops, world_size
         self.device = device
@@ -188,31 +209,38 @@ class Throughput(Hook):
             return
         now = time.perf_counter()
         data = loop.batches
-        local = torch.cat([torch.stack([self._loss / self._steps]),
-                           torch.tensor([data.wait_time - self._wait0, data.skipped_shards,
-                                         *data.source_counts], dtype=torch.float64).to(self.device)])
+        local = torch.cat(
+            [
+                torch.stack([self._loss / self._steps]),
+                torch.tensor(
+                    [data.wait_time - self._wait0, data.skipped_shards, *data.source_counts], dtype=torch.float64
+                ).to(self.device),
+            ]
+        )
         sums = collectives.sum_(local).cpu().numpy()  # once per log window
         elapsed, steps, counters = now - self._t0, self._steps, loop.state.counters
         tokens_per_sec = steps * self.tokens_per_step / elapsed
-        record.update({
-            "step": step,
-            "loss": float(sums[0] / self.world_size),
-            "lr": result.lr,
-            "grad_norm": loop.engine.logged_grad_norm(result),
-            "tokens_per_sec": tokens_per_sec,
-            "tokens_seen": loop.state.tokens_seen,
-            "mfu": self.flops_per_token * tokens_per_sec / (self.peak_flops * self.world_size),
-            "step_time": elapsed / steps,
-            "data_wait": float(sums[1] / self.world_size / steps),
-            "data_skipped_shards": int(sums[2]),
-            "data_epoch": data.data_epoch,  # a function of the position: the same on every rank
-            "memory_gb": _memory_gb(self.device),
-            "eta_sec": (self.max_steps - step) * (now - self._started) / max(1, step - self._first_step),
-            "save_blocked_sec": loop.checkpointer.blocked - self.blocked0,
-            "skipped_steps": counters.skipped_steps,
-            "loss_spikes": counters.loss_spikes,
-            "rollbacks": counters.rollbacks,
-        })
+        record.update(
+            {
+                "step": step,
+                "loss": float(sums[0] / self.world_size),
+                "lr": result.lr,
+                "grad_norm": loop.engine.logged_grad_norm(result),
+                "tokens_per_sec": tokens_per_sec,
+                "tokens_seen": loop.state.tokens_seen,
+                "mfu": self.flops_per_token * tokens_per_sec / (self.peak_flops * self.world_size),
+                "step_time": elapsed / steps,
+                "data_wait": float(sums[1] / self.world_size / steps),
+                "data_skipped_shards": int(sums[2]),
+                "data_epoch": data.data_epoch,  # a function of the position: the same on every rank
+                "memory_gb": _memory_gb(self.device),
+                "eta_sec": (self.max_steps - step) * (now - self._started) / max(1, step - self._first_step),
+                "save_blocked_sec": loop.checkpointer.blocked - self.blocked0,
+                "skipped_steps": counters.skipped_steps,
+                "loss_spikes": counters.loss_spikes,
+                "rollbacks": counters.rollbacks,
+            }
+        )
         self.blocked0 = loop.checkpointer.blocked
         if len(data.source_names) > 1:  # realized proportions since this process started
             counts = sums[3:]
@@ -231,10 +259,19 @@ class Evaluation(Hook):
     """Every trainer.eval_every steps (and at the last): the mean loss on a
     fixed set of held-out sequences per source, the same eval_batches
     micro-batches on every rank at every evaluation."""
+
     phase = Phase.MEASURE
 
-    def __init__(self, every: int, max_steps: int, batches: int, micro_batch: int, val_sets, world_size: int,
-                 device: torch.device):
+    def __init__(
+        self,
+        every: int,
+        max_steps: int,
+        batches: int,
+        micro_batch: int,
+        val_sets,
+        world_size: int,
+        device: torch.device,
+    ):
         self.every, self.max_steps, self.batches, self.micro_batch = every, max_steps, batches, micro_batch
         self.val_sets, self.world_size, self.device = val_sets, world_size, device  # val_sets: () -> {name: seqs}
         self._sequences: dict[str, list[np.ndarray]] | None = None
@@ -249,7 +286,7 @@ class Evaluation(Hook):
         local = []  # this rank's mean loss per source
         for seqs in self._sequences.values():
             mb = self.micro_batch
-            batches = [torch.from_numpy(np.stack(seqs[i * mb:(i + 1) * mb])) for i in range(self.batches)]
+            batches = [torch.from_numpy(np.stack(seqs[i * mb : (i + 1) * mb])) for i in range(self.batches)]
             local.append(np.mean(loop.engine.eval_losses(batches).tolist()))
         means = collectives.sum_(torch.tensor(local, dtype=torch.float64, device=self.device)).cpu().numpy()
         means = means / self.world_size
@@ -266,6 +303,7 @@ class MetricsWriter(Hook):
     the W&B run id of a resumed run are known); after a rollback
     metrics.jsonl drops the steps that will be re-run.  The record is complete
     here: the hooks that fill it act in the earlier phase MEASURE."""
+
     phase = Phase.REPORT
 
     def __init__(self, run_dir: str, logger_cfg, config: dict, max_steps: int, is_main: bool):
@@ -298,6 +336,7 @@ class StopAndRequeue(Hook):
     the SLURM job requeued (by slurm/pretrain.sh once every rank has exited,
     or with `scontrol requeue` when run otherwise under SLURM).  It acts before
     CheckpointPolicy (phase STOP before SAVE), which then does not save again."""
+
     phase = Phase.STOP
 
     def __init__(self, stop, requeue: bool, is_main: bool, environ=os.environ):
@@ -315,8 +354,10 @@ class StopAndRequeue(Hook):
             return
         if self.stop.stop_file and os.path.exists(self.stop.stop_file):
             os.remove(self.stop.stop_file)  # honoured: the restarted run must not stop at once
-        console(f"megagpt: stop requested ({reason}); checkpoint saved at step {loop.state.step}"
-                f"{self._requeue(loop.state.step)}")
+        console(
+            f"megagpt: stop requested ({reason}); checkpoint saved at step {loop.state.step}"
+            f"{self._requeue(loop.state.step)}"
+        )
 
     def _requeue(self, step: int) -> str:
         job = self.environ.get("SLURM_JOB_ID")
@@ -330,13 +371,17 @@ class StopAndRequeue(Hook):
         import subprocess
 
         r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        return (f"; requeued SLURM job {job}" if r.returncode == 0
-                else f"; `scontrol requeue {job}` failed: {(r.stderr or r.stdout).strip()}")
+        return (
+            f"; requeued SLURM job {job}"
+            if r.returncode == 0
+            else f"; `scontrol requeue {job}` failed: {(r.stderr or r.stdout).strip()}"
+        )
 
 
 class CheckpointPolicy(Hook):
     """A checkpoint every trainer.save_every steps and at the last step, unless
     the loop stopped at this step: StopAndRequeue (an earlier phase) saved then."""
+
     phase = Phase.SAVE
 
     def __init__(self, every: int, max_steps: int):
@@ -351,6 +396,7 @@ class WatchdogHook(Hook):
     """Ends the process (exit code 70, every thread's stack on stderr) when no
     step has finished for trainer.watchdog_seconds (resilience.Watchdog).
     Last: a step's saves count as part of it."""
+
     phase = Phase.DONE
 
     def __init__(self, seconds: float, rank: int):

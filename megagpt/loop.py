@@ -26,9 +26,24 @@ log = logging.getLogger("megagpt")
 
 
 class Loop:
-    def __init__(self, *, engine, batches, state: TrainState, snapshot: Snapshot, rng: RngState,
-                 checkpointer: checkpoint.Checkpointer, hooks: list, nan_policy: NanPolicy, stop: StopRequest,
-                 max_steps: int, grad_accum: int, tokens_per_step: int, restore_args: dict, is_main: bool):
+    def __init__(
+        self,
+        *,
+        engine,
+        batches,
+        state: TrainState,
+        snapshot: Snapshot,
+        rng: RngState,
+        checkpointer: checkpoint.Checkpointer,
+        hooks: list,
+        nan_policy: NanPolicy,
+        stop: StopRequest,
+        max_steps: int,
+        grad_accum: int,
+        tokens_per_step: int,
+        restore_args: dict,
+        is_main: bool,
+    ):
         self.engine, self.batches, self.state, self.snapshot, self.rng = engine, batches, state, snapshot, rng
         self.checkpointer, self.nan_policy, self.stop = checkpointer, nan_policy, stop
         self.hooks = in_order(hooks)  # by phase: each hook may rely on what the earlier phases did
@@ -43,8 +58,9 @@ class Loop:
             for hook in self.hooks:
                 hook.before_step(self)
             micro_batches, error = self.fetch()
-            result = self.engine.train_batch(micro_batches, stop_requested=self.stop.local() is not None,
-                                             data_failed=error is not None)
+            result = self.engine.train_batch(
+                micro_batches, stop_requested=self.stop.local() is not None, data_failed=error is not None
+            )
             outcome = result.read()  # the step's one host transfer
             if outcome.data_error:
                 raise DataError(collectives.first_message(error))
@@ -92,9 +108,11 @@ class Loop:
         if self.is_main:
             c = self.checkpointer
             previous = c.last_waited_for_previous
-            console(f"saved checkpoint {path}: training waited {c.last_blocked:.2f} s"
-                    + (f", {previous:.2f} s of it for the previous save's commit" if previous >= 0.005 else "")
-                    + (" (committing in the background)" if c.async_commit else ""))
+            console(
+                f"saved checkpoint {path}: training waited {c.last_blocked:.2f} s"
+                + (f", {previous:.2f} s of it for the previous save's commit" if previous >= 0.005 else "")
+                + (" (committing in the background)" if c.async_commit else "")
+            )
         return path
 
     def rollback(self) -> None:
@@ -111,14 +129,17 @@ class Loop:
                 path = None
         path = collectives.broadcast_from_main(path)
         if path is None:
-            raise TrainingDiverged(f"step {self.state.step}: non-finite loss or gradient and no checkpoint "
-                                   "to roll back to")
+            raise TrainingDiverged(
+                f"step {self.state.step}: non-finite loss or gradient and no checkpoint to roll back to"
+            )
         saved = checkpoint.restore(path, engine=self.engine, rng=self.rng, **self.restore_args)
         resumed_at = int(saved["data"]["consumed"])
         if self.is_main:
-            console(f"rollback: step {self.state.step} -> step {saved['step']} ({path}); the data stream "
-                    f"continues at sequence {self.batches.consumed}: sequences [{resumed_at}, "
-                    f"{self.batches.consumed}) are skipped")
+            console(
+                f"rollback: step {self.state.step} -> step {saved['step']} ({path}); the data stream "
+                f"continues at sequence {self.batches.consumed}: sequences [{resumed_at}, "
+                f"{self.batches.consumed}) are skipped"
+            )
         self.state.counters.skipped_sequences += self.batches.consumed - resumed_at
         self.state.counters.rollbacks += 1
         self.state.rewind(saved)

@@ -41,11 +41,22 @@ log = logging.getLogger("megagpt")
 
 # metrics.jsonl key -> its W&B section.  Keys not listed (there should be none) go to train/.
 SECTIONS = {
-    "loss": "train", "lr": "train", "grad_norm": "train", "tokens_seen": "train", "skipped_steps": "train",
-    "loss_spikes": "train", "rollbacks": "train",
+    "loss": "train",
+    "lr": "train",
+    "grad_norm": "train",
+    "tokens_seen": "train",
+    "skipped_steps": "train",
+    "loss_spikes": "train",
+    "rollbacks": "train",
     "val_loss": "val",
-    "tokens_per_sec": "perf", "mfu": "perf", "step_time": "perf", "eta_sec": "perf", "save_blocked_sec": "perf",
-    "data_wait": "data", "data_skipped_shards": "data", "data_epoch": "data",
+    "tokens_per_sec": "perf",
+    "mfu": "perf",
+    "step_time": "perf",
+    "eta_sec": "perf",
+    "save_blocked_sec": "perf",
+    "data_wait": "data",
+    "data_skipped_shards": "data",
+    "data_epoch": "data",
     "memory_gb": "system",
 }
 
@@ -59,7 +70,7 @@ def wandb_name(key: str) -> str:
     if head == "val_loss":
         return "val/loss" + (f"/{rest}" if rest else "")
     section = SECTIONS.get(head, "train")
-    name = head[len(section) + 1:] if head.startswith(section + "_") else head
+    name = head[len(section) + 1 :] if head.startswith(section + "_") else head
     return f"{section}/{name}" + (f"/{rest}" if rest else "")
 
 
@@ -90,8 +101,11 @@ class MetricsSink:
             # records of an earlier start in this run.dir are never dropped.
             kept = _count_records(self.path)
             if kept:
-                log.warning("metrics.jsonl: %d record(s) of an earlier start kept; this start's records (from "
-                            "step 1) follow them", kept)
+                log.warning(
+                    "metrics.jsonl: %d record(s) of an earlier start kept; this start's records (from "
+                    "step 1) follow them",
+                    kept,
+                )
         self.file = open(self.path, "a", buffering=1)
         self.wandb = None
         if logger_cfg.kind == "wandb":
@@ -99,8 +113,9 @@ class MetricsSink:
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
-        self._to_wandb(lambda run: run.log({wandb_name(k): v for k, v in record.items() if k != "step"},
-                                           step=record["step"]))
+        self._to_wandb(
+            lambda run: run.log({wandb_name(k): v for k, v in record.items() if k != "step"}, step=record["step"])
+        )
 
     def rewind(self, step: int) -> None:
         """After a rollback to `step`: metrics.jsonl keeps one record per step,
@@ -161,20 +176,29 @@ def _start_wandb(run_dir: str, logger_cfg, config: dict, run_id: str | None):
 
     mode = logger_cfg.mode
     if mode == "online" and not wandb_credentials():
-        log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY, `wandb login`); "
-                    "logging offline instead")
+        log.warning("logger.mode=online but no W&B credentials (WANDB_API_KEY, `wandb login`); logging offline instead")
         mode = "offline"
     os.makedirs(os.path.join(run_dir, "wandb"), exist_ok=True)
-    bounds = (("init_timeout", INIT_TIMEOUT_SECONDS, "WANDB_INIT_TIMEOUT"),
-              ("finish_timeout", FINISH_TIMEOUT_SECONDS, "WANDB_FINISH_TIMEOUT"))
+    bounds = (
+        ("init_timeout", INIT_TIMEOUT_SECONDS, "WANDB_INIT_TIMEOUT"),
+        ("finish_timeout", FINISH_TIMEOUT_SECONDS, "WANDB_FINISH_TIMEOUT"),
+    )
     timeouts = {name: seconds for name, seconds, env in bounds if env not in os.environ}
 
     def init(mode: str):
         return wandb.init(
-            project=logger_cfg.project, entity=logger_cfg.entity, name=logger_cfg.name,
-            group=logger_cfg.group, tags=list(logger_cfg.tags), config=config,
-            dir=run_dir, mode=mode, id=run_id, resume="allow",
-            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=False, **timeouts))
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            name=logger_cfg.name,
+            group=logger_cfg.group,
+            tags=list(logger_cfg.tags),
+            config=config,
+            dir=run_dir,
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(quiet=True, console="off", x_disable_stats=False, **timeouts),
+        )
 
     try:
         return init(mode)
@@ -190,12 +214,22 @@ def _start_wandb(run_dir: str, logger_cfg, config: dict, run_id: str | None):
         run = init("offline")
     except Exception as e:  # noqa: BLE001
         _teardown(wandb)
-        log.warning("W&B: cannot reach %s (%s), nor log offline (%s); metrics go to %s only", _base_url(wandb),
-                    _reason(failure), _reason(e), jsonl)
+        log.warning(
+            "W&B: cannot reach %s (%s), nor log offline (%s); metrics go to %s only",
+            _base_url(wandb),
+            _reason(failure),
+            _reason(e),
+            jsonl,
+        )
         return None
     offline = run.settings.sync_dir
-    log.warning("W&B: cannot reach %s (%s); logging offline to %s; upload later with: wandb sync %s",
-                _base_url(wandb), _reason(failure), offline, offline)
+    log.warning(
+        "W&B: cannot reach %s (%s); logging offline to %s; upload later with: wandb sync %s",
+        _base_url(wandb),
+        _reason(failure),
+        offline,
+        offline,
+    )
     return run
 
 
@@ -248,8 +282,14 @@ def progress_line(r: dict, max_steps: int) -> str:
     if "loss" in r:
         h, rem = divmod(int(r.get("eta_sec", 0.0)), 3600)
         m, sec = divmod(rem, 60)
-        parts += [f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}",
-                  f"{r['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * r['mfu']:.2f}%", f"eta {h:d}:{m:02d}:{sec:02d}"]
+        parts += [
+            f"loss {r['loss']:.4f}",
+            f"lr {r['lr']:.2e}",
+            f"grad {r['grad_norm']:.3f}",
+            f"{r['tokens_per_sec']:,.0f} tok/s",
+            f"mfu {100 * r['mfu']:.2f}%",
+            f"eta {h:d}:{m:02d}:{sec:02d}",
+        ]
     if "val_loss" in r:
         parts.append(f"val_loss {r['val_loss']:.4f}")
     return " | ".join(parts)

@@ -19,10 +19,12 @@ import time
 import torch
 
 PHASES = ("megagpt.data", "megagpt.forward", "megagpt.backward", "megagpt.step")
-COLLECTIVES = {"all_gather": ("all_gather", "allgather", "_allgather_base"),
-               "reduce_scatter": ("reduce_scatter", "reducescatter", "_reduce_scatter_base"),
-               "all_reduce": ("all_reduce", "allreduce"),
-               "broadcast": ("broadcast",)}
+COLLECTIVES = {
+    "all_gather": ("all_gather", "allgather", "_allgather_base"),
+    "reduce_scatter": ("reduce_scatter", "reducescatter", "_reduce_scatter_base"),
+    "all_reduce": ("all_reduce", "allreduce"),
+    "broadcast": ("broadcast",),
+}
 
 
 class StepProfiler:

@@ -74,13 +74,17 @@ def end_with_launcher(environ=os.environ) -> bool:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     prctl.argtypes, prctl.restype = [ctypes.c_int] + [ctypes.c_ulong] * 4, ctypes.c_int
     if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        log.warning("could not tie this worker to its torchrun agent (prctl: %s); "
-                    "it outlives a killed agent", os.strerror(ctypes.get_errno()))
+        log.warning(
+            "could not tie this worker to its torchrun agent (prctl: %s); it outlives a killed agent",
+            os.strerror(ctypes.get_errno()),
+        )
         return False
     if os.getppid() != agent:  # the agent died between getppid() and prctl(): init (or a subreaper) adopted us
         try:
-            sys.stderr.write(f"megagpt: error (rank {environ.get('RANK', '?')}): the torchrun agent that "
-                             "started this worker is gone; exiting\n")
+            sys.stderr.write(
+                f"megagpt: error (rank {environ.get('RANK', '?')}): the torchrun agent that "
+                "started this worker is gone; exiting\n"
+            )
             sys.stderr.flush()
         except OSError:
             pass
@@ -111,8 +115,10 @@ class Watchdog:
         while not self._stop.wait(min(5.0, self.seconds / 4)):
             idle = time.monotonic() - self._last
             if idle > self.seconds:
-                sys.stderr.write(f"megagpt: error (rank {self.rank}): watchdog: no progress for {idle:.0f} s "
-                                 f"(trainer.watchdog_seconds={self.seconds:g}); Python stacks of every thread:\n")
+                sys.stderr.write(
+                    f"megagpt: error (rank {self.rank}): watchdog: no progress for {idle:.0f} s "
+                    f"(trainer.watchdog_seconds={self.seconds:g}); Python stacks of every thread:\n"
+                )
                 sys.stderr.flush()
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
@@ -144,8 +150,12 @@ class NanPolicy:
         state.counters.skipped_steps += 1
         self.in_a_row += 1
         if self.is_main:
-            log.warning("step %d: non-finite loss or gradient (mean loss %s); update skipped (%d in a row)",
-                        state.step, mean_loss, self.in_a_row)
+            log.warning(
+                "step %d: non-finite loss or gradient (mean loss %s); update skipped (%d in a row)",
+                state.step,
+                mean_loss,
+                self.in_a_row,
+            )
         if self.on_nan == "stop":
             raise TrainingDiverged(f"step {state.step}: non-finite loss or gradient (trainer.on_nan=stop)")
         if self.on_nan == "skip" and self.in_a_row <= self.max_skips:
@@ -153,7 +163,7 @@ class NanPolicy:
         if state.counters.rollbacks >= self.max_rollbacks:
             raise TrainingDiverged(
                 f"step {state.step}: non-finite loss or gradient persists after {state.counters.rollbacks} "
-                f"rollback(s) (trainer.max_rollbacks={self.max_rollbacks}); stopping")
+                f"rollback(s) (trainer.max_rollbacks={self.max_rollbacks}); stopping"
+            )
         self.in_a_row = 0
         return "rollback"
-

@@ -25,17 +25,35 @@ from megagpt.model.families import family
 
 # The model record's keys that fix the weights' shapes (max_seq_len too, for
 # families with a learned position table).
-SHAPE_KEYS = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "vocab_size", "mlp_hidden", "bias",
-              "tie_embeddings")
+SHAPE_KEYS = (
+    "family",
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "vocab_size",
+    "mlp_hidden",
+    "bias",
+    "tie_embeddings",
+)
 
 # The data layout's keys (data.mixture.Mixture.layout) as config keys.
-LAYOUT_KEYS = {"num_streams": "data.num_streams", "seq_len": "data.seq_len", "seed": "trainer.seed",
-               "shuffle": "data.shuffle_shards", "shuffle_buffer": "data.shuffle_buffer",
-               "mix_period": "data.mix_period", "sources": "the data sources (names, weights, shards)"}
+LAYOUT_KEYS = {
+    "num_streams": "data.num_streams",
+    "seq_len": "data.seq_len",
+    "seed": "trainer.seed",
+    "shuffle": "data.shuffle_shards",
+    "shuffle_buffer": "data.shuffle_buffer",
+    "mix_period": "data.mix_period",
+    "sources": "the data sources (names, weights, shards)",
+}
 
 # Config keys a resume reads in its own way, announced with what happens.
-NOTES = {"model.init_from": "not read on resume: the weights come from the checkpoint",
-         "trainer.resume": None, "run.dir": None}  # None: never announced
+NOTES = {
+    "model.init_from": "not read on resume: the weights come from the checkpoint",
+    "trainer.resume": None,
+    "run.dir": None,
+}  # None: never announced
 
 
 class ResumeMismatch(CheckpointError):
@@ -57,9 +75,11 @@ def compare(saved: dict, config: dict, model: dict, precision: str, layout: dict
     def refuse(key: str, old: Any, new: Any, why: str) -> None:
         refused_keys.add(key)
         back = f"resume with {key}={_show(old)}" if "." in key else "resume with the checkpoint's data"
-        problems.append(f"{key} is {_show(old)} in the checkpoint and {_show(new)} here: {why}; {back}, or "
-                        f"start a new run.dir from its weights (python -m megagpt.export, then "
-                        f"model.init_from=<export>)")
+        problems.append(
+            f"{key} is {_show(old)} in the checkpoint and {_show(new)} here: {why}; {back}, or "
+            f"start a new run.dir from its weights (python -m megagpt.export, then "
+            f"model.init_from=<export>)"
+        )
 
     weights = "the checkpoint's weights have another shape"
     saved_model = saved.get("model") or {}
@@ -72,17 +92,26 @@ def compare(saved: dict, config: dict, model: dict, precision: str, layout: dict
     stage = _get(saved_config, "deepspeed.zero_stage")
     now_stage = _get(config, "deepspeed.zero_stage")
     if stage is not None and stage != now_stage:
-        refuse("deepspeed.zero_stage", stage, now_stage,
-               "a checkpoint resumes at the ZeRO stage it was written with (on any number of ranks)")
+        refuse(
+            "deepspeed.zero_stage",
+            stage,
+            now_stage,
+            "a checkpoint resumes at the ZeRO stage it was written with (on any number of ranks)",
+        )
     if saved.get("precision") is not None and saved["precision"] != precision:
-        refuse("deepspeed.precision", saved["precision"], precision,
-               "DeepSpeed lays out its optimizer state by precision")
+        refuse(
+            "deepspeed.precision", saved["precision"], precision, "DeepSpeed lays out its optimizer state by precision"
+        )
 
     saved_data = saved.get("data") or {}
     for key, name in LAYOUT_KEYS.items():
         if key in saved_data and _plain(saved_data[key]) != _plain(layout.get(key)):
-            refuse(name, saved_data[key], layout.get(key),
-                   "the saved data position counts windows of the checkpoint's data layout")
+            refuse(
+                name,
+                saved_data[key],
+                layout.get(key),
+                "the saved data position counts windows of the checkpoint's data layout",
+            )
 
     changes = []
     if saved_config:

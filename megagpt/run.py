@@ -86,14 +86,21 @@ class Run:
         if self.loop.stopped is None and self.cfg.export.at_end and self.env.is_main:
             from megagpt.export import export
 
-            out = export(os.path.join(self.run_dir, "checkpoints"),
-                         self.cfg.export.dir or os.path.join(self.run_dir, "hf"), self.cfg.export.max_shard_bytes)
+            out = export(
+                os.path.join(self.run_dir, "checkpoints"),
+                self.cfg.export.dir or os.path.join(self.run_dir, "hf"),
+                self.cfg.export.max_shard_bytes,
+            )
             console(f"exported to {out} (Hugging Face format)")
         dist.barrier()
 
 
-def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset(),
-          extra_hooks: ExtraHooks | None = None) -> Run:
+def build(
+    cfg: Config,
+    point: int | None = None,
+    chosen_model_keys: frozenset[str] = frozenset(),
+    extra_hooks: ExtraHooks | None = None,
+) -> Run:
     """The run of `cfg` (see `_build`).  It holds run.dir's lock (run_lock.py)
     from before anything there is written until Run.close(); a failure on the
     way releases it (a multirun's next point runs in this process).
@@ -107,8 +114,9 @@ def build(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[st
         raise
 
 
-def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], held: list,
-           extra_hooks: ExtraHooks | None) -> Run:
+def _build(
+    cfg: Config, point: int | None, chosen_model_keys: frozenset[str], held: list, extra_hooks: ExtraHooks | None
+) -> Run:
     """`point`: this job's number in a Hydra multirun run in this process
     (the default run.dir then differs per point).  `chosen_model_keys`: the
     `model.*` keys the user set (a `model=` preset sets all of them), checked
@@ -127,8 +135,9 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
     except ConfigError as e:
         problem = e
     ds = cfg.deepspeed
-    runtime.init_distributed(env, ds.backend if problem is None else "auto", device,
-                             ds.timeout_minutes if problem is None else 30)
+    runtime.init_distributed(
+        env, ds.backend if problem is None else "auto", device, ds.timeout_minutes if problem is None else 30
+    )
     _on_every_rank(lambda: _raise(problem))
     runtime.set_cpu_threads(env, t.cpu_threads)
     attention = resolve_backend(cfg.model.attention, device.type)
@@ -151,6 +160,7 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
     if folder is None:
         model_cfg = build_model_config(cfg, data.vocab_size, attention, data.eod_id, device.type)
     else:
+
         def from_folder():
             hf_import.check_tokenizer(folder, data.vocab_size, tokenizer)
             # model.compile and model.loss_chunk_tokens, resolved for this device and the folder's vocabulary.
@@ -163,20 +173,30 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
     precision = resolve_precision(cfg.deepspeed.precision, device.type)
     model_cfg = _try_flash(model_cfg, cfg.model.attention, device, precision, console if env.is_main else None)
     if env.is_main:
+
         def setting(v):
             return "null (auto)" if v is None else str(v).lower()
 
         chunk = model_cfg.loss_chunk_tokens
-        console(f"compile: {'on' if model_cfg.compile else 'off'} (model.compile={setting(cfg.model.compile)}); "
-                f"loss: {f'chunks of {chunk} tokens' if chunk else 'plain'} "
-                f"(model.loss_chunk_tokens={setting(cfg.model.loss_chunk_tokens)})")
+        console(
+            f"compile: {'on' if model_cfg.compile else 'off'} (model.compile={setting(cfg.model.compile)}); "
+            f"loss: {f'chunks of {chunk} tokens' if chunk else 'plain'} "
+            f"(model.loss_chunk_tokens={setting(cfg.model.loss_chunk_tokens)})"
+        )
     if attention == "sdpa":  # SDPA's kernel on CUDA: the faster of cuDNN and flash at this shape (auto)
         kernel = None
         if env.is_main:  # rank 0 measures; every rank must use the same kernel
-            kernel = resolve_sdpa_backend(cfg.model.sdpa_backend, device.type, batch=t.micro_batch_size,
-                                          n_head=model_cfg.n_head, n_kv_head=model_cfg.n_kv_head,
-                                          seq_len=cfg.data.seq_len, head_dim=model_cfg.head_dim,
-                                          doc_mask=model_cfg.doc_mask, log=console)
+            kernel = resolve_sdpa_backend(
+                cfg.model.sdpa_backend,
+                device.type,
+                batch=t.micro_batch_size,
+                n_head=model_cfg.n_head,
+                n_kv_head=model_cfg.n_kv_head,
+                seq_len=cfg.data.seq_len,
+                head_dim=model_cfg.head_dim,
+                doc_mask=model_cfg.doc_mask,
+                log=console,
+            )
         # The model's SDPA calls read it from their config (None: torch's choice, "auto" there).
         model_cfg = dataclasses.replace(model_cfg, sdpa_backend=collectives.broadcast_from_main(kernel) or "auto")
     # Rank 0 picks the checkpoint (verifying it, setting damaged ones aside); all ranks load it.
@@ -186,55 +206,113 @@ def _build(cfg: Config, point: int | None, chosen_model_keys: frozenset[str], he
         raise resume_from
     config_record = OmegaConf.to_container(OmegaConf.structured(cfg))
     if resume_from:  # what the checkpoint cannot resume with stops here, before anything is loaded
-        resume_check.check(resume_from, checkpoint.load_state(resume_from), config_record, asdict(model_cfg),
-                           precision, data.mix.layout(), console if env.is_main else None)
+        resume_check.check(
+            resume_from,
+            checkpoint.load_state(resume_from),
+            config_record,
+            asdict(model_cfg),
+            precision,
+            data.mix.layout(),
+            console if env.is_main else None,
+        )
     # A restart resumes from the run's own checkpoint, never from the folder again.
     load = hf_import.module_loader(folder, model_cfg) if folder is not None and not resume_from else None
-    engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, env.world_size, device.type, model_cfg.n_embd),
-                          env.rank, env.world_size, device, load=load)
+    engine = build_engine(
+        cfg,
+        model_cfg,
+        deepspeed_config(cfg, env.world_size, device.type, model_cfg.n_embd),
+        env.rank,
+        env.world_size,
+        device,
+        load=load,
+    )
     if env.is_main and load is not None:
         console(f"weights: {folder.folder} ({', '.join(folder.record['weights'])})")
     n_params = engine.model.num_params(matmul_only=True)  # N of flops.py
     if env.is_main:
-        console(f"model: {n_params / 1e6:.2f}M parameters (in matmuls), {model_cfg.family}, "
-                f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads ({model_cfg.n_kv_head} key/value), "
-                f"width {model_cfg.n_embd}, vocab {model_cfg.vocab_size}; ZeRO stage {cfg.deepspeed.zero_stage}, "
-                f"{precision}")
+        console(
+            f"model: {n_params / 1e6:.2f}M parameters (in matmuls), {model_cfg.family}, "
+            f"{model_cfg.n_layer} layers, {model_cfg.n_head} heads ({model_cfg.n_kv_head} key/value), "
+            f"width {model_cfg.n_embd}, vocab {model_cfg.vocab_size}; ZeRO stage {cfg.deepspeed.zero_stage}, "
+            f"{precision}"
+        )
 
     accum, batch = grad_accum(t, env.world_size), global_batch(t, env.world_size)
-    batches = Batches(data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch,
-                      sequences_per_step=batch)
+    batches = Batches(
+        data.mix, env.rank, env.world_size, t.micro_batch_size, prefetch=cfg.data.prefetch, sequences_per_step=batch
+    )
     state, rng, stop = TrainState(), RngState(device), StopRequest(os.environ.get("MEGAGPT_STOP_FILE"))
     # The run as the checkpoints and W&B describe it: the resolved config, and where the weights came from.
     description = {"config": config_record, "init_from": folder.record if folder is not None else None}
-    hook_list = _hooks(cfg, env, device, run_dir, engine, data, batch * cfg.data.seq_len, stop,
-                       flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim,
-                                       cfg.data.seq_len), description)
+    hook_list = _hooks(
+        cfg,
+        env,
+        device,
+        run_dir,
+        engine,
+        data,
+        batch * cfg.data.seq_len,
+        stop,
+        flops_per_token(n_params, model_cfg.n_layer, model_cfg.n_head, model_cfg.head_dim, cfg.data.seq_len),
+        description,
+    )
     hook_list += extra_hooks(env, engine) if extra_hooks is not None else []
-    snapshot = Snapshot(state, batches, {h.name: h for h in hook_list if h.name},
-                        {"world_size": env.world_size, **description, "model": asdict(model_cfg),
-                         "precision": precision})
+    snapshot = Snapshot(
+        state,
+        batches,
+        {h.name: h for h in hook_list if h.name},
+        {"world_size": env.world_size, **description, "model": asdict(model_cfg), "precision": precision},
+    )
     restore_args = {"env": env, "seed": t.seed}
     if resume_from:
         checkpoint.restore(resume_from, engine=engine, rng=rng, snapshot=snapshot, **restore_args)
         if env.is_main:
             console(f"resumed from {resume_from} at step {state.step}")
     state.wandb_id = _wandb_id(run_dir, state.wandb_id, cfg, env)
-    checkpointer = checkpoint.Checkpointer(ckpt_root, env.rank, env.world_size, keep_last=t.keep_last,
-                                           async_commit=t.async_save,
-                                           tokenizer=tokenizer if env.is_main else None)
+    checkpointer = checkpoint.Checkpointer(
+        ckpt_root,
+        env.rank,
+        env.world_size,
+        keep_last=t.keep_last,
+        async_commit=t.async_save,
+        tokenizer=tokenizer if env.is_main else None,
+    )
     if env.is_main:
-        console(f"training steps {state.step + 1}..{t.max_steps}: global batch {batch} x {cfg.data.seq_len} tokens, "
-                f"{accum} accumulation step(s), {env.world_size} rank(s)")
-    loop = Loop(engine=engine, batches=batches, state=state, snapshot=snapshot, rng=rng, checkpointer=checkpointer,
-                hooks=hook_list, nan_policy=NanPolicy(t.on_nan, t.max_nan_skips, t.max_rollbacks, env.is_main),
-                stop=stop, max_steps=t.max_steps, grad_accum=accum, tokens_per_step=batch * cfg.data.seq_len,
-                restore_args=restore_args, is_main=env.is_main)
+        console(
+            f"training steps {state.step + 1}..{t.max_steps}: global batch {batch} x {cfg.data.seq_len} tokens, "
+            f"{accum} accumulation step(s), {env.world_size} rank(s)"
+        )
+    loop = Loop(
+        engine=engine,
+        batches=batches,
+        state=state,
+        snapshot=snapshot,
+        rng=rng,
+        checkpointer=checkpointer,
+        hooks=hook_list,
+        nan_policy=NanPolicy(t.on_nan, t.max_nan_skips, t.max_rollbacks, env.is_main),
+        stop=stop,
+        max_steps=t.max_steps,
+        grad_accum=accum,
+        tokens_per_step=batch * cfg.data.seq_len,
+        restore_args=restore_args,
+        is_main=env.is_main,
+    )
     return Run(cfg, env, run_dir, loop, batches, lock=held[0] if held else None)
 
 
-def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: TrainingData, tokens_per_step: int,
-           stop: StopRequest, flops: float, description: dict) -> list[hooks.Hook]:
+def _hooks(
+    cfg: Config,
+    env,
+    device: torch.device,
+    run_dir: str,
+    engine,
+    data: TrainingData,
+    tokens_per_step: int,
+    stop: StopRequest,
+    flops: float,
+    description: dict,
+) -> list[hooks.Hook]:
     """The run's hooks.  The loop orders them by the phase each declares
     (hooks.Phase: count, measure, report, then stop or save, then tell the
     watchdog the step is done); within a phase, as listed here."""
@@ -242,8 +320,12 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
     val_count = t.eval_batches * t.micro_batch_size
 
     def val_sets() -> dict:
-        return {name: val_sequences(ds, cfg.data.seq_len, env.rank, env.world_size, val_count,
-                                    reader=make_reader(cfg.data.verify)) for name, ds in data.val}
+        return {
+            name: val_sequences(
+                ds, cfg.data.seq_len, env.rank, env.world_size, val_count, reader=make_reader(cfg.data.verify)
+            )
+            for name, ds in data.val
+        }
 
     if t.eval_every and not data.val and env.is_main:
         log.warning("trainer.eval_every=%d but the data has no validation shards; no val_loss", t.eval_every)
@@ -251,10 +333,18 @@ def _hooks(cfg: Config, env, device: torch.device, run_dir: str, engine, data: T
     return [
         hooks.Profile(run_dir, env.rank, t.profile_start, t.profile_steps),
         hooks.SpikeWatch(t.spike_factor, t.spike_window, env.is_main),
-        hooks.Throughput(t.log_every, t.max_steps, tokens_per_step, flops, peak_flops(device, t.peak_flops),
-                         env.world_size, device),
-        hooks.Evaluation(t.eval_every if data.val else 0, t.max_steps, t.eval_batches, t.micro_batch_size,
-                         val_sets, env.world_size, device),
+        hooks.Throughput(
+            t.log_every, t.max_steps, tokens_per_step, flops, peak_flops(device, t.peak_flops), env.world_size, device
+        ),
+        hooks.Evaluation(
+            t.eval_every if data.val else 0,
+            t.max_steps,
+            t.eval_batches,
+            t.micro_batch_size,
+            val_sets,
+            env.world_size,
+            device,
+        ),
         *([hooks.CompileReport()] if env.is_main and engine.model.cfg.compile else []),
         hooks.MetricsWriter(run_dir, cfg.logger, config, t.max_steps, env.is_main),
         hooks.StopAndRequeue(stop, t.requeue, env.is_main),
@@ -276,8 +366,9 @@ def _try_flash(model_cfg: GPTConfig, setting: str, device: torch.device, precisi
             failure = f"it {problem}"
         else:
             dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            trial = flash_trial(model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim, model_cfg.doc_mask,
-                                device, dtype)
+            trial = flash_trial(
+                model_cfg.n_head, model_cfg.n_kv_head, model_cfg.head_dim, model_cfg.doc_mask, device, dtype
+            )
             failure = collectives.first_message(trial and f"its trial call at this model's head shape failed: {trial}")
         if failure is not None and setting != "auto":
             raise ConfigError(f"model.attention=flash_attn: FlashAttention cannot train this run: {failure}")
@@ -321,8 +412,10 @@ def _check_writable(run_dir: str) -> None:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".megagpt-write-check-"):
                 pass
         except OSError as e:
-            raise ConfigError(f"run.dir: {folder} is not writable ({e.strerror or e}); the run writes its "
-                              "checkpoints and metrics there: choose a writable run.dir") from None
+            raise ConfigError(
+                f"run.dir: {folder} is not writable ({e.strerror or e}); the run writes its "
+                "checkpoints and metrics there: choose a writable run.dir"
+            ) from None
 
 
 def _raise(problem: Exception | None) -> None:

@@ -69,6 +69,7 @@ class LockError(Exception):
 @dataclass(frozen=True)
 class Holder:
     """A lock's record: who holds it."""
+
     token: str
     host: str
     boot_id: str | None
@@ -83,15 +84,25 @@ class Holder:
 
     @classmethod
     def of_this_process(cls, environ: Mapping[str, str]) -> Holder:
-        array = (f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-                 if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID") else None)
+        array = (
+            f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
+            if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID")
+            else None
+        )
         run_id = environ.get("TORCHELASTIC_RUN_ID")
-        return cls(token=uuid.uuid4().hex, host=socket.gethostname(), boot_id=_read("/proc/sys/kernel/random/boot_id"),
-                   pid_namespace=_link_target("/proc/self/ns/pid"), pid=os.getpid(),
-                   pid_start=_start_time(os.getpid()), slurm_job=environ.get("SLURM_JOB_ID") or None,
-                   slurm_array=array, torchrun_run=run_id if run_id and run_id != "none" else None,
-                   torchrun_restart=int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0),
-                   started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+        return cls(
+            token=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            boot_id=_read("/proc/sys/kernel/random/boot_id"),
+            pid_namespace=_link_target("/proc/self/ns/pid"),
+            pid=os.getpid(),
+            pid_start=_start_time(os.getpid()),
+            slurm_job=environ.get("SLURM_JOB_ID") or None,
+            slurm_array=array,
+            torchrun_run=run_id if run_id and run_id != "none" else None,
+            torchrun_restart=int(environ.get("TORCHELASTIC_RESTART_COUNT") or 0),
+            started=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        )
 
     def describe(self) -> str:
         slurm = f", SLURM job {self.slurm_job}" if self.slurm_job else ""
@@ -105,6 +116,7 @@ class Holder:
 @dataclass(frozen=True)
 class Found:
     """The lock file as read: its holder (None if unreadable, with `problem`), its mtime (the heartbeat)."""
+
     holder: Holder | None
     mtime: float
     key: str  # the holder's token, or for an unreadable lock its inode and mtime
@@ -117,8 +129,9 @@ class RunLock:
     def __init__(self, path: str, holder: Holder, heartbeat_every: float):
         self.path, self.holder = path, holder
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(heartbeat_every,), name="megagpt-run-lock",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, args=(heartbeat_every,), name="megagpt-run-lock", daemon=True
+        )
         self._thread.start()
 
     def _beat(self, every: float) -> None:
@@ -127,8 +140,12 @@ class RunLock:
                 found = _read_lock(self.path)
                 if found is None or found.key != self.holder.token:
                     whose = "nobody's" if found is None or found.holder is None else found.holder.describe()
-                    log.error("the lock %s is no longer this job's (now %s): another job judged it stale "
-                              "and may be writing to this run.dir too", self.path, whose)
+                    log.error(
+                        "the lock %s is no longer this job's (now %s): another job judged it stale "
+                        "and may be writing to this run.dir too",
+                        self.path,
+                        whose,
+                    )
                     return
                 os.utime(self.path)  # no times given: the filesystem's own clock (the server's on NFS)
             except OSError as e:  # a filesystem hiccup: the next beat tries again
@@ -148,13 +165,16 @@ class RunLock:
             log.warning("cannot remove the lock %s: %s", self.path, e)
 
 
-def acquire(run_dir: str, stale_seconds: float, environ: Mapping[str, str] = os.environ,
-            say: Callable[[str], None] = print) -> RunLock:
+def acquire(
+    run_dir: str, stale_seconds: float, environ: Mapping[str, str] = os.environ, say: Callable[[str], None] = print
+) -> RunLock:
     """Lock `run_dir` (created if needed) for this process, or raise LockError
     naming the job that holds it.  `say` gets the line about a stale lock taken over."""
     if not stale_seconds > 0:
-        raise LockError(f"run.lock_stale_seconds={stale_seconds}: must be > 0 (seconds without a heartbeat "
-                        "after which a run.dir's lock counts as left behind)")
+        raise LockError(
+            f"run.lock_stale_seconds={stale_seconds}: must be > 0 (seconds without a heartbeat "
+            "after which a run.dir's lock counts as left behind)"
+        )
     path = os.path.join(run_dir, LOCK_NAME)
     me = Holder.of_this_process(environ)
     try:
@@ -181,8 +201,10 @@ def acquire(run_dir: str, stale_seconds: float, environ: Mapping[str, str] = os.
                 os.unlink(mine)
     except OSError as e:
         raise LockError(f"run.dir {run_dir}: cannot take the lock {path}: {e}") from e
-    raise LockError(f"run.dir {run_dir}: the lock {path} kept changing hands for {ROUNDS * 0.1:.0f} s; "
-                    "are several jobs starting on this run.dir?")
+    raise LockError(
+        f"run.dir {run_dir}: the lock {path} kept changing hands for {ROUNDS * 0.1:.0f} s; "
+        "are several jobs starting on this run.dir?"
+    )
 
 
 def _stale_because(found: Found, me: Holder, run_dir: str, stale_seconds: float) -> str | None:
@@ -194,8 +216,7 @@ def _stale_because(found: Found, me: Holder, run_dir: str, stale_seconds: float)
         # One attempt of a torchrun run is alive at a time: its agents end every worker before a
         # restart.  (Not the restart count: each node's agent counts only its own failures, and
         # a restart may put rank 0 on another node.)
-        return (f"it is this torchrun run's own lock (run {me.torchrun_run}, restart {held.torchrun_restart}; "
-                f"restarted)")
+        return f"it is this torchrun run's own lock (run {me.torchrun_run}, restart {held.torchrun_restart}; restarted)"
     if held is not None and held.same_machine(me):
         gone = _why_not_running(held.pid, held.pid_start)
         if gone is not None:
@@ -209,10 +230,14 @@ def _stale_because(found: Found, me: Holder, run_dir: str, stale_seconds: float)
 def _in_use(run_dir: str, path: str, found: Found, now: float) -> str:
     heartbeat = f"heartbeat {max(0.0, now - found.mtime):.0f} s ago"
     if found.holder is None:
-        return (f"run.dir {run_dir} is in use by another job (lock {path}, unreadable: {found.problem}; "
-                f"{heartbeat}); stop that job or use another run.dir")
-    return (f"run.dir {run_dir} is in use by another job: {found.holder.describe()} (lock {path}, {heartbeat}); "
-            "stop that job or use another run.dir")
+        return (
+            f"run.dir {run_dir} is in use by another job (lock {path}, unreadable: {found.problem}; "
+            f"{heartbeat}); stop that job or use another run.dir"
+        )
+    return (
+        f"run.dir {run_dir} is in use by another job: {found.holder.describe()} (lock {path}, {heartbeat}); "
+        "stop that job or use another run.dir"
+    )
 
 
 def _take_over(path: str, mine: str, stale: Found, run_dir: str, stale_seconds: float) -> bool:

@@ -51,8 +51,9 @@ def default_run_dir(env: Env, environ=os.environ, point: int | None = None) -> s
         return f"outputs/torchrun-{run_id[:12]}{suffix}"
     if env.world_size == 1:
         return f"outputs/local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
-    raise ValueError("run.dir: not set and no shared job id (SLURM_JOB_ID, TORCHELASTIC_RUN_ID) "
-                     "to derive it from; set run.dir=PATH")
+    raise ValueError(
+        "run.dir: not set and no shared job id (SLURM_JOB_ID, TORCHELASTIC_RUN_ID) to derive it from; set run.dir=PATH"
+    )
 
 
 def device_for(env: Env) -> torch.device:
@@ -91,8 +92,14 @@ def init_distributed(env: Env, backend: str, device: torch.device, timeout_minut
     if env.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Under torchrun the group meets in a store of this attempt's own, not
         # in the agent's (_attempt_store says why).
-        dist.init_process_group(backend, store=_attempt_store(env, timeout), rank=env.rank,
-                                world_size=env.world_size, timeout=timeout, **options)
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(env, timeout),
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timeout,
+            **options,
+        )
     else:  # env://: MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE
         dist.init_process_group(backend, timeout=timeout, **options)
 
@@ -150,8 +157,10 @@ def _attempt_store(env: Env, timeout: datetime.timedelta):
             except DistError:  # another server took the dead store's port
                 pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"rank {env.rank}: rank 0's store for this attempt did not come up at {host} "
-                               f"within {timeout} (deepspeed.timeout_minutes)")
+            raise RuntimeError(
+                f"rank {env.rank}: rank 0's store for this attempt did not come up at {host} "
+                f"within {timeout} (deepspeed.timeout_minutes)"
+            )
         time.sleep(0.2)
 
 
@@ -186,11 +195,16 @@ def wait_for_the_others_to_report(timeout: float = 10.0) -> None:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
-    key = f"megagpt/reported/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+    run_id, attempt = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)
+    key = f"megagpt/reported/{run_id}/{attempt}"
     deadline = time.monotonic() + timeout
     try:
-        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=datetime.timedelta(seconds=timeout))
+        store = TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
         store.add(key, 1)
         while store.add(key, 0) < world and time.monotonic() < deadline:
             time.sleep(0.05)

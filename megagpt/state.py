@@ -29,6 +29,7 @@ class Stateful(Protocol):
 @dataclass
 class Counters:
     """Events of the run, counted across restarts and rollbacks."""
+
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient
     rollbacks: int = 0
     loss_spikes: int = 0
@@ -40,14 +41,19 @@ class TrainState:
     """The loop's counters.  In megagpt_state.json: step, tokens_seen and
     wandb_id at the top (resume_check, rollbacks and export read them there),
     the event counters under "counters"."""
+
     step: int = 0
     tokens_seen: int = 0
     wandb_id: str | None = None
     counters: Counters = field(default_factory=Counters)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "wandb_id": self.wandb_id,
-                "counters": asdict(self.counters)}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "wandb_id": self.wandb_id,
+            "counters": asdict(self.counters),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -103,8 +109,13 @@ class Snapshot:
 
         data = self.data.state_dict()
         data["bad_shards"] = collectives.union(data.get("bad_shards", []))
-        return {"version": self.VERSION, **self.train.state_dict(), "data": data,
-                "hooks": {name: hook.state_dict() for name, hook in self.hooks.items()}, **self.description}
+        return {
+            "version": self.VERSION,
+            **self.train.state_dict(),
+            "data": data,
+            "hooks": {name: hook.state_dict() for name, hook in self.hooks.items()},
+            **self.description,
+        }
 
     def load_state_dict(self, saved: dict) -> None:
         self.train.load_state_dict(saved)

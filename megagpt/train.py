@@ -30,8 +30,9 @@ class UserError(Exception):
     """Bad config, data or checkpoint: reported as one line, exit code 2."""
 
 
-def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset(),
-             extra_hooks=None) -> None:
+def pretrain(
+    cfg: Config, point: int | None = None, chosen_model_keys: frozenset[str] = frozenset(), extra_hooks=None
+) -> None:
     """One training job (megagpt/run.py wires it together). `point`: its number
     in a Hydra multirun run in this process (the default run.dir then differs
     per point); `chosen_model_keys`: the model keys set on the command line;
@@ -57,8 +58,9 @@ def pretrain(cfg: Config, point: int | None = None, chosen_model_keys: frozenset
 
 
 def _setup_logging(main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # DeepSpeed reports its own set-up at INFO/WARNING; megagpt prints what matters.
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -141,7 +143,7 @@ def _chosen_model_keys() -> frozenset[str]:
 
             chosen.update(SHAPE_KEYS)
         elif key.startswith("model."):
-            chosen.add(key[len("model."):])
+            chosen.add(key[len("model.") :])
     return frozenset(chosen)
 
 

@@ -25,9 +25,17 @@ def _free_port() -> int:
 
 
 def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     try:
         import torch
 
@@ -52,8 +60,10 @@ def run_distributed(fn, *args, world_size: int = 2, timeout: float = 120.0) -> l
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
-             for rank in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+        for rank in range(world_size)
+    ]
     for p in procs:
         p.start()
     by_rank: dict[int, object] = {}
@@ -64,8 +74,9 @@ def run_distributed(fn, *args, world_size: int = 2, timeout: float = 120.0) -> l
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             by_rank[rank] = value
     except queue.Empty:
-        raise AssertionError(f"ranks {sorted(set(range(world_size)) - set(by_rank))} gave no result "
-                             f"within {timeout:.0f} s (hung?)") from None
+        raise AssertionError(
+            f"ranks {sorted(set(range(world_size)) - set(by_rank))} gave no result within {timeout:.0f} s (hung?)"
+        ) from None
     finally:
         for p in procs:
             p.join(timeout=10)

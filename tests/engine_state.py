@@ -38,8 +38,10 @@ def full_weights(model, zero_stage: int) -> dict:
     Collective under ZeRO-3."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    return {name: (p.detach() if zero_stage == 0 else safe_get_full_fp32_param(p)).float().cpu().clone()
-            for name, p in model.named_parameters()}
+    return {
+        name: (p.detach() if zero_stage == 0 else safe_get_full_fp32_param(p)).float().cpu().clone()
+        for name, p in model.named_parameters()
+    }
 
 
 def full_state(engine, model, zero_stage: int) -> dict:
@@ -58,9 +60,11 @@ def full_state(engine, model, zero_stage: int) -> dict:
             state = inner.state[p]
             entry = {"fp32": p.detach(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
         else:
-            entry = {"fp32": safe_get_full_fp32_param(p),
-                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
-                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq")}
+            entry = {
+                "fp32": safe_get_full_fp32_param(p),
+                "exp_avg": safe_get_full_optimizer_state(p, "exp_avg"),
+                "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq"),
+            }
         params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
     # Each group's step count(s), and whether two states share one step tensor
     # (torch's AdamW increments it in place: shared, it counts twice per update).
@@ -73,14 +77,20 @@ def full_state(engine, model, zero_stage: int) -> dict:
     steps = [sorted(s) for s in steps]
     shared = len({id(t) for t in step_tensors}) < len(step_tensors)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
-    return {"params": params, "steps": steps, "step_tensors_shared": shared, "groups": groups,
-            "scheduler": engine.lr_scheduler.state_dict(),
-            "global_steps": engine.global_steps, "global_samples": engine.global_samples}
+    return {
+        "params": params,
+        "steps": steps,
+        "step_tensors_shared": shared,
+        "groups": groups,
+        "scheduler": engine.lr_scheduler.state_dict(),
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+    }
 
 
 def main(argv: list[str]) -> None:
     sep = argv.index("--")
-    out_prefix, checkpoints, overrides = argv[0], argv[1:sep], argv[sep + 1:]
+    out_prefix, checkpoints, overrides = argv[0], argv[1:sep], argv[sep + 1 :]
 
     import torch.distributed as dist
     from hydra import compose, initialize_config_dir
@@ -89,8 +99,7 @@ def main(argv: list[str]) -> None:
     from megagpt import checkpoint, runtime
     from megagpt.config import register
     from megagpt.data.source import open_training_data
-    from megagpt.engine import deepspeed_config
-    from megagpt.engine import build_engine, build_model_config
+    from megagpt.engine import build_engine, build_model_config, deepspeed_config
     from megagpt.model.attention import resolve_backend
     from megagpt.train import CONF_DIR
 
@@ -113,8 +122,10 @@ def main(argv: list[str]) -> None:
 
         plain = GPT(model_cfg)
         plain.init_weights(cfg.trainer.seed)
-        torch.save({"engine": weights, "plain": {n: p.detach().clone() for n, p in plain.named_parameters()}},
-                   f"{out_prefix}init.pt")
+        torch.save(
+            {"engine": weights, "plain": {n: p.detach().clone() for n, p in plain.named_parameters()}},
+            f"{out_prefix}init.pt",
+        )
     for i, path in enumerate(checkpoints):
         checkpoint.restore(path, engine=train_engine, env=env, seed=cfg.trainer.seed)
         state = full_state(engine, model, cfg.deepspeed.zero_stage)

@@ -31,11 +31,13 @@ class Faults:
     def __init__(self, rank: int, environ=os.environ):
         self.rank = rank
         self.nan_window = self._parse(environ.get("MEGAGPT_FAULT_NAN"), lambda v: tuple(map(int, v.split("-"))))
-        self.nan_steps = self._parse(environ.get("MEGAGPT_FAULT_NAN_STEPS"),
-                                     lambda v: {int(x) for x in v.split(",")}) or set()
+        self.nan_steps = (
+            self._parse(environ.get("MEGAGPT_FAULT_NAN_STEPS"), lambda v: {int(x) for x in v.split(",")}) or set()
+        )
         self.hang_step = self._parse(environ.get("MEGAGPT_FAULT_HANG"), int)
-        self.spike_steps = self._parse(environ.get("MEGAGPT_FAULT_SPIKE_STEPS"),
-                                       lambda v: {int(x) for x in v.split(",")}) or set()
+        self.spike_steps = (
+            self._parse(environ.get("MEGAGPT_FAULT_SPIKE_STEPS"), lambda v: {int(x) for x in v.split(",")}) or set()
+        )
         if self.nan_window or self.nan_steps or self.hang_step or self.spike_steps:
             log.warning("fault injection active on rank %d (MEGAGPT_FAULT_*)", rank)
 
@@ -60,6 +62,7 @@ class Faults:
 class InjectFaults(Hook):
     """Faults (above) in a run: the loss altered through a forward hook on the
     model (the step itself knows nothing of them), a hang before a step."""
+
     phase = Phase.PREPARE
 
     def __init__(self, faults: Faults, model: torch.nn.Module):

@@ -12,18 +12,23 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
-         "sigma tau upsilon phi chi psi omega the of and a to in is that for it as with").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    "sigma tau upsilon phi chi psi omega the of and a to in is that for it as with"
+).split()
 
 
 def make_texts(n_docs: int, seed: int = 0, min_words: int = 5, max_words: int = 120) -> list[str]:
     rng = random.Random(seed)
-    return [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
-            for i in range(n_docs)]
+    return [
+        f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+        for i in range(n_docs)
+    ]
 
 
-def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: int = 0,
-                 vocab_size: int = 300, val_docs: int = 0) -> Path:
+def make_dataset(
+    root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: int = 0, vocab_size: int = 300, val_docs: int = 0
+) -> Path:
     """Write text files, prepare them into shards under root/data (val_docs of
     them held out as validation shards), return that dir."""
     from megagpt.data.prepare import prepare
@@ -33,8 +38,7 @@ def make_dataset(root: Path, n_docs: int = 60, docs_per_shard: int = 6, seed: in
     for i, text in enumerate(make_texts(n_docs, seed)):
         (src / f"{i:05d}.txt").write_text(text)
     out = root / "data"
-    prepare([str(src)], str(out), vocab_size=vocab_size, docs_per_shard=docs_per_shard, val_docs=val_docs,
-            log=None)
+    prepare([str(src)], str(out), vocab_size=vocab_size, docs_per_shard=docs_per_shard, val_docs=val_docs, log=None)
     return out
 
 
@@ -71,25 +75,32 @@ def stream_tokens_of_shard(path: Path, dtype: str, eod: int) -> np.ndarray:
 FAULT_TRAIN = REPO / "tests" / "fault_train.py"
 
 
-def _torchrun_job(args: list[str], env_extra: dict | None, nproc: int,
-                  script: Path | None = None) -> tuple[list[str], dict]:
+def _torchrun_job(
+    args: list[str], env_extra: dict | None, nproc: int, script: Path | None = None
+) -> tuple[list[str], dict]:
     """The command line and environment of a torchrun job of megagpt.train (or of `script`)."""
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"})
     env.update(env_extra or {})
     entry = [str(script)] if script is not None else ["-m", "megagpt.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *entry, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry, *args]
     return cmd, env
 
 
-def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
-             timeout: int = 300, script: Path | None = None) -> subprocess.CompletedProcess:
+def torchrun(
+    args: list[str],
+    cwd: Path,
+    env_extra: dict | None = None,
+    nproc: int = 2,
+    timeout: int = 300,
+    script: Path | None = None,
+) -> subprocess.CompletedProcess:
     cmd, env = _torchrun_job(args, env_extra, nproc, script)
     # On a timeout the workers go too, not only torchrun (orphaned, a hung
     # job's ranks would hold cores for the rest of the test run).
-    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as p:
+    with subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as p:
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -99,8 +110,9 @@ def torchrun(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: i
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2,
-                   log: Path | None = None) -> subprocess.Popen:
+def torchrun_popen(
+    args: list[str], cwd: Path, env_extra: dict | None = None, nproc: int = 2, log: Path | None = None
+) -> subprocess.Popen:
     """Start a torchrun job in its own process group, output to `log`
     (kill_job ends it whole, as a node failure would)."""
     cmd, env = _torchrun_job(args, env_extra, nproc)
@@ -108,8 +120,14 @@ def torchrun_popen(args: list[str], cwd: Path, env_extra: dict | None = None, np
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(predicate, timeout: float, job: subprocess.Popen | None = None, what: str = "a condition",
-             poll: float = 0.1, detail=None):
+def wait_for(
+    predicate,
+    timeout: float,
+    job: subprocess.Popen | None = None,
+    what: str = "a condition",
+    poll: float = 0.1,
+    detail=None,
+):
     """Poll `predicate()` until it returns something true, and return that.  Fails
     (AssertionError naming `what`, with `detail()` where given: a log's tail) after
     `timeout` seconds, or at once when `job` has ended before it came true."""
@@ -184,8 +202,9 @@ def check_reference(name: str, losses: dict[int, float]) -> None:
     if os.environ.get("MEGAGPT_RECORD_REFERENCE") == "1":
         data = json.loads(REFERENCE_FILE.read_text()) if REFERENCE_FILE.exists() else {"runs": {}}
         data["cpu"] = _cpu_kind()
-        data["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                        text=True).stdout.strip()
+        data["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         data["runs"][name] = {str(k): v for k, v in sorted(losses.items())}
         REFERENCE_FILE.parent.mkdir(exist_ok=True)
         REFERENCE_FILE.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -194,8 +213,11 @@ def check_reference(name: str, losses: dict[int, float]) -> None:
     expected = {int(k): v for k, v in data["runs"][name].items()}
     if data["cpu"] != _cpu_kind():
         pytest.skip(f"reference losses were recorded on a {data['cpu']} CPU, this one is {_cpu_kind()}")
-    assert losses == expected, {s: (losses.get(s), expected.get(s)) for s in sorted(set(losses) | set(expected))
-                                if losses.get(s) != expected.get(s)}
+    assert losses == expected, {
+        s: (losses.get(s), expected.get(s))
+        for s in sorted(set(losses) | set(expected))
+        if losses.get(s) != expected.get(s)
+    }
 
 
 # -- the data loader's layers read directly -----------------------------------------
@@ -203,6 +225,7 @@ def check_reference(name: str, losses: dict[int, float]) -> None:
 # stream's windows one at a time, a rank's sequences without batching, a
 # micro-batch split into inputs and targets.  Each reads ahead through a
 # prefetch pool of its own, as the loader does, closed when it is done.
+
 
 def stream_windows(streams, stream: int, start: int, raw: bool = False):
     """Windows start, start+1, ... of one stream of a ShardStreams (raw: before the shuffle)."""

@@ -14,8 +14,13 @@ import torch
 
 from megagpt.config import ConfigError
 from megagpt.model import attention as A
-from megagpt.model.attention import (Visibility, causal_attention, choose_flash_impl, choose_sdpa_backend,
-                                     resolve_sdpa_backend)
+from megagpt.model.attention import (
+    Visibility,
+    causal_attention,
+    choose_flash_impl,
+    choose_sdpa_backend,
+    resolve_sdpa_backend,
+)
 from megagpt.model.visibility import cu_seqlens, cu_seqlens_from_eod, document_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,11 +49,12 @@ def block_diagonal(mask: torch.Tensor) -> torch.Tensor:
     B, _, T, _ = mask.shape
     out = torch.zeros(B * T, B * T, dtype=torch.bool)
     for b in range(B):
-        out[b * T:(b + 1) * T, b * T:(b + 1) * T] = mask[b, 0]
+        out[b * T : (b + 1) * T, b * T : (b + 1) * T] = mask[b, 0]
     return out
 
 
 # --- varlen segments == the SDPA path's document mask --------------------------------------
+
 
 @pytest.mark.parametrize("seed", range(6))
 def test_cu_seqlens_give_exactly_the_document_mask(seed):
@@ -78,17 +84,21 @@ def test_cu_seqlens_by_hand():
 
 # --- which FlashAttention runs --------------------------------------------------------------
 
-@pytest.mark.parametrize("device, cap, fa4, fa2, expected", [
-    ("cpu", None, True, True, None),
-    ("cuda", (9, 0), True, True, "fa4"),    # H100: FlashAttention 4 first
-    ("cuda", (10, 0), True, False, "fa4"),  # B200
-    ("cuda", (9, 0), False, True, "fa2"),   # H100 without flash-attn-4
-    ("cuda", (8, 0), True, True, "fa2"),    # A100: FA4 targets Hopper and Blackwell
-    ("cuda", (8, 0), True, False, None),
-    ("cuda", (8, 9), False, True, "fa2"),
-    ("cuda", (7, 5), False, True, None),
-    ("cuda", (9, 0), False, False, None),
-])
+
+@pytest.mark.parametrize(
+    "device, cap, fa4, fa2, expected",
+    [
+        ("cpu", None, True, True, None),
+        ("cuda", (9, 0), True, True, "fa4"),  # H100: FlashAttention 4 first
+        ("cuda", (10, 0), True, False, "fa4"),  # B200
+        ("cuda", (9, 0), False, True, "fa2"),  # H100 without flash-attn-4
+        ("cuda", (8, 0), True, True, "fa2"),  # A100: FA4 targets Hopper and Blackwell
+        ("cuda", (8, 0), True, False, None),
+        ("cuda", (8, 9), False, True, "fa2"),
+        ("cuda", (7, 5), False, True, None),
+        ("cuda", (9, 0), False, False, None),
+    ],
+)
 def test_choose_flash_impl(device, cap, fa4, fa2, expected):
     assert choose_flash_impl(device, cap, fa4, fa2) == expected
 
@@ -143,8 +153,7 @@ def _reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def fake_flash(returns_lse: bool) -> types.SimpleNamespace:
     wrap = (lambda f: lambda *a, **k: (f(*a, **k), None)) if returns_lse else (lambda f: f)
-    return types.SimpleNamespace(flash_attn_func=wrap(_reference_flash),
-                                 flash_attn_varlen_func=wrap(_reference_varlen))
+    return types.SimpleNamespace(flash_attn_func=wrap(_reference_flash), flash_attn_varlen_func=wrap(_reference_varlen))
 
 
 @pytest.mark.parametrize("impl", ["fa4", "fa2"])
@@ -153,14 +162,16 @@ def test_flash_path_matches_sdpa_through_a_reference_kernel(impl, doc_mask, monk
     # The plumbing of _flash (layouts, GQA, varlen reshapes, FA4's (out, lse))
     # on CPU, with the FlashAttention API computed in eager maths.
     monkeypatch.setattr(A, "flash_impl", lambda *a, **k: impl)
-    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (fake_flash(True), ""),
-                                         "flash_attn": (fake_flash(False), "")})
+    monkeypatch.setattr(
+        A, "_imported", {"flash_attn.cute": (fake_flash(True), ""), "flash_attn": (fake_flash(False), "")}
+    )
     B, H, KV, T, D = 2, 4, 2, 16, 8
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(B, n, T, D, generator=g) for n in (H, KV, KV))
     vis = Visibility.of(packed(B, T, 3, 0.2), eod_id=EOD if doc_mask else None)
-    torch.testing.assert_close(causal_attention(q, k, v, "flash_attn", vis),
-                               causal_attention(q, k, v, "sdpa", vis), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, "flash_attn", vis), causal_attention(q, k, v, "sdpa", vis), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_flash_path_with_a_cache_matches_sdpa(monkeypatch):
@@ -170,8 +181,9 @@ def test_flash_path_with_a_cache_matches_sdpa(monkeypatch):
     q = torch.randn(1, 4, 3, 8, generator=g)  # 3 new tokens after 5 cached ones
     k, v = torch.randn(1, 2, 8, 8, generator=g), torch.randn(1, 2, 8, 8, generator=g)
     vis = Visibility(3, offset=5)
-    torch.testing.assert_close(causal_attention(q, k, v, "flash_attn", vis),
-                               causal_attention(q, k, v, "sdpa", vis), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, "flash_attn", vis), causal_attention(q, k, v, "sdpa", vis), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_fa4_with_dropout_falls_back(monkeypatch):
@@ -200,10 +212,13 @@ def test_flash_trial_passes_a_kernel_that_computes_attention(doc_mask, monkeypat
     assert A.flash_trial(4, 2, 8, doc_mask, device="cpu", dtype=torch.float32, seq_len=32) is None
 
 
-@pytest.mark.parametrize("kernel, expected", [
-    (_failing_flash, "^RuntimeError: cute DSL: kernel compilation failed$"),  # one line
-    (_wrong_flash, "^its output differs from SDPA's by up to "),
-])
+@pytest.mark.parametrize(
+    "kernel, expected",
+    [
+        (_failing_flash, "^RuntimeError: cute DSL: kernel compilation failed$"),  # one line
+        (_wrong_flash, "^its output differs from SDPA's by up to "),
+    ],
+)
 def test_flash_trial_says_why_a_kernel_cannot_train(kernel, expected, monkeypatch):
     import re
 
@@ -219,8 +234,7 @@ def test_auto_falls_back_to_sdpa_when_flash_fails_its_trial(monkeypatch):
     from megagpt import run
     from megagpt.model.config import GPTConfig
 
-    cfg = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32,
-                    attention="flash_attn")
+    cfg = GPTConfig(vocab_size=64, max_seq_len=32, n_layer=1, n_head=4, n_kv_head=2, n_embd=32, attention="flash_attn")
     cpu = torch.device("cpu")
     tried = []
 
@@ -235,20 +249,28 @@ def test_auto_falls_back_to_sdpa_when_flash_fails_its_trial(monkeypatch):
     assert run._try_flash(cfg, "auto", cpu, "bf16", lines.append).attention == "flash_attn"
     assert lines == ["attention: flash_attn (model.attention=auto)"]
     assert tried == [(4, 2, 8, False, torch.bfloat16)]
-    monkeypatch.setattr(A, "_imported", {"flash_attn.cute": (types.SimpleNamespace(flash_attn_func=_failing_flash),
-                                                             "")})
+    monkeypatch.setattr(
+        A, "_imported", {"flash_attn.cute": (types.SimpleNamespace(flash_attn_func=_failing_flash), "")}
+    )
     assert run._try_flash(cfg, "auto", cpu, "fp16", lines.append).attention == "sdpa"
-    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention not used: its trial call at this "
-                         "model's head shape failed: RuntimeError: cute DSL: kernel compilation failed)")
+    assert lines[-1] == (
+        "attention: sdpa (model.attention=auto; FlashAttention not used: its trial call at this "
+        "model's head shape failed: RuntimeError: cute DSL: kernel compilation failed)"
+    )
     assert tried[-1][-1] == torch.float16
-    with pytest.raises(ConfigError, match="^model.attention=flash_attn: FlashAttention cannot train this run: its "
-                                          "trial call at this model's head shape failed: RuntimeError: cute DSL"):
+    with pytest.raises(
+        ConfigError,
+        match="^model.attention=flash_attn: FlashAttention cannot train this run: its "
+        "trial call at this model's head shape failed: RuntimeError: cute DSL",
+    ):
         run._try_flash(cfg, "flash_attn", cpu, "bf16", None)
     # fp32 runs: no FlashAttention kernel takes fp32, so nothing is tried.
     calls = len(tried)
     assert run._try_flash(cfg, "auto", cpu, "fp32", lines.append).attention == "sdpa"
-    assert lines[-1] == ("attention: sdpa (model.attention=auto; FlashAttention not used: it takes fp16 or bf16, "
-                         "and deepspeed.precision is fp32)")
+    assert lines[-1] == (
+        "attention: sdpa (model.attention=auto; FlashAttention not used: it takes fp16 or bf16, "
+        "and deepspeed.precision is fp32)"
+    )
     with pytest.raises(ConfigError, match="deepspeed.precision is fp32$"):
         run._try_flash(cfg, "flash_attn", cpu, "fp32", None)
     assert len(tried) == calls
@@ -265,15 +287,19 @@ def test_resolve_backend_message_names_both_flash_packages():
 
 # --- SDPA's kernel --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("times, expected", [
-    ({"cudnn": 1.0e-3, "flash": 2.0e-3}, "cudnn"),
-    ({"cudnn": 3.0e-3, "flash": 2.0e-3}, "flash"),
-    ({"cudnn": None, "flash": 2.0e-3}, "flash"),  # cuDNN could not run this shape
-    ({"cudnn": 1.0e-3, "efficient": float("inf")}, "cudnn"),
-    ({"cudnn": 2.0e-3, "flash": 2.0e-3}, "cudnn"),  # a tie: the first listed
-    ({"cudnn": None, "flash": None}, None),
-    ({}, None),
-])
+
+@pytest.mark.parametrize(
+    "times, expected",
+    [
+        ({"cudnn": 1.0e-3, "flash": 2.0e-3}, "cudnn"),
+        ({"cudnn": 3.0e-3, "flash": 2.0e-3}, "flash"),
+        ({"cudnn": None, "flash": 2.0e-3}, "flash"),  # cuDNN could not run this shape
+        ({"cudnn": 1.0e-3, "efficient": float("inf")}, "cudnn"),
+        ({"cudnn": 2.0e-3, "flash": 2.0e-3}, "cudnn"),  # a tie: the first listed
+        ({"cudnn": None, "flash": None}, None),
+        ({}, None),
+    ],
+)
 def test_choose_sdpa_backend(times, expected):
     assert choose_sdpa_backend(times) == expected
 
@@ -302,8 +328,19 @@ def test_auto_times_the_real_shape_and_logs_both(monkeypatch):
 @pytest.mark.parametrize("doc_mask", [False, True])
 def test_timing_runs_each_kernel_and_reports_the_ones_that_cannot(doc_mask):
     # The timing loop itself, on CPU tensors: math runs here, cuDNN does not.
-    times, errors = A.time_sdpa_backends(2, 4, 2, 16, 8, candidates=("math", "cudnn"), doc_mask=doc_mask,
-                                         device="cpu", dtype=torch.float32, warmup=1, iters=2)
+    times, errors = A.time_sdpa_backends(
+        2,
+        4,
+        2,
+        16,
+        8,
+        candidates=("math", "cudnn"),
+        doc_mask=doc_mask,
+        device="cpu",
+        dtype=torch.float32,
+        warmup=1,
+        iters=2,
+    )
     assert times["math"] > 0 and times["cudnn"] is None and set(errors) == {"cudnn"}
     assert "\n" not in errors["cudnn"] and errors["cudnn"]
     assert choose_sdpa_backend(times) == "math"
@@ -312,8 +349,10 @@ def test_timing_runs_each_kernel_and_reports_the_ones_that_cannot(doc_mask):
 def test_sdpa_backend_on_cpu():
     shape = dict(batch=2, n_head=4, n_kv_head=2, seq_len=16, head_dim=8)
     assert resolve_sdpa_backend("auto", "cpu", **shape) is None
-    with pytest.raises(ConfigError, match="^model.sdpa_backend: cudnn selects a CUDA kernel and training runs on CPU "
-                                          "here; leave it auto$"):
+    with pytest.raises(
+        ConfigError,
+        match="^model.sdpa_backend: cudnn selects a CUDA kernel and training runs on CPU here; leave it auto$",
+    ):
         resolve_sdpa_backend("cudnn", "cpu", **shape)
     with pytest.raises(ConfigError, match="unknown kernel 'fast'"):
         resolve_sdpa_backend("fast", "cpu", **shape)
@@ -336,18 +375,36 @@ def settings(*overrides: str):
         return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
 
 
-@pytest.mark.parametrize("overrides, cuda, message", [
-    (["model.sdpa_backend=cudnn"], False,
-     "model.sdpa_backend: cudnn selects a CUDA kernel and training runs on CPU here; leave it auto"),
-    (["model.sdpa_backend=math"], False,
-     "model.sdpa_backend: math selects a CUDA kernel and training runs on CPU here; leave it auto"),
-    (["model.sdpa_backend=fast"], True,
-     "model.sdpa_backend: unknown kernel 'fast'; choose one of ('auto', 'cudnn', 'flash', 'efficient', 'math')"),
-    (["model.sdpa_backend=flash", "model.doc_mask=true"], True,
-     "model.sdpa_backend: flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto"),
-    (["model.attention=flash_attn", "deepspeed.precision=fp32"], True,  # at start, before the data and the model
-     "model.attention: flash_attn takes fp16 or bf16, and deepspeed.precision is fp32; use sdpa or auto"),
-])
+@pytest.mark.parametrize(
+    "overrides, cuda, message",
+    [
+        (
+            ["model.sdpa_backend=cudnn"],
+            False,
+            "model.sdpa_backend: cudnn selects a CUDA kernel and training runs on CPU here; leave it auto",
+        ),
+        (
+            ["model.sdpa_backend=math"],
+            False,
+            "model.sdpa_backend: math selects a CUDA kernel and training runs on CPU here; leave it auto",
+        ),
+        (
+            ["model.sdpa_backend=fast"],
+            True,
+            "model.sdpa_backend: unknown kernel 'fast'; choose one of ('auto', 'cudnn', 'flash', 'efficient', 'math')",
+        ),
+        (
+            ["model.sdpa_backend=flash", "model.doc_mask=true"],
+            True,
+            "model.sdpa_backend: flash takes no mask, and model.doc_mask=true needs one; use cudnn, efficient or auto",
+        ),
+        (
+            ["model.attention=flash_attn", "deepspeed.precision=fp32"],
+            True,  # at start, before the data and the model
+            "model.attention: flash_attn takes fp16 or bf16, and deepspeed.precision is fp32; use sdpa or auto",
+        ),
+    ],
+)
 def test_validate_sdpa_backend(overrides, cuda, message):
     from megagpt.config_checks import validate
 
@@ -371,8 +428,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def _qkv(B=2, H=8, KV=2, T=256, D=64, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(B, n, T, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-            for n in (H, KV, KV)]
+    return [
+        torch.randn(B, n, T, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for n in (H, KV, KV)
+    ]
 
 
 def _out_and_grads(fn, q, k, v):
@@ -433,8 +491,9 @@ def test_each_sdpa_kernel_matches_the_eager_maths_on_gpu(kernel):
 @pytest.mark.parametrize("doc_mask", [False, True])
 def test_auto_sdpa_kernel_is_measured_on_gpu(doc_mask):
     lines = []
-    chosen = resolve_sdpa_backend("auto", "cuda", batch=2, n_head=8, n_kv_head=2, seq_len=512, head_dim=64,
-                                  doc_mask=doc_mask, log=lines.append)
+    chosen = resolve_sdpa_backend(
+        "auto", "cuda", batch=2, n_head=8, n_kv_head=2, seq_len=512, head_dim=64, doc_mask=doc_mask, log=lines.append
+    )
     assert chosen in A.sdpa_candidates(doc_mask) or chosen is None
     assert len(lines) == 1 and "sdpa kernel:" in lines[0]
     print(lines[0])

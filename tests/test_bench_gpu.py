@@ -13,16 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, wait_for
+
 from megagpt.bench import gpu, gpu_rows, jobs
 
 QUICK = [r.label for r in gpu_rows.ROWS if r.quick]
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megagpt.bench", "gpu", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "megagpt.bench", "gpu", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -67,8 +68,7 @@ def test_cpu_smoke_runs_every_quick_row(tmp_path):
     zero3 = rows["llama-1b, megagpt defaults (ZeRO-3)"]
     assert "deepspeed=" not in zero3["command"] and "model=llama-1b" in zero3["command"]
     assert any(x.startswith("attention: sdpa") for x in zero3["log_lines"])
-    assert fig["skipped"] == [f"{label}: {rows[label]['reason']}" for label in QUICK
-                              if rows[label]["status"] != "ok"]
+    assert fig["skipped"] == [f"{label}: {rows[label]['reason']}" for label in QUICK if rows[label]["status"] != "ok"]
     text = log.read_text()
     assert all(f"===== {label}: " in text for label in QUICK if rows[label]["status"] == "ok")
     assert "device: cpu; cpu-smoke; 7 rows measured, 2 not" in r.stdout
@@ -116,10 +116,16 @@ def _alive(pid: int) -> bool:
 def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
     # `timeout` ends the bench with SIGTERM: the running job goes, all of it, and the JSON stays.
     out = tmp_path / "bench.json"
-    p = subprocess.Popen([sys.executable, "-m", "megagpt.bench", "gpu", "--cpu-smoke", "--only", "gpt2-124m",
-                          "--json", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "megagpt.bench", "gpu", "--cpu-smoke", "--only", "gpt2-124m", "--json", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     job = []
     try:
+
         def started() -> list[int]:  # torchrun and its worker, the worker under way (importing, building)
             found = [pid for pid in jobs.descendants(p.pid) if "megagpt.train" in _cmdline(pid)]
             return found if len(found) >= 2 and max(_cpu_seconds(pid) for pid in found) >= 1.0 else []
@@ -138,8 +144,19 @@ def test_sigterm_stops_the_job_and_keeps_the_json(tmp_path):
 
 
 def test_quick_settings_fit_one_device_call():
-    ns = argparse.Namespace(cpu_smoke=False, quick=True, budget=None, job_timeout=None, steps=None, warmup=None,
-                            seq_len=2048, micro_batch=8, gpt2_seq_len=1024, gpt2_micro_batch=16, gpt2_grad_accum=4)
+    ns = argparse.Namespace(
+        cpu_smoke=False,
+        quick=True,
+        budget=None,
+        job_timeout=None,
+        steps=None,
+        warmup=None,
+        seq_len=2048,
+        micro_batch=8,
+        gpt2_seq_len=1024,
+        gpt2_micro_batch=16,
+        gpt2_grad_accum=4,
+    )
     s = gpu_rows.settings_from(ns)
     assert (s.steps, s.warmup, s.budget_s) == (20, 8, 330)
     g = s.shape("gpt2-124m")
@@ -147,16 +164,27 @@ def test_quick_settings_fit_one_device_call():
     assert len(QUICK) == 9 and sum(r.est_s for r in gpu_rows.ROWS if r.quick) > 0
     cmd = gpu.DEVICE_COMMAND
     assert len(cmd) <= 2000 and "\n" not in cmd
-    for part in ("--target /tmp/site .whl/*.whl", "PYTHONPATH=/tmp/site:$PWD", "MEGAGPT_CACHE=", "HF_HUB_OFFLINE=1",
-                 "megagpt.bench gpu --quick", "--json $OUT/bench.json", "pytest -m gpu", "timeout ",
-                 "if [ -d .fa4/b ]; then"):
+    for part in (
+        "--target /tmp/site .whl/*.whl",
+        "PYTHONPATH=/tmp/site:$PWD",
+        "MEGAGPT_CACHE=",
+        "HF_HUB_OFFLINE=1",
+        "megagpt.bench gpu --quick",
+        "--json $OUT/bench.json",
+        "pytest -m gpu",
+        "timeout ",
+        "if [ -d .fa4/b ]; then",
+    ):
         assert part in cmd, part
 
 
 def test_pace_scales_the_estimates():
     assert gpu.pace([]) == 1.0
-    done = [{"status": "ok", "wall_s": 50, "planned_s": 100}, {"status": "ok", "wall_s": 30, "planned_s": 100},
-            {"status": "skipped", "planned_s": 100}]
+    done = [
+        {"status": "ok", "wall_s": 50, "planned_s": 100},
+        {"status": "ok", "wall_s": 30, "planned_s": 100},
+        {"status": "skipped", "planned_s": 100},
+    ]
     assert gpu.pace(done) == 0.5  # median 0.4, bounded below at 0.5
     assert gpu.pace([{"status": "ok", "wall_s": 150, "planned_s": 100}]) == 1.5
 
@@ -174,7 +202,7 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
 
     s = gpu_rows.Settings("full", 40, 10, 2048, 8, 1024, 16, 4, None, None)
     cmd = gpu.megagpt_command(row, s, str(tmp_path / "run"))
-    overrides = cmd[cmd.index("megagpt.train") + 1:]
+    overrides = cmd[cmd.index("megagpt.train") + 1 :]
     assert f"model={row.preset}" in overrides and "trainer.log_every=1" in overrides
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
@@ -211,5 +239,6 @@ def test_loss_agreement_compares_moving_means():
     rows = {r.label: r for r in gpu_rows.ROWS}
     fp8 = rows["llama-1b, megagpt, fp8 tensorwise, ZeRO-0, 300 steps"]
     bf16 = rows[fp8.loss_vs]
-    assert fp8.steps == bf16.steps == 300 and [o for o in fp8.overrides if o != "model.fp8=tensorwise"] == \
-        bf16.overrides
+    assert (
+        fp8.steps == bf16.steps == 300 and [o for o in fp8.overrides if o != "model.fp8=tensorwise"] == bf16.overrides
+    )

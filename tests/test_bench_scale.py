@@ -13,15 +13,18 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_dataset
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 
 def _bench(args: list[str], out, timeout: int = 600) -> tuple[dict, str]:
-    r = subprocess.run([sys.executable, "-m", "megagpt.bench", *args, "--json", str(out)],
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.bench", *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return json.loads(out.read_text()), r.stdout
 
@@ -32,12 +35,36 @@ def _positive(x) -> bool:
 
 def test_bench_scaling_runs_three_setups_with_breakdown(tmp_path):
     data = make_dataset(tmp_path, n_docs=60, docs_per_shard=6)
-    fig, stdout = _bench(["scaling", "--data", str(data), "--n-layer", "2", "--n-embd", "64", "--seq-len", "32",
-                          "--global-batch", "4", "--micro-batch", "2", "--steps", "2", "--warmup", "1",
-                          # A peak above any CPU's fp32 rate (this one's: ~9e10), so that MFU < 1
-                          # holds for any correct count (1e10 did not once the loop lost its syncs).
-                          "--profile-steps", "1", "--peak-flops", "1e12", "--out", str(tmp_path / "runs")],
-                         tmp_path / "scaling.json")
+    fig, stdout = _bench(
+        [
+            "scaling",
+            "--data",
+            str(data),
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "64",
+            "--seq-len",
+            "32",
+            "--global-batch",
+            "4",
+            "--micro-batch",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            # A peak above any CPU's fp32 rate (this one's: ~9e10), so that MFU < 1
+            # holds for any correct count (1e10 did not once the loop lost its syncs).
+            "--profile-steps",
+            "1",
+            "--peak-flops",
+            "1e12",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        tmp_path / "scaling.json",
+    )
     rows = fig["rows"]
     assert [(r["zero_stage"], r["processes"]) for r in rows] == [(0, 1), (0, 2), (3, 2)]
     assert [r["grad_accum"] for r in rows] == [2, 1, 1]  # the same global batch everywhere
@@ -61,9 +88,34 @@ def test_bench_scaling_runs_three_setups_with_breakdown(tmp_path):
 
 
 def test_bench_memory_zero3_params_per_rank_fall_as_one_over_ranks(tmp_path):
-    fig, stdout = _bench(["memory", "--n-layer", "2", "--n-embd", "128", "--n-head", "4", "--vocab", "1024",
-                          "--seq-len", "16", "--micro-batch", "1", "--steps", "1", "--ranks", "1", "2",
-                          "--stages", "0", "3", "--out", str(tmp_path / "runs")], tmp_path / "memory.json")
+    fig, stdout = _bench(
+        [
+            "memory",
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "128",
+            "--n-head",
+            "4",
+            "--vocab",
+            "1024",
+            "--seq-len",
+            "16",
+            "--micro-batch",
+            "1",
+            "--steps",
+            "1",
+            "--ranks",
+            "1",
+            "2",
+            "--stages",
+            "0",
+            "3",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        tmp_path / "memory.json",
+    )
     rows = {(r["zero_stage"], r["ranks"]): r for r in fig["rows"]}
     assert sorted(rows) == [(0, 1), (0, 2), (3, 1), (3, 2)]
     full = fig["model"]["param_bytes"]
@@ -94,8 +146,26 @@ def test_bench_memory_zero3_params_per_rank_fall_as_one_over_ranks(tmp_path):
 
 
 def test_bench_cost_table_over_width_and_seq_len(tmp_path):
-    fig, stdout = _bench(["cost", "--widths", "32", "64", "--seq-lens", "16", "32", "--n-layer", "1",
-                          "--micro-batch", "2", "--steps", "1", "--peak-flops", "1e10"], tmp_path / "cost.json")
+    fig, stdout = _bench(
+        [
+            "cost",
+            "--widths",
+            "32",
+            "64",
+            "--seq-lens",
+            "16",
+            "32",
+            "--n-layer",
+            "1",
+            "--micro-batch",
+            "2",
+            "--steps",
+            "1",
+            "--peak-flops",
+            "1e10",
+        ],
+        tmp_path / "cost.json",
+    )
     rows = fig["rows"]
     assert [(r["n_embd"], r["seq_len"]) for r in rows] == [(32, 16), (32, 32), (64, 16), (64, 32)]
     for r in rows:

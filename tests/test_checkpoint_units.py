@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from megagpt.checkpoint import CheckpointError, Checkpointer, resolve_resume
-from megagpt.engine import deepspeed_config
-from megagpt.engine.optimizer import build_optimizer
 from test_config import make_cfg
 
-FILES = {"mp_rank_00_model_states.pt": b"model " * 100, "zero/optim_states.pt": b"optim " * 300,
-         "rng_rank0.pt": b"rng", "tokenizer.json": b"{}"}
+from megagpt.checkpoint import Checkpointer, CheckpointError, resolve_resume
+from megagpt.engine import deepspeed_config
+from megagpt.engine.optimizer import build_optimizer
+
+FILES = {
+    "mp_rank_00_model_states.pt": b"model " * 100,
+    "zero/optim_states.pt": b"optim " * 300,
+    "rng_rank0.pt": b"rng",
+    "tokenizer.json": b"{}",
+}
 
 
 def sha256(data: bytes) -> str:
@@ -33,14 +37,16 @@ def write_checkpoint(path: Path, step: int, files: dict[str, bytes] = FILES) -> 
     for rel, data in files.items():
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_bytes(data)
-    manifest = json.dumps({"files": {rel: {"bytes": len(data), "sha256": sha256(data)}
-                                     for rel, data in files.items()}}).encode()
+    manifest = json.dumps(
+        {"files": {rel: {"bytes": len(data), "sha256": sha256(data)} for rel, data in files.items()}}
+    ).encode()
     (path / "manifest.json").write_bytes(manifest)
     (path / "megagpt_state.json").write_text(json.dumps({"step": step, "manifest_sha256": sha256(manifest)}))
     return path
 
 
 # -- (a) a save killed midway ------------------------------------------------------------------
+
 
 def test_partial_save_is_removed_by_rank_0_only(tmp_path):
     root = tmp_path / "checkpoints"
@@ -64,6 +70,7 @@ def test_auto_resume_never_chooses_a_partial_save(tmp_path):
 
 
 # -- (b) trainer.resume=PATH ------------------------------------------------------------------
+
 
 def test_resume_from_an_intact_path(tmp_path, monkeypatch):
     ckpt = write_checkpoint(tmp_path / "run" / "step_7", 7)
@@ -119,8 +126,10 @@ def test_a_checkpoint_without_a_manifest_checksum_is_damaged(tmp_path):
     (ckpt / "megagpt_state.json").write_text(json.dumps(state))
     with pytest.raises(CheckpointError) as e:
         resolve_resume(str(ckpt), str(root))
-    assert str(e.value) == (f"trainer.resume: checkpoint {ckpt} is damaged: megagpt_state.json names no manifest "
-                            "checksum (manifest_sha256): nothing to verify against")
+    assert str(e.value) == (
+        f"trainer.resume: checkpoint {ckpt} is damaged: megagpt_state.json names no manifest "
+        "checksum (manifest_sha256): nothing to verify against"
+    )
     assert resolve_resume("auto", str(root)) == str(intact)  # set aside, the previous one used
     assert not ckpt.exists() and len(list(root.glob("step_5.damaged-*"))) == 1
 
@@ -139,8 +148,12 @@ def test_resume_from_a_directory_that_is_not_a_checkpoint(tmp_path, contents):
 
 # -- (c) the learning-rate schedule -----------------------------------------------------------
 
-@pytest.mark.parametrize("overrides", [[], ["optim.lr=3e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.2",
-                                            "trainer.max_steps=100"]], ids=["defaults", "custom"])
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["optim.lr=3e-3", "optim.warmup_steps=10", "optim.min_lr_ratio=0.2", "trainer.max_steps=100"]],
+    ids=["defaults", "custom"],
+)
 def test_lr_warms_up_linearly_then_decays_with_a_cosine_to_the_floor(overrides):
     """The schedule megagpt asks DeepSpeed for, stepped as the engine steps it
     (once after each optimizer step): lrs[k - 1] is the rate after the k-th
@@ -174,7 +187,7 @@ def test_lr_warms_up_linearly_then_decays_with_a_cosine_to_the_floor(overrides):
     # and it never rises again.
     assert max(lrs) == lrs[warmup] == pytest.approx(cosine(warmup + 1), rel=1e-6)
     assert lrs[warmup] == pytest.approx(lr, rel=1e-3)
-    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
+    assert all(a >= b for a, b in zip(lrs[warmup:], lrs[warmup + 1 :]))
     middle = warmup + (total - warmup) // 2
     assert (total - warmup) % 2 == 0 and cosine(middle) == pytest.approx(lr * (1 + floor) / 2, rel=1e-12)
     assert lrs[middle - 1] == pytest.approx(cosine(middle), rel=1e-6)
@@ -182,6 +195,7 @@ def test_lr_warms_up_linearly_then_decays_with_a_cosine_to_the_floor(overrides):
 
 
 # -- keep_last --------------------------------------------------------------------------------
+
 
 def test_keep_last_keeps_the_highest_steps_and_never_the_one_just_written(tmp_path):
     """After `trainer.resume=never` (or a resume from an older PATH) the run.dir

@@ -22,8 +22,8 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_dataset, torchrun
+
 from megagpt.config import ConfigError, ModelConfig
 from megagpt.model.config import GPTConfig, auto_loss_chunk_tokens, check, for_device
 from megagpt.model.gpt import GPT
@@ -59,6 +59,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --- exactness -------------------------------------------------------------------------
+
 
 def test_one_chunk_covering_every_token_is_the_plain_loss():
     ref = _run(*_inputs(), 0)
@@ -106,7 +107,7 @@ def test_fused_bf16_within_bf16_rounding():
     assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
     assert abs(loss.item() - ref[0].item()) <= 1e-4 * ref[0].item()
     for got, base, exact in ((gh, plain[1], ref[1]), (gw, plain[2], ref[2])):
-        assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2 ** -8)
+        assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2**-8)
 
 
 @pytest.mark.gpu
@@ -118,7 +119,7 @@ def test_fused_chunks_on_cuda_in_bf16():
         loss, gh, gw = _run_fused(*(x.cuda() for x in _inputs(torch.bfloat16)), chunk)
         assert abs(loss.item() - ref[0].item()) <= 1e-3 * ref[0].item()
         for got, base, exact in ((gh, plain[1], ref[1]), (gw, plain[2], ref[2])):
-            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2 ** -7)
+            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2**-7)
 
 
 def test_the_incoming_gradient_scales_both_gradients():
@@ -138,7 +139,7 @@ def test_bf16_inputs_within_bf16_rounding():
         assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
         assert abs(loss.item() - ref[0].item()) <= 1e-4 * ref[0].item()
         for got, base, exact in ((gh, plain[1], ref[1]), (gw, plain[2], ref[2])):
-            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2 ** -8), (chunk, _rel(got, exact))
+            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2**-8), (chunk, _rel(got, exact))
 
 
 def test_fp16_inputs_under_a_loss_scale_within_fp16_rounding():
@@ -146,14 +147,14 @@ def test_fp16_inputs_under_a_loss_scale_within_fp16_rounding():
     into fp16's subnormals (here ~4e-6) before backward applies DeepSpeed's loss scale, so the
     fp16 path keeps fp32 gradients of the summed loss and applies 1/count and the scale in
     backward, as precise as the plain fp16 path, which scales before it casts."""
-    ref = _run(*_inputs(torch.float32), 0, scale=2.0 ** 16)
-    plain = _run(*_inputs(torch.float16), 0, scale=2.0 ** 16)
+    ref = _run(*_inputs(torch.float32), 0, scale=2.0**16)
+    plain = _run(*_inputs(torch.float16), 0, scale=2.0**16)
     for chunk in (N, 64):
-        loss, gh, gw = _run(*_inputs(torch.float16), chunk, scale=2.0 ** 16)
+        loss, gh, gw = _run(*_inputs(torch.float16), chunk, scale=2.0**16)
         assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.float16
         assert abs(loss.item() - ref[0].item()) <= 1e-4 * ref[0].item()
         for got, base, exact in ((gh, plain[1], ref[1]), (gw, plain[2], ref[2])):
-            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2 ** -10), (chunk, _rel(got, exact))
+            assert _rel(got, exact) <= max(1.5 * _rel(base, exact), 2**-10), (chunk, _rel(got, exact))
 
 
 def test_all_tokens_ignored_is_nan_as_plain():
@@ -182,6 +183,7 @@ def test_without_gradients_nothing_is_kept():
 
 
 # --- in the model ----------------------------------------------------------------------
+
 
 def _model(chunk: int, **kw) -> GPT:
     cfg = GPTConfig(vocab_size=512, max_seq_len=32, n_layer=2, n_head=4, n_embd=32, loss_chunk_tokens=chunk, **kw)
@@ -225,6 +227,7 @@ def test_model_eval_and_logits_unchanged():
 
 # --- memory ----------------------------------------------------------------------------
 
+
 def _saved_bytes(fn) -> int:
     """Bytes of the distinct storages autograd saves for backward while fn() runs."""
     storages = {}
@@ -245,8 +248,9 @@ def _peak_bytes(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for e in events:
         live += e.nbytes()
@@ -271,18 +275,21 @@ def test_chunked_memory_saved_and_peak(capsys):
         return linear_cross_entropy(h, w, targets, chunk)
 
     saved = {f.__name__: _saved_bytes(f) for f in (plain, chunked)}
-    peak = {f.__name__: _peak_bytes(lambda: f().backward()) for f in (plain, chunked)}
+    peak = {f.__name__: _peak_bytes(lambda f=f: f().backward()) for f in (plain, chunked)}
     logits = n * v * 4
     assert saved["plain"] >= logits  # the log-probabilities (and the inputs)
     assert saved["chunked"] == (n * c + v * c) * 4  # the two gradients, nothing else
     assert peak["plain"] >= 2 * logits  # logits and log-probabilities at once, then their gradients
     assert peak["chunked"] <= 2 * chunk * v * 4 + 3 * v * c * 4 + 4 * n * c * 4
     with capsys.disabled():
-        print(f"\nsaved for backward: plain {saved['plain']:,} B, chunked {saved['chunked']:,} B; "
-              f"peak allocated (forward + backward): plain {peak['plain']:,} B, chunked {peak['chunked']:,} B")
+        print(
+            f"\nsaved for backward: plain {saved['plain']:,} B, chunked {saved['chunked']:,} B; "
+            f"peak allocated (forward + backward): plain {peak['plain']:,} B, chunked {peak['chunked']:,} B"
+        )
 
 
 # --- the auto settings -------------------------------------------------------------------
+
 
 def test_auto_settings_resolve_for_the_device_and_explicit_values_win():
     auto = ModelConfig()
@@ -295,8 +302,7 @@ def test_auto_settings_resolve_for_the_device_and_explicit_values_win():
             assert for_device(m, device, 50304) == {"compile": compile_, "loss_chunk_tokens": 333}
     assert for_device(ModelConfig(loss_chunk_tokens=0), "cuda", 128256)["loss_chunk_tokens"] == 0
     # about 2^28 logits (1 GiB in fp32) per chunk, whole multiples of 1024 tokens
-    assert [auto_loss_chunk_tokens(v) for v in (128256, 50304, 32000, 4096, 10**7)] == [2048, 5120, 8192, 65536,
-                                                                                        1024]
+    assert [auto_loss_chunk_tokens(v) for v in (128256, 50304, 32000, 4096, 10**7)] == [2048, 5120, 8192, 65536, 1024]
     c = GPTConfig.from_settings(auto, vocab_size=50257, seq_len=16, attention="sdpa", device_type="cuda")
     assert (c.vocab_size, c.compile, c.loss_chunk_tokens) == (50304, True, 5120)
     c = GPTConfig.from_settings(auto, vocab_size=50257, seq_len=16, attention="sdpa")  # CPU by default
@@ -315,6 +321,7 @@ def test_the_model_sees_concrete_values():
 
 # --- real ZeRO-3 engines -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("chunked"), n_docs=160, docs_per_shard=8)
@@ -322,20 +329,37 @@ def data_dir(tmp_path_factory):
 
 def _losses(data_dir, run_dir, nproc, extra):
     """test_train_e2e's small run, 4 steps, each step's loss."""
-    args = [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            "trainer.max_steps=4", "trainer.save_every=100", "trainer.log_every=1", "optim.lr=3e-3",
-            "optim.warmup_steps=2", "trainer.peak_flops=1e11", "logger=none", *extra]
+    args = [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.save_every=100",
+        "trainer.log_every=1",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "trainer.peak_flops=1e11",
+        "logger=none",
+        *extra,
+    ]
     r = torchrun(args, cwd=run_dir.parent, nproc=nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ZeRO stage 3" in r.stdout
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("nproc, extra", [
-    (2, []),  # tied head (the default): the gradient reaches wte.weight through ZeRO-3's hooks
-    (1, ["model.tie_embeddings=false", "trainer.grad_accum=2"]),  # an untied head; the loss scaled by 1/2
-])
+@pytest.mark.parametrize(
+    "nproc, extra",
+    [
+        (2, []),  # tied head (the default): the gradient reaches wte.weight through ZeRO-3's hooks
+        (1, ["model.tie_embeddings=false", "trainer.grad_accum=2"]),  # an untied head; the loss scaled by 1/2
+    ],
+)
 @pytest.mark.slow
 def test_zero3_engine_trains_the_same_losses(data_dir, tmp_path, nproc, extra):
     """A real DeepSpeed ZeRO-3 engine (gloo, CPU): the chunked loss (64-token chunks of the 128
@@ -351,8 +375,9 @@ def test_zero3_engine_trains_the_same_losses(data_dir, tmp_path, nproc, extra):
         assert abs(a - b) <= 1e-6 * a, (plain, chunked)
     assert chunked[-1] < chunked[0]
     if nproc == 1:
-        compiled = _losses(data_dir, tmp_path / "compiled", nproc,
-                           extra + ["model.loss_chunk_tokens=64", "model.compile=true"])
+        compiled = _losses(
+            data_dir, tmp_path / "compiled", nproc, extra + ["model.loss_chunk_tokens=64", "model.compile=true"]
+        )
         for a, b in zip(plain, compiled):
             assert abs(a - b) <= 1e-4 * a, (plain, compiled)  # inductor's kernels: test_train_e2e's tolerance
     print(f"{nproc} rank(s): plain {plain}, chunked {chunked} ({time.time() - t0:.0f} s)")

@@ -29,6 +29,7 @@ def make_cfg(*overrides: str) -> Config:
 
 # --- composition -------------------------------------------------------------
 
+
 def test_defaults():
     cfg = make_cfg()
     assert isinstance(cfg, Config)
@@ -37,14 +38,22 @@ def test_defaults():
     assert cfg.deepspeed.zero_stage == 3
     assert (cfg.logger.kind, cfg.logger.mode) == ("wandb", "offline")
     t = cfg.trainer
-    assert (t.max_steps, t.save_every, t.log_every, t.seed, t.resume, t.micro_batch_size, t.grad_accum) == \
-        (200, 100, 10, 1234, "auto", 8, 1)
+    assert (t.max_steps, t.save_every, t.log_every, t.seed, t.resume, t.micro_batch_size, t.grad_accum) == (
+        200,
+        100,
+        10,
+        1234,
+        "auto",
+        8,
+        1,
+    )
     validate(cfg, 1)  # the defaults are valid
 
 
 def test_overrides():
-    cfg = make_cfg("model.n_layer=2", "deepspeed=zero0", "logger=none", "data=webdataset", "data.urls=/x",
-                   "trainer.max_steps=7")
+    cfg = make_cfg(
+        "model.n_layer=2", "deepspeed=zero0", "logger=none", "data=webdataset", "data.urls=/x", "trainer.max_steps=7"
+    )
     assert cfg.model.n_layer == 2
     assert cfg.deepspeed.zero_stage == 0
     assert cfg.logger.kind == "none"
@@ -55,18 +64,22 @@ def test_overrides():
 
 # --- validation --------------------------------------------------------------
 
-@pytest.mark.parametrize("overrides, world_size, key", [
-    (["model.n_embd=130"], 1, "model.n_embd"),
-    (["trainer.max_steps=0"], 1, "trainer.max_steps"),
-    (["trainer.max_steps=-3"], 1, "trainer.max_steps"),
-    (["trainer.save_every=0"], 1, "trainer.save_every"),
-    (["data=webdataset"], 1, "data.urls"),
-    (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], 1, "trainer.micro_batch_size"),
-    (["model.attention=flash"], 1, "model.attention"),
-    (["deepspeed.zero_stage=5"], 1, "deepspeed.zero_stage"),
-    (["data.num_streams=3"], 2, "data.num_streams"),
-    (["optim.beta2=1.0"], 1, "optim.beta2"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, world_size, key",
+    [
+        (["model.n_embd=130"], 1, "model.n_embd"),
+        (["trainer.max_steps=0"], 1, "trainer.max_steps"),
+        (["trainer.max_steps=-3"], 1, "trainer.max_steps"),
+        (["trainer.save_every=0"], 1, "trainer.save_every"),
+        (["data=webdataset"], 1, "data.urls"),
+        (["trainer.global_batch_size=10", "trainer.micro_batch_size=4"], 1, "trainer.micro_batch_size"),
+        (["model.attention=flash"], 1, "model.attention"),
+        (["deepspeed.zero_stage=5"], 1, "deepspeed.zero_stage"),
+        (["data.num_streams=3"], 2, "data.num_streams"),
+        (["optim.beta2=1.0"], 1, "optim.beta2"),
+    ],
+)
 def test_validate_errors(overrides, world_size, key):
     cfg = make_cfg(*overrides)
     with pytest.raises(ConfigError) as e:
@@ -78,24 +91,32 @@ def test_validate_errors(overrides, world_size, key):
 
 # --- the CLI -----------------------------------------------------------------
 
+
 def _run_cli(tmp_path, args, launcher=("-m", "megagpt.train")):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["MEGAGPT_CACHE"] = str(tmp_path / "cache")
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, *launcher, *args], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, *launcher, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     return p, time.monotonic() - t0
 
 
-@pytest.mark.parametrize("args, key", [
-    (["trainer.foo=1"], "trainer.foo"),
-    (["trainer.max_steps=abc"], "trainer.max_steps"),
-    (["model.n_embd=130"], "model.n_embd"),
-    (["trainer.max_steps=0"], "trainer.max_steps"),
-    (["data=webdataset"], "data.urls"),
-    (["data=webdataset", "data.urls=/d/shard-{0..3}.tar"], "data.urls"),  # unquoted braces: Hydra can't parse
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["trainer.foo=1"], "trainer.foo"),
+        (["trainer.max_steps=abc"], "trainer.max_steps"),
+        (["model.n_embd=130"], "model.n_embd"),
+        (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["data=webdataset"], "data.urls"),
+        (["data=webdataset", "data.urls=/d/shard-{0..3}.tar"], "data.urls"),  # unquoted braces: Hydra can't parse
+    ],
+)
 @pytest.mark.slow
 def test_cli_one_line_error(tmp_path, args, key):
     p, elapsed = _run_cli(tmp_path, args)
@@ -108,15 +129,20 @@ def test_cli_one_line_error(tmp_path, args, key):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("args, key", [
-    (["model.n_embd=130"], "model.n_embd"),
-    (["+trainer.no_such_key=1"], "trainer.no_such_key"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["model.n_embd=130"], "model.n_embd"),
+        (["+trainer.no_such_key=1"], "trainer.no_such_key"),
+    ],
+)
 @pytest.mark.slow
 def test_cli_error_two_ranks(tmp_path, args, key):
-    p, elapsed = _run_cli(tmp_path, args,
-                          launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                    "-m", "megagpt.train"))
+    p, elapsed = _run_cli(
+        tmp_path,
+        args,
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "megagpt.train"),
+    )
     assert p.returncode != 0
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("megagpt: error")]
     for rank in (0, 1):
@@ -132,17 +158,20 @@ UNKNOWN = "unknown key (TrainerConfig has no setting 'no_such_key')"
 TYPO = "unknown key (TrainerConfig has no setting 'max_step'; did you mean trainer.max_steps?)"
 
 
-@pytest.mark.parametrize("args, line", [
-    (["trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
-    (["+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
-    (["++trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
-    (["trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
-    (["+trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
-    (["++trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
-    (["+nosuch.key=1"], "nosuch: unknown key (Config has no setting 'nosuch')"),
-    (["data=mixture", "+data.sources=[{name:a,urls:/d,wieght:2}]"], "wieght: unknown key (SourceConfig"),
-    (["-m", "+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),  # a sweep: checked in each job
-])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+        (["+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+        (["++trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),
+        (["trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+        (["+trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+        (["++trainer.max_step=100"], f"trainer.max_step: {TYPO}"),
+        (["+nosuch.key=1"], "nosuch: unknown key (Config has no setting 'nosuch')"),
+        (["data=mixture", "+data.sources=[{name:a,urls:/d,wieght:2}]"], "wieght: unknown key (SourceConfig"),
+        (["-m", "+trainer.no_such_key=1"], f"trainer.no_such_key: {UNKNOWN}"),  # a sweep: checked in each job
+    ],
+)
 def test_unknown_key_is_the_same_line_with_or_without_plus(tmp_path, args, line):
     p, elapsed = _run_cli(tmp_path, args)
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
@@ -158,9 +187,18 @@ def test_known_keys_pass_and_hydra_keys_are_not_checked():
 
     megagpt.config.register()
     with initialize_config_dir(config_dir=megagpt.train.CONF_DIR, version_base=None):
-        dcfg = compose("config", overrides=["+hydra.job.env_set.FOO=1", "data=mixture",
-                                            "data.sources=[{name:a,urls:/d,weight:2}]", "data.urls=[a,b]",
-                                            "model=llama-1b", "trainer.max_steps=3"], return_hydra_config=True)
+        dcfg = compose(
+            "config",
+            overrides=[
+                "+hydra.job.env_set.FOO=1",
+                "data=mixture",
+                "data.sources=[{name:a,urls:/d,weight:2}]",
+                "data.urls=[a,b]",
+                "model=llama-1b",
+                "trainer.max_steps=3",
+            ],
+            return_hydra_config=True,
+        )
         assert dcfg.hydra.job.env_set.FOO == "1"
         check_known_keys(dcfg)  # no error: every key is the schema's, and hydra.* is Hydra's
         dcfg = compose("config", overrides=["+trainer.no_such_key=1"])
@@ -170,17 +208,25 @@ def test_known_keys_pass_and_hydra_keys_are_not_checked():
 
 # --- deepspeed_config --------------------------------------------------------
 
+
 def test_deepspeed_config():
-    cfg = make_cfg("trainer.micro_batch_size=4", "trainer.grad_accum=2", "optim.lr=3e-4",
-                   "optim.beta2=0.99", "optim.weight_decay=0.05", "trainer.max_steps=77")
+    cfg = make_cfg(
+        "trainer.micro_batch_size=4",
+        "trainer.grad_accum=2",
+        "optim.lr=3e-4",
+        "optim.beta2=0.99",
+        "optim.weight_decay=0.05",
+        "trainer.max_steps=77",
+    )
     ds = deepspeed_config(cfg, 2, "cuda")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["train_batch_size"] == 16
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage == 3
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 1_000_000_000
-    small = deepspeed_config(make_cfg("deepspeed.stage3_max_live_parameters=1000",
-                                      "deepspeed.stage3_max_reuse_distance=10"), 2, "cpu")["zero_optimization"]
+    small = deepspeed_config(
+        make_cfg("deepspeed.stage3_max_live_parameters=1000", "deepspeed.stage3_max_reuse_distance=10"), 2, "cpu"
+    )["zero_optimization"]
     assert (small["stage3_max_live_parameters"], small["stage3_max_reuse_distance"]) == (1000, 10)
     assert "optimizer" not in ds  # megagpt builds torch's AdamW itself (build_optimizer)
     assert ds["scheduler"]["type"] == "WarmupCosineLR"
@@ -216,11 +262,14 @@ def test_deepspeed_config_global_batch():
 def test_error_lines_of_ranks_failing_together_stay_whole(tmp_path):
     """Ranks share the launcher's stderr and often fail at the same moment: each
     error line goes out in one write, so two lines never run into one."""
-    code = ("import os, sys; from megagpt.train import _error_line\n"
-            "for i in range(3000): _error_line(f'step {i}: ' + 'x' * 150)\n")
+    code = (
+        "import os, sys; from megagpt.train import _error_line\n"
+        "for i in range(3000): _error_line(f'step {i}: ' + 'x' * 150)\n"
+    )
     r, w = os.pipe()
-    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=w, env={**os.environ, "RANK": str(k)})
-             for k in (0, 1)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=w, env={**os.environ, "RANK": str(k)}) for k in (0, 1)
+    ]
     os.close(w)
     with os.fdopen(r) as f:
         lines = f.read().splitlines()

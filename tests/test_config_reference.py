@@ -69,6 +69,7 @@ def test_the_check_command_passes():
 
 # --- the checker catches what it should --------------------------------------
 
+
 def _groups_from(source: str, conf_dir=reference.CONF_DIR):
     return reference.groups(source, conf_dir)
 
@@ -98,8 +99,9 @@ def test_a_stale_page_is_caught(tmp_path):
     assert problems[0].startswith(f"docs/configuration.md:{row}: "), problems
 
     body = reference.render(reference.groups())
-    assert reference.page_problems(tmp_path / "configuration.md", body) == \
-        [f"{tmp_path / 'configuration.md'}: missing; run python -m megagpt.config_reference"]
+    assert reference.page_problems(tmp_path / "configuration.md", body) == [
+        f"{tmp_path / 'configuration.md'}: missing; run python -m megagpt.config_reference"
+    ]
     (tmp_path / "configuration.md").write_text("# Configuration\n\nNo section yet.\n")
     assert "no generated section" in reference.page_problems(tmp_path / "configuration.md", body)[0]
 
@@ -107,7 +109,7 @@ def test_a_stale_page_is_caught(tmp_path):
 def _without_docstring(source: str, cls: str) -> str:
     node = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == cls)
     lines = source.splitlines(keepends=True)
-    return "".join(lines[:node.body[0].lineno - 1] + lines[node.body[0].end_lineno:])
+    return "".join(lines[: node.body[0].lineno - 1] + lines[node.body[0].end_lineno :])
 
 
 def test_a_key_or_group_without_a_description_is_caught():
@@ -136,8 +138,9 @@ def test_a_default_preset_that_disagrees_or_a_preset_key_the_schema_lacks_is_cau
     problems = reference.preset_problems(_groups_from(source, conf), path, conf)
     assert len(problems) == 2, problems
     assert problems[0] == f"{llama}: model.n_layers is not a key of the schema (ModelConfig)"
-    assert problems[1].startswith(f"{default}: trainer.eval_every is {schema_value + 7} here and {schema_value} "
-                                  "in the schema (megagpt/config.py:")
+    assert problems[1].startswith(
+        f"{default}: trainer.eval_every is {schema_value + 7} here and {schema_value} in the schema (megagpt/config.py:"
+    )
     assert "trainer=default is composed by default" in problems[1]
     # What a run gets is the preset's value, and the page would say so.
     eval_every = _key("trainer.eval_every", _groups_from(source, conf))
@@ -147,8 +150,10 @@ def test_a_default_preset_that_disagrees_or_a_preset_key_the_schema_lacks_is_cau
 def test_the_section_is_replaced_and_the_rest_of_the_page_kept():
     body = "## Reference\n\nnew\n"
     old = f"# Guide\n\nHand-written.\n\n{reference.BEGIN}\nold\n{reference.END}\n\n## After\n"
-    assert reference.splice(old, body) == \
-        f"# Guide\n\nHand-written.\n\n{reference.BEGIN}\n## Reference\n\nnew\n{reference.END}\n\n## After\n"
+    assert (
+        reference.splice(old, body)
+        == f"# Guide\n\nHand-written.\n\n{reference.BEGIN}\n## Reference\n\nnew\n{reference.END}\n\n## After\n"
+    )
     created = reference.splice(None, body)
     assert created.startswith(reference.INTRO) and created.endswith(f"{reference.BEGIN}\n{body}{reference.END}\n")
     assert reference.splice("# Guide\n", body) == f"# Guide\n\n{reference.BEGIN}\n{body}{reference.END}\n"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import make_texts, rank_sequences, torchrun
+
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
 from megagpt.data.shards import FORMAT, VERSION, open_dataset
@@ -37,9 +37,17 @@ def write_numbered(out: Path, doc_lengths: list[int], docs_per_shard: int, first
         sink.add(np.arange(next_id, next_id + n, dtype="<u4").tobytes(), n, (0, k))
         next_id += n
     sink.close()
-    manifest = {"format": FORMAT, "version": VERSION, "dtype": "uint32", "vocab_size": 1 << 20, "eod_id": EOD,
-                "tokenizer": "tokenizer.json", "documents": len(doc_lengths), "tokens": sum(doc_lengths),
-                "shards": [manifest_entry(s) for s in written]}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": "uint32",
+        "vocab_size": 1 << 20,
+        "eod_id": EOD,
+        "tokenizer": "tokenizer.json",
+        "documents": len(doc_lengths),
+        "tokens": sum(doc_lengths),
+        "shards": [manifest_entry(s) for s in written],
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -82,8 +90,9 @@ def check_against_the_data(mix: Mixture, count: int, least_epochs: int) -> None:
 
 def pass_lengths(doc_lengths: list[int], docs_per_shard: int, num_streams: int) -> list[int]:
     """Tokens each stream reads in a pass without shuffled shards (documents and their EODs)."""
-    shards = [sum(n + 1 for n in doc_lengths[k : k + docs_per_shard])
-              for k in range(0, len(doc_lengths), docs_per_shard)]
+    shards = [
+        sum(n + 1 for n in doc_lengths[k : k + docs_per_shard]) for k in range(0, len(doc_lengths), docs_per_shard)
+    ]
     return [sum(shards[s::num_streams]) for s in range(num_streams)]
 
 
@@ -149,8 +158,9 @@ def test_epoch_is_the_same_on_every_rank_and_after_resume(numbered):
     a, b = numbered
 
     def mix():
-        return Mixture([streams(a, 2, "a"), streams(b, 2, "b", shuffle_buffer=4)], [0.5, 0.5], period=6,
-                       names=["a", "b"])
+        return Mixture(
+            [streams(a, 2, "a"), streams(b, 2, "b", shuffle_buffer=4)], [0.5, 0.5], period=6, names=["a", "b"]
+        )
 
     ranks = [Batches(mix(), r, 2, 3, group_tokens=4 * (L + 1)) for r in range(2)]
     resumed = Batches(mix(), 0, 2, 3, group_tokens=4 * (L + 1))
@@ -189,8 +199,9 @@ def test_wrap_warning_once_when_the_first_repeated_sequence_is_taken(numbered, c
     step = micro * world  # sequences per step: one micro-batch per rank
     count = 2 * mix().sources[0].pass_tokens() // L
     first = next(c for c, e in enumerate(observed_epochs(mix(), count)) if e[0] == 2)  # the sequence that wraps
-    ranks = [Batches(mix(), r, world, micro, group_tokens=2 * micro * (L + 1), sequences_per_step=step)
-             for r in range(world)]
+    ranks = [
+        Batches(mix(), r, world, micro, group_tokens=2 * micro * (L + 1), sequences_per_step=step) for r in range(world)
+    ]
     try:
         with caplog.at_level(logging.WARNING, logger="megagpt"):
             while ranks[0].consumed + step <= first:  # the steps before the one that holds it
@@ -203,7 +214,8 @@ def test_wrap_warning_once_when_the_first_repeated_sequence_is_taken(numbered, c
             one_pass = mix().sources[0].pass_tokens()
             assert wrap_warnings(caplog) == [
                 f"data: source 'web' wrapped around at sequence {first} (step {first // step + 1}): one "
-                f"pass is {one_pass:,} tokens, about {one_pass / L / step:.2g} steps; epoch 2 starts"]  # 5.7
+                f"pass is {one_pass:,} tokens, about {one_pass / L / step:.2g} steps; epoch 2 starts"
+            ]  # 5.7
             for b in ranks:  # on into epoch 3, back by a rollback and on again: still the one warning
                 take(b, 2 * one_pass // L // step)
                 b.load_state_dict({**b.state_dict(), "consumed": 0})
@@ -227,7 +239,8 @@ def test_tiny_corpus_says_it_repeats_within_one_window(tmp_path, caplog):
         # 2 windows end at token 256 of the stream: passes of 14 tokens (13 and an EOD) begin at 0, 14, ... 252.
         assert wrap_warnings(caplog) == [
             "data: source 'tiny' wrapped around at sequence 0 (step 1): one pass is 14 tokens, shorter than one "
-            "window of 129: each window repeats this tiny corpus about 9 times; now in epoch 19"]
+            "window of 129: each window repeats this tiny corpus about 9 times; now in epoch 19"
+        ]
         assert b.consumed == 6 and b.data_epoch == 6 * 128 // 14 + 1
         # Exact however far (its passes are all alike): pass 10**10 begins at token (10**10 - 1) * 14.
         assert mix.epochs(10**12) == [10**12 * 128 // 14 + 1]
@@ -252,28 +265,62 @@ def test_training_logs_the_data_epoch(tmp_path):
         for k, text in enumerate(docs):
             (tmp_path / name / f"{k}.txt").write_text(text)
     prepare([str(tmp_path / "tiny")], str(tmp_path / "tiny-data"), vocab_size=300, log=None)
-    prepare([str(tmp_path / "big")], str(tmp_path / "big-data"), tokenizer=str(tmp_path / "tiny-data/tokenizer.json"),
-            docs_per_shard=30, log=None)
+    prepare(
+        [str(tmp_path / "big")],
+        str(tmp_path / "big-data"),
+        tokenizer=str(tmp_path / "tiny-data/tokenizer.json"),
+        docs_per_shard=30,
+        log=None,
+    )
     run_dir = tmp_path / "run"
-    r = torchrun([f"run.dir={run_dir}", "data=mixture", "data.seq_len=128", "data.shuffle_buffer=1",
-                  f"data.sources=[{{name:tiny,urls:{tmp_path}/tiny-data,weight:0.5}},"
-                  f"{{name:big,urls:{tmp_path}/big-data,weight:0.5}}]", "data.mix_period=10",
-                  "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "trainer.micro_batch_size=2",
-                  "trainer.max_steps=6", "trainer.log_every=2", "trainer.save_every=100", "trainer.eval_every=0",
-                  "logger=none", "trainer.peak_flops=1e11"], cwd=tmp_path, nproc=1)
+    r = torchrun(
+        [
+            f"run.dir={run_dir}",
+            "data=mixture",
+            "data.seq_len=128",
+            "data.shuffle_buffer=1",
+            f"data.sources=[{{name:tiny,urls:{tmp_path}/tiny-data,weight:0.5}},"
+            f"{{name:big,urls:{tmp_path}/big-data,weight:0.5}}]",
+            "data.mix_period=10",
+            "model.n_layer=1",
+            "model.n_head=2",
+            "model.n_embd=32",
+            "trainer.micro_batch_size=2",
+            "trainer.max_steps=6",
+            "trainer.log_every=2",
+            "trainer.save_every=100",
+            "trainer.eval_every=0",
+            "logger=none",
+            "trainer.peak_flops=1e11",
+        ],
+        cwd=tmp_path,
+        nproc=1,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     settings = StreamSettings(1, 128, seed=TrainerConfig().seed, shuffle_buffer=1)
-    mix = Mixture([ShardStreams(open_dataset(str(tmp_path / f"{n}-data")), settings, name=n) for n in texts],
-                  [0.5, 0.5], period=10)
-    expected = [{"step": step, "data_epoch": max(mix.epochs(2 * step)), "data_epoch/tiny": mix.epochs(2 * step)[0],
-                 "data_epoch/big": mix.epochs(2 * step)[1]} for step in (2, 4, 6)]
+    mix = Mixture(
+        [ShardStreams(open_dataset(str(tmp_path / f"{n}-data")), settings, name=n) for n in texts],
+        [0.5, 0.5],
+        period=10,
+    )
+    expected = [
+        {
+            "step": step,
+            "data_epoch": max(mix.epochs(2 * step)),
+            "data_epoch/tiny": mix.epochs(2 * step)[0],
+            "data_epoch/big": mix.epochs(2 * step)[1],
+        }
+        for step in (2, 4, 6)
+    ]
     assert [{k: x[k] for k in expected[0]} for x in records] == expected
     assert expected[-1]["data_epoch/tiny"] > 50 and expected[-1]["data_epoch/big"] == 1
     assert wandb_name("data_epoch") == "data/epoch" and wandb_name("data_epoch/tiny") == "data/epoch/tiny"
     warnings = [x for x in (r.stdout + r.stderr).splitlines() if "wrapped around" in x]
     one_pass = mix.sources[0].pass_tokens()
     assert len(warnings) == 1 and one_pass < 129
-    assert (f"data: source 'tiny' wrapped around at sequence {mix.reaches(0, 2) - 1} (step 1): one pass is "
-            f"{one_pass} tokens, shorter than one window of 129: each window repeats this tiny corpus about "
-            f"{129 / one_pass:.0f} times; now in epoch") in warnings[0]
+    assert (
+        f"data: source 'tiny' wrapped around at sequence {mix.reaches(0, 2) - 1} (step 1): one pass is "
+        f"{one_pass} tokens, shorter than one window of 129: each window repeats this tiny corpus about "
+        f"{129 / one_pass:.0f} times; now in epoch"
+    ) in warnings[0]

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 DOCS = REPO / "docs"

@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, _torchrun_job, check_reference, make_dataset, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -47,15 +46,37 @@ def data_dir(tmp_path_factory):
 
 def run_args(data_dir: Path, stage: int) -> list[str]:
     """The job's settings, the same for every number of ranks (global batch 8)."""
-    return ["data=webdataset", f"data.urls={data_dir}", "data.seq_len=32", "model.n_layer=2", "model.n_head=4",
-            "model.n_embd=64", "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "optim.lr=3e-3",
-            "optim.warmup_steps=2", "logger=none", "trainer.seed=11", f"deepspeed=zero{stage}"]
+    return [
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.global_batch_size=8",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "trainer.seed=11",
+        f"deepspeed=zero{stage}",
+    ]
 
 
 def train(data_dir: Path, stage: int, run_dir: Path, nproc: int) -> subprocess.CompletedProcess:
-    r = torchrun([*run_args(data_dir, stage), f"run.dir={run_dir}", f"trainer.max_steps={STEPS}",
-                  f"trainer.save_every={RESUME_AT}", "trainer.log_every=1", "trainer.eval_every=0",
-                  "trainer.peak_flops=1e11"], cwd=run_dir.parent, nproc=nproc)
+    r = torchrun(
+        [
+            *run_args(data_dir, stage),
+            f"run.dir={run_dir}",
+            f"trainer.max_steps={STEPS}",
+            f"trainer.save_every={RESUME_AT}",
+            "trainer.log_every=1",
+            "trainer.eval_every=0",
+            "trainer.peak_flops=1e11",
+        ],
+        cwd=run_dir.parent,
+        nproc=nproc,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -74,8 +95,13 @@ def dump_states(data_dir: Path, stage: int, nproc: int, checkpoints: list[Path],
     import torch
 
     cmd, env = _torchrun_job([], None, nproc)
-    cmd = cmd[: cmd.index("-m", 2)] + [str(REPO / "tests" / "engine_state.py"), str(out),
-                                       *map(str, checkpoints), "--", *run_args(data_dir, stage)]
+    cmd = cmd[: cmd.index("-m", 2)] + [
+        str(REPO / "tests" / "engine_state.py"),
+        str(out),
+        *map(str, checkpoints),
+        "--",
+        *run_args(data_dir, stage),
+    ]
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return [torch.load(f"{out}{i}.pt", weights_only=False) for i in range(len(checkpoints))]
@@ -92,8 +118,12 @@ def stage_runs(request, data_dir, tmp_path_factory):
     import torch
 
     stage, root = request.param, tmp_path_factory.mktemp(f"zero{request.param}")
-    runs = {"two": root / "two", "one": root / "one", "two_to_one": root / "two_to_one",
-            "one_to_two": root / "one_to_two"}
+    runs = {
+        "two": root / "two",
+        "one": root / "one",
+        "two_to_one": root / "two_to_one",
+        "one_to_two": root / "one_to_two",
+    }
     train(data_dir, stage, runs["two"], 2)
     train(data_dir, stage, runs["one"], 1)
     r21 = resumed(data_dir, stage, runs["two"], runs["two_to_one"], 1)
@@ -147,8 +177,10 @@ def test_resharded_resume_matches_the_uninterrupted_run(stage_runs):
         got = losses(runs[name])
         assert sorted(got) == list(after), (name, sorted(got))
         worst = max(abs(got[s] - reference[s]) / abs(reference[s]) for s in after)
-        assert worst <= bound, (f"ZeRO-{stage} {name}: resumed losses are {worst:.2e} off the uninterrupted run, "
-                                f"more than {FACTOR:g} x the from-scratch floor {floor:.2e} (or 1e-5)")
+        assert worst <= bound, (
+            f"ZeRO-{stage} {name}: resumed losses are {worst:.2e} off the uninterrupted run, "
+            f"more than {FACTOR:g} x the from-scratch floor {floor:.2e} (or 1e-5)"
+        )
         state = json.loads((runs[name] / "checkpoints" / f"step_{STEPS}" / "megagpt_state.json").read_text())
         assert state["data"]["consumed"] == STEPS * 8
         assert state["world_size"] == (1 if name == "two_to_one" else 2)
@@ -195,8 +227,7 @@ def test_unconvertible_checkpoint_is_one_clear_line(data_dir, tmp_path):
     run_dir = tmp_path / "one"
     (run_dir / "checkpoints").mkdir(parents=True)
     shutil.copytree(step, run_dir / "checkpoints" / step.name)
-    r = torchrun([*run_args(data_dir, 2), f"run.dir={run_dir}", f"trainer.max_steps={STEPS}"], cwd=tmp_path,
-                 nproc=1)
+    r = torchrun([*run_args(data_dir, 2), f"run.dir={run_dir}", f"trainer.max_steps={STEPS}"], cwd=tmp_path, nproc=1)
     assert r.returncode != 0
     assert re.search(r"exitcode\s*:\s*2\b", r.stderr), r.stderr[-3000:]  # the rank's own code, not a crash
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("megagpt: error")]

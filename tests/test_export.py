@@ -12,7 +12,6 @@ import sys
 
 import pytest
 import torch
-
 from helpers import make_dataset, make_texts, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -26,8 +25,16 @@ RUNS = {
     "gpt2": ["model=tiny", "model.n_layer=2", "model.n_head=4", "model.n_embd=64"],
     # llama: untied head, 4 query heads on 2 key/value heads, and document
     # masking plus activation checkpointing exercised under ZeRO-3.
-    "llama": ["model=llama-tiny", "model.n_layer=2", "model.n_head=4", "model.n_kv_head=2", "model.n_embd=64",
-              "model.mlp_hidden=160", "model.doc_mask=true", "model.activation_checkpointing=1"],
+    "llama": [
+        "model=llama-tiny",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_kv_head=2",
+        "model.n_embd=64",
+        "model.mlp_hidden=160",
+        "model.doc_mask=true",
+        "model.activation_checkpointing=1",
+    ],
 }
 
 
@@ -38,10 +45,25 @@ def runs(tmp_path_factory):
     out = {}
     for family, model_args in RUNS.items():
         run_dir = root / family
-        r = torchrun([f"run.dir={run_dir}", "data=webdataset", f"data.urls={data}", "data.seq_len=32",
-                      "trainer.micro_batch_size=4", "trainer.max_steps=10", "trainer.save_every=5",
-                      "trainer.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none",
-                      "trainer.peak_flops=1e11", "export.at_end=true", *model_args], cwd=root)
+        r = torchrun(
+            [
+                f"run.dir={run_dir}",
+                "data=webdataset",
+                f"data.urls={data}",
+                "data.seq_len=32",
+                "trainer.micro_batch_size=4",
+                "trainer.max_steps=10",
+                "trainer.save_every=5",
+                "trainer.log_every=5",
+                "optim.lr=3e-3",
+                "optim.warmup_steps=2",
+                "logger=none",
+                "trainer.peak_flops=1e11",
+                "export.at_end=true",
+                *model_args,
+            ],
+            cwd=root,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert f"exported to {run_dir}/hf" in r.stdout
         out[family] = run_dir
@@ -58,8 +80,14 @@ def megagpt_model(run_dir):
 def test_transformers_loads_export_and_logits_match(runs, family):
     run_dir = runs[family]
     hf_dir = run_dir / "hf"
-    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         assert (hf_dir / name).is_file(), name
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
     assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
@@ -91,8 +119,21 @@ def test_cli_export_sharded_equals_at_end(runs, tmp_path):
 
     run_dir = runs["llama"]
     out = tmp_path / "sharded"
-    r = subprocess.run([sys.executable, "-m", "megagpt.export", "--checkpoint", str(run_dir / "checkpoints"),
-                        "--out", str(out), "--max-shard-bytes", "200000"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megagpt.export",
+            "--checkpoint",
+            str(run_dir / "checkpoints"),
+            "--out",
+            str(out),
+            "--max-shard-bytes",
+            "200000",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert f"exported {run_dir}/checkpoints/step_10 to {out}" in r.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -123,8 +164,9 @@ def test_greedy_generation_checkpoint_export_and_transformers_agree(runs, family
         a = generate(ck_model, prompt, 12, stop=eod)
         b = generate(ex_model, prompt, 12, stop=eod)
         with torch.no_grad():
-            c = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                            eos_token_id=eod, pad_token_id=eod)[0, len(prompt):].tolist()
+            c = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=eod, pad_token_id=eod
+            )[0, len(prompt) :].tolist()
         assert a == b == c, (text, a, b, c)
         assert len(a) >= 1
 
@@ -132,8 +174,9 @@ def test_greedy_generation_checkpoint_export_and_transformers_agree(runs, family
 def test_generate_cli_prompts_and_interactive(runs):
     run_dir = runs["gpt2"]
     cmd = [sys.executable, "-m", "megagpt.generate", "--model", str(run_dir), "--max-new-tokens", "8"]
-    r = subprocess.run(cmd + ["--prompt", "doc 1: alpha", "--prompt", "the", "--json"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        cmd + ["--prompt", "doc 1: alpha", "--prompt", "the", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["prompt"] for x in lines] == ["doc 1: alpha", "the"]
@@ -143,15 +186,23 @@ def test_generate_cli_prompts_and_interactive(runs):
     model, tok, eod = load(str(run_dir))
     assert lines[0]["ids"] == generate(model, tok.encode("doc 1: alpha").ids, 8, stop=eod)
 
-    r = subprocess.run(cmd + ["--interactive", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9",
-                              "--seed", "3"], input="doc 2: beta\nthe of\n", capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        cmd + ["--interactive", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "3"],
+        input="doc 2: beta\nthe of\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[0].startswith("doc 2: beta") and any(x.startswith("the of") for x in out[1:])
 
-    r = subprocess.run([sys.executable, "-m", "megagpt.generate", "--model", str(run_dir / "nope"),
-                        "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.generate", "--model", str(run_dir / "nope"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and r.stderr.startswith("megagpt.generate: error:") and len(r.stderr.splitlines()) == 1
 
 
@@ -171,9 +222,18 @@ def test_finetune_export_with_transformers_trainer(runs, tmp_path):
 
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm=False)
     before = eval_loss()
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "ft"), per_device_train_batch_size=8,
-                                          max_steps=30, learning_rate=3e-3, logging_steps=10, save_strategy="no",
-                                          report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "ft"),
+        per_device_train_batch_size=8,
+        max_steps=30,
+        learning_rate=3e-3,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     result = trainer.train()
     after = eval_loss()
@@ -197,8 +257,12 @@ def rehash(checkpoint) -> None:
 
 
 def _export_fails(path, tmp_path) -> str:
-    r = subprocess.run([sys.executable, "-m", "megagpt.export", "--checkpoint", str(path), "--out",
-                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.export", "--checkpoint", str(path), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("megagpt.export: error: checkpoint "), r.stderr
@@ -222,8 +286,7 @@ def test_export_errors_are_one_line(runs, tmp_path):
     state = json.loads((damaged / "megagpt_state.json").read_text())
     del state["manifest_sha256"]
     (damaged / "megagpt_state.json").write_text(json.dumps(state))
-    assert (f"{damaged} is damaged: megagpt_state.json names no manifest checksum"
-            in _export_fails(damaged, tmp_path))
+    assert f"{damaged} is damaged: megagpt_state.json names no manifest checksum" in _export_fails(damaged, tmp_path)
     # Its manifest made to agree with the cut shard: the shards themselves are read, and refused.
     rehash(damaged)
     assert "cannot consolidate the ZeRO-3 shards" in _export_fails(damaged, tmp_path)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_dataset, torchrun
 from test_export import RUNS, rehash
 
@@ -25,10 +24,25 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_safety")
     data = make_dataset(root, n_docs=160, docs_per_shard=8)
     run_dir = root / "run"
-    r = torchrun([f"run.dir={run_dir}", "data=webdataset", f"data.urls={data}", "data.seq_len=32",
-                  "trainer.micro_batch_size=4", "trainer.max_steps=10", "trainer.save_every=5",
-                  "trainer.log_every=5", "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none",
-                  "trainer.peak_flops=1e11", "export.at_end=true", *RUNS["gpt2"]], cwd=root)
+    r = torchrun(
+        [
+            f"run.dir={run_dir}",
+            "data=webdataset",
+            f"data.urls={data}",
+            "data.seq_len=32",
+            "trainer.micro_batch_size=4",
+            "trainer.max_steps=10",
+            "trainer.save_every=5",
+            "trainer.log_every=5",
+            "optim.lr=3e-3",
+            "optim.warmup_steps=2",
+            "logger=none",
+            "trainer.peak_flops=1e11",
+            "export.at_end=true",
+            *RUNS["gpt2"],
+        ],
+        cwd=root,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"exported to {run_dir}/hf" in r.stdout  # Run.finish's export, through the temporary folder
     return run_dir
@@ -43,8 +57,9 @@ def own_run(run, tmp_path):
 
 
 def cli(module: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"megagpt.{module}", *map(str, args)], capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", f"megagpt.{module}", *map(str, args)], capture_output=True, text=True, timeout=180
+    )
 
 
 def one_line(text: str) -> str:
@@ -80,8 +95,10 @@ def test_export_never_writes_into_a_checkpoint_or_the_checkpoints_folder(own_run
     r = cli("export", "--checkpoint", ck, "--out", ck)
     assert r.returncode == 2, r.stdout + r.stderr
     line = one_line(r.stderr)
-    assert line == (f"megagpt.export: error: cannot export to {ck}: it is the megagpt checkpoint {ck}; "
-                    "an export is a folder of its own (e.g. <run.dir>/hf)"), line
+    assert line == (
+        f"megagpt.export: error: cannot export to {ck}: it is the megagpt checkpoint {ck}; "
+        "an export is a folder of its own (e.g. <run.dir>/hf)"
+    ), line
     refused = {
         ck / "hf": f"it is inside the megagpt checkpoint {ck}",
         checkpoints / "step_5": f"it is the megagpt checkpoint {checkpoints / 'step_5'}",
@@ -129,9 +146,11 @@ def test_export_replaces_an_earlier_export_but_nothing_else(own_run, tmp_path):
     (mine / "notes.txt").write_text("keep me")
     r = cli("export", "--checkpoint", own_run, "--out", mine)
     assert r.returncode == 2
-    assert one_line(r.stderr) == (f"megagpt.export: error: cannot export to {mine}: it exists and is not a megagpt "
-                                  "export (no megagpt_export.json); give a new or empty folder, or --overwrite "
-                                  "to replace it")
+    assert one_line(r.stderr) == (
+        f"megagpt.export: error: cannot export to {mine}: it exists and is not a megagpt "
+        "export (no megagpt_export.json); give a new or empty folder, or --overwrite "
+        "to replace it"
+    )
     assert files_of(mine) == {"notes.txt": b"keep me"}
     r = cli("export", "--checkpoint", own_run, "--out", mine, "--overwrite")
     assert r.returncode == 0, r.stderr
@@ -146,8 +165,9 @@ def test_export_replaces_an_earlier_export_but_nothing_else(own_run, tmp_path):
     assert _in_process(main, ["--checkpoint", str(own_run), "--out", str(empty)]).returncode == 0
     assert exported(empty) == exported(own_run / "hf")
     r = _in_process(main, ["--checkpoint", str(own_run), "--out", str(a_file), "--overwrite"])
-    assert r.returncode == 2 and one_line(r.stderr).endswith(f"cannot export to {a_file}: it exists and is not "
-                                                             "a folder")
+    assert r.returncode == 2 and one_line(r.stderr).endswith(
+        f"cannot export to {a_file}: it exists and is not a folder"
+    )
     assert a_file.read_text() == "x" and leftovers(tmp_path) == []
 
 
@@ -174,8 +194,10 @@ def test_a_damaged_newest_checkpoint_is_skipped_saying_why(own_run, tmp_path):
     size = shard.stat().st_size
     truncate(shard, size * 2 // 3)  # torch.load: "OSError: [Errno 22] Invalid argument"
     before = files_of(checkpoints)
-    said = (f"megagpt: checkpoint {checkpoints / 'step_10'} is damaged ({MODEL_SHARD} has {size * 2 // 3} bytes, "
-            f"the manifest says {size} (truncated?)); using step_5")
+    said = (
+        f"megagpt: checkpoint {checkpoints / 'step_10'} is damaged ({MODEL_SHARD} has {size * 2 // 3} bytes, "
+        f"the manifest says {size} (truncated?)); using step_5"
+    )
     for i, source in enumerate((own_run, checkpoints)):
         out = tmp_path / f"hf{i}"
         r = cli("export", "--checkpoint", source, "--out", out)
@@ -194,8 +216,9 @@ def test_a_damaged_checkpoint_named_explicitly_stops_with_the_reason(own_run, tm
     truncate(ck / "rng_rank0.pt", 100)  # the weights are whole; the checkpoint is not
     r = cli("export", "--checkpoint", ck, "--out", tmp_path / "hf")
     assert r.returncode == 2, r.stdout + r.stderr
-    assert one_line(r.stderr).startswith(f"megagpt.export: error: checkpoint {ck} is damaged: rng_rank0.pt has 100 "
-                                         "bytes")
+    assert one_line(r.stderr).startswith(
+        f"megagpt.export: error: checkpoint {ck} is damaged: rng_rank0.pt has 100 bytes"
+    )
     assert not (tmp_path / "hf").exists() and leftovers(tmp_path) == []
     r = cli("generate", "--model", ck, "--prompt", "x")
     assert r.returncode == 2 and r.stdout == ""
@@ -211,8 +234,10 @@ def test_no_checkpoint_verifies_one_line_naming_each(own_run, tmp_path):
         r = cli(module, flag, own_run, *args)
         assert r.returncode == 2, r.stdout + r.stderr
         line = one_line(r.stderr)
-        assert line.startswith(f"megagpt.{module}: error: checkpoint {checkpoints}: no checkpoint here verifies "
-                               f"(step_10: {MODEL_SHARD} has 0 bytes"), line
+        assert line.startswith(
+            f"megagpt.{module}: error: checkpoint {checkpoints}: no checkpoint here verifies "
+            f"(step_10: {MODEL_SHARD} has 0 bytes"
+        ), line
         assert "; step_5: tokenizer.json has 0 bytes" in line, line
     assert not (tmp_path / "hf").exists()
 
@@ -227,9 +252,11 @@ def test_generate_says_what_the_context_cuts(run):
     assert len(ids) > 32
     r = cli("generate", "--model", run, "--prompt", long_prompt, "--max-new-tokens", "8", "--json")
     assert r.returncode == 0, r.stderr
-    assert one_line(r.stderr) == (f"megagpt.generate: the prompt's {len(ids)} tokens leave no room in the model's "
-                                  f"context of 32: dropped its first {len(ids) - 24} of {len(ids)}, kept the last "
-                                  "24 (room for 8 new)")
+    assert one_line(r.stderr) == (
+        f"megagpt.generate: the prompt's {len(ids)} tokens leave no room in the model's "
+        f"context of 32: dropped its first {len(ids) - 24} of {len(ids)}, kept the last "
+        "24 (room for 8 new)"
+    )
     shown = json.loads(one_line(r.stdout))
     assert shown["prompt_ids"] == ids[-24:] and shown["prompt_tokens_dropped"] == len(ids) - 24
     assert shown["ids"] == generate(model, ids[-24:], 8, stop=eod)
@@ -241,5 +268,6 @@ def test_generate_says_what_the_context_cuts(run):
     assert len(new) == 32 - len(short) and new[-1] != eod  # this prompt fills the context
     r = cli("generate", "--model", run, "--prompt", "the of", "--max-new-tokens", "100")
     assert r.returncode == 0, r.stderr
-    assert one_line(r.stderr) == (f"megagpt.generate: stopped after {len(new)} of 100 new tokens: the model's "
-                                  "context of 32 is full")
+    assert one_line(r.stderr) == (
+        f"megagpt.generate: stopped after {len(new)} of 100 new tokens: the model's context of 32 is full"
+    )

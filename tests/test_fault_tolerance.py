@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from helpers import (FAULT_TRAIN, check_reference, kill_job, make_dataset, torchrun, torchrun_popen, wait_for,
-                     worker_pid)
+from helpers import FAULT_TRAIN, check_reference, kill_job, make_dataset, torchrun, torchrun_popen, wait_for, worker_pid
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
@@ -33,10 +31,25 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, run_dir, steps=STEPS, *extra):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={steps}", "trainer.save_every=4", "trainer.log_every=1", "trainer.eval_every=0",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "trainer.peak_flops=1e11", *extra]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+        *extra,
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -96,8 +109,10 @@ def test_verified_checkpoints_layout(reference):
 
     newest = ckpts / "step_24"
     manifest = json.loads((newest / "manifest.json").read_text())["files"]
-    on_disk = {str(p.relative_to(newest)) for p in newest.rglob("*") if p.is_file()} - {"manifest.json",
-                                                                                     "megagpt_state.json"}
+    on_disk = {str(p.relative_to(newest)) for p in newest.rglob("*") if p.is_file()} - {
+        "manifest.json",
+        "megagpt_state.json",
+    }
     assert set(manifest) == on_disk and len(manifest) >= 6  # shards, rng files, tokenizer
     assert verify(str(newest)) is None
 
@@ -106,9 +121,11 @@ def test_verify_finds_truncation_corruption_and_missing_files(reference, tmp_pat
     from megagpt.checkpoint import complete_checkpoints, verify
 
     src = reference / "checkpoints" / "step_24"
-    cases = {"truncated": lambda f: f.write_bytes(f.read_bytes()[:-10]),
-             "corrupt": lambda f: f.write_bytes(_flip(f.read_bytes())),
-             "missing": lambda f: f.unlink()}
+    cases = {
+        "truncated": lambda f: f.write_bytes(f.read_bytes()[:-10]),
+        "corrupt": lambda f: f.write_bytes(_flip(f.read_bytes())),
+        "missing": lambda f: f.unlink(),
+    }
     for name, damage in cases.items():
         ck = tmp_path / name / "step_24"
         shutil.copytree(src, ck)
@@ -139,8 +156,15 @@ def test_bitwise_resume_after_sigkill_twice(data_dir, reference, tmp_path):
         # 20 ms) so that a fast machine cannot finish the run before the kill
         # (seed printed on failure)
         target = kill_after + rng.randint(0, 3)
-        wait_for(lambda: newest_committed(run_dir) >= kill_after and logged_steps(run_dir) >= target, 240, job,
-                 f"checkpoint step_{kill_after} and step {target} (seed {seed})", poll=0.02)
+        wait_for(
+            lambda kill_after=kill_after, target=target: (
+                newest_committed(run_dir) >= kill_after and logged_steps(run_dir) >= target
+            ),
+            240,
+            job,
+            f"checkpoint step_{kill_after} and step {target} (seed {seed})",
+            poll=0.02,
+        )
         time.sleep(rng.uniform(0.0, 0.05))  # within the step, or a save
         assert job.poll() is None, f"the run ended before the kill (seed {seed})"
         kill_job(job)
@@ -194,9 +218,12 @@ def test_stop_on_signal_and_stop_file_then_resume_bitwise(data_dir, reference, t
 
 def test_nan_skip_then_spike_counted(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = torchrun(args(data_dir, run_dir, 12, "trainer.spike_window=4"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:5", "MEGAGPT_FAULT_SPIKE_STEPS": "0:10"},
-                 script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, run_dir, 12, "trainer.spike_window=4"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:5", "MEGAGPT_FAULT_SPIKE_STEPS": "0:10"},
+        script=FAULT_TRAIN,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 5: non-finite loss or gradient" in r.stderr and "update skipped (1 in a row)" in r.stderr
     assert "step 10: loss spike" in r.stderr
@@ -212,8 +239,12 @@ def rollback_run(data_dir, tmp_path_factory):
     """Steps 6-8 read a bad window ([40, 64) in global sequences)."""
     tmp_path = tmp_path_factory.mktemp("rollback")
     run_dir = tmp_path / "run"
-    r = torchrun(args(data_dir, run_dir, 12, "trainer.max_nan_skips=2"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN": "1:40-64"}, script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, run_dir, 12, "trainer.max_nan_skips=2"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_NAN": "1:40-64"},
+        script=FAULT_TRAIN,
+    )
     return run_dir, r
 
 
@@ -242,8 +273,12 @@ def test_nan_rollback_skips_the_bad_window(rollback_run):
 
 def test_nan_persisting_after_rollback_stops_clearly(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = torchrun(args(data_dir, run_dir, 12, "trainer.max_nan_skips=1", "trainer.max_rollbacks=1"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:6,7"}, script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, run_dir, 12, "trainer.max_nan_skips=1", "trainer.max_rollbacks=1"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:6,7"},
+        script=FAULT_TRAIN,
+    )
     assert r.returncode != 0
     errors = [x for x in r.stderr.splitlines() if x.startswith("megagpt: error")]
     assert errors and all("persists after 1 rollback(s)" in x for x in errors), r.stderr[-2000:]
@@ -251,16 +286,25 @@ def test_nan_persisting_after_rollback_stops_clearly(data_dir, tmp_path):
 
 
 def test_on_nan_stop(data_dir, tmp_path):
-    r = torchrun(args(data_dir, tmp_path / "run", 12, "trainer.on_nan=stop"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "0:3"}, script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, tmp_path / "run", 12, "trainer.on_nan=stop"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_NAN_STEPS": "0:3"},
+        script=FAULT_TRAIN,
+    )
     assert r.returncode != 0
     assert "megagpt: error (rank 0): step 3: non-finite loss or gradient (trainer.on_nan=stop)" in r.stderr
 
 
 def test_watchdog_ends_a_hung_job_then_restart_resumes(data_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = torchrun(args(data_dir, run_dir, 12, "trainer.watchdog_seconds=8"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_HANG": "1:6"}, timeout=300, script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, run_dir, 12, "trainer.watchdog_seconds=8"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_HANG": "1:6"},
+        timeout=300,
+        script=FAULT_TRAIN,
+    )
     ended = time.time()
     assert r.returncode != 0
     err = r.stderr

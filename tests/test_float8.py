@@ -68,17 +68,24 @@ def test_filter_rules():
     assert not fp8_eligible("wte", nn.Embedding(4096, 4096, device="meta"), 1024)
 
 
-@pytest.mark.parametrize("recipe, torchao, cap, expected", [
-    ("tensorwise", None, (9, 0), None),
-    ("rowwise", None, (9, 0), None),
-    ("tensorwise", None, (8, 9), None),
-    ("rowwise", None, (8, 9), "rowwise needs compute capability >= 9.0; L40S has 8.9"),
-    ("tensorwise", None, (8, 0), "tensorwise needs compute capability >= 8.9; L40S has 8.0"),
-    ("tensorwise", None, None, "tensorwise needs a CUDA GPU of compute capability >= 8.9 (H100, H200, B200, L40S...);"
-                               " there is none here"),
-    ("tensorwise", "needs torchao, not installed here", (9, 0), "needs torchao, not installed here"),
-    ("fast", None, (9, 0), "unknown recipe 'fast'; choose one of ('off', 'tensorwise', 'rowwise')"),
-])
+@pytest.mark.parametrize(
+    "recipe, torchao, cap, expected",
+    [
+        ("tensorwise", None, (9, 0), None),
+        ("rowwise", None, (9, 0), None),
+        ("tensorwise", None, (8, 9), None),
+        ("rowwise", None, (8, 9), "rowwise needs compute capability >= 9.0; L40S has 8.9"),
+        ("tensorwise", None, (8, 0), "tensorwise needs compute capability >= 8.9; L40S has 8.0"),
+        (
+            "tensorwise",
+            None,
+            None,
+            "tensorwise needs a CUDA GPU of compute capability >= 8.9 (H100, H200, B200, L40S...); there is none here",
+        ),
+        ("tensorwise", "needs torchao, not installed here", (9, 0), "needs torchao, not installed here"),
+        ("fast", None, (9, 0), "unknown recipe 'fast'; choose one of ('off', 'tensorwise', 'rowwise')"),
+    ],
+)
 def test_support_problem(recipe, torchao, cap, expected):
     assert fp8_support_problem(recipe, torchao, cap, "L40S") == expected
 
@@ -107,16 +114,27 @@ def test_validate_fp8_settings(monkeypatch):
     validate(settings("model.fp8=off"), 1, cuda=False)
     monkeypatch.setattr(config_checks, "torchao_problem", lambda: None)
     assert error("model.fp8=tensorwise", cuda=False).startswith(
-        "model.fp8: tensorwise needs a CUDA GPU of compute capability >= 8.9")
+        "model.fp8: tensorwise needs a CUDA GPU of compute capability >= 8.9"
+    )
     validate(settings("model.fp8=rowwise"), 1, cuda=True)  # the device's capability: checked at build
-    monkeypatch.setattr(config_checks, "torchao_problem", lambda: 'needs torchao, not installed here (pip install '
-                                                                  '-e ".[fp8]")')
+    monkeypatch.setattr(
+        config_checks, "torchao_problem", lambda: 'needs torchao, not installed here (pip install -e ".[fp8]")'
+    )
     assert error("model.fp8=tensorwise") == 'model.fp8: needs torchao, not installed here (pip install -e ".[fp8]")'
 
 
 def tiny_llama(**kw) -> GPT:
-    cfg = dict(family="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, mlp_hidden=128, bias=False,
-               vocab_size=96, max_seq_len=16)
+    cfg = dict(
+        family="llama",
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        mlp_hidden=128,
+        bias=False,
+        vocab_size=96,
+        max_seq_len=16,
+    )
     cfg.update(kw)
     model = GPT(GPTConfig(**cfg))
     model.init_weights(0)
@@ -181,18 +199,29 @@ def _emulated_fp8_losses(rank, world_size, stage):
     `stage` on 2 gloo ranks.  float8's kernels need an H100; torchao's emulation (the
     same float8 numerics computed in fp32) stands in for them here, through the engine's
     own conversion, so ZeRO-3's partitioned weights meet Float8Linear as on the GPU."""
-    from megagpt.engine import deepspeed_config
-    from megagpt.engine import build_engine, build_model_config
+    from megagpt.engine import build_engine, build_model_config, deepspeed_config
     from megagpt.model import float8
 
     real_convert = float8.convert
     float8.check_fp8_supported = lambda *a, **k: None  # no CUDA here: emulation instead
     float8.convert = lambda model, recipe, min_dim: real_convert(model, recipe, min_dim, emulate=True)
-    cfg = settings("model=llama-tiny", f"deepspeed=zero{stage}", "model.fp8=tensorwise", "model.fp8_min_dim=128",
-                   "data.seq_len=16", "trainer.micro_batch_size=2")
+    cfg = settings(
+        "model=llama-tiny",
+        f"deepspeed=zero{stage}",
+        "model.fp8=tensorwise",
+        "model.fp8_min_dim=128",
+        "data.seq_len=16",
+        "trainer.micro_batch_size=2",
+    )
     model_cfg = build_model_config(cfg, 256, "sdpa", None, "cpu")
-    engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd), rank,
-                          world_size, torch.device("cpu"))
+    engine = build_engine(
+        cfg,
+        model_cfg,
+        deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd),
+        rank,
+        world_size,
+        torch.device("cpu"),
+    )
     from torchao.float8.float8_linear import Float8Linear
 
     converted = sorted(n for n, m in engine.model.named_modules() if isinstance(m, Float8Linear))
@@ -211,8 +240,11 @@ def test_fp8_under_zero3_trains_as_under_zero0():
     zero3 = run_distributed(_emulated_fp8_losses, 3, timeout=300)
     for a, b in zip(zero0, zero3):
         # the block matmuls of width >= 128 (qkv, attention out, MLP in and out), not the head
-        assert a["converted"] == b["converted"] == sorted(f"blocks.{i}.{p}" for i in range(4)
-                                                          for p in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
+        assert (
+            a["converted"]
+            == b["converted"]
+            == sorted(f"blocks.{i}.{p}" for i in range(4) for p in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"))
+        )
         # Steps 1 and 2 bit for bit: the same weights, gathered whole, cast to float8 alike.  After
         # that ZeRO-3's gradient-norm and update arithmetic (in partitions) rounds differently at
         # fp32's last bit, as it does without float8 (measured: 0 or 9e-8 relative over 6 steps);

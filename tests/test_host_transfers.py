@@ -18,7 +18,6 @@ import sys
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from helpers import make_dataset
 
@@ -46,6 +45,7 @@ class HostReads:
         def counted(tensor, *args, **kwargs):
             self._record(name)
             return original(tensor, *args, **kwargs)
+
         return counted
 
     def _record(self, name: str) -> None:
@@ -61,6 +61,7 @@ class HostReads:
 
 class StepStart:
     """First in the hook list: notes the counts before the step's data is fetched."""
+
     name = None
 
     def __init__(self, reads: HostReads):
@@ -89,8 +90,12 @@ class StepEnd(StepStart):
 
     def after_step(self, loop, result, outcome, record):
         added = self.reads.counts - self.start.before
-        self.per_step.append({owner: {where: n for (o, where), n in added.items() if o == owner}
-                              for owner in ("megagpt", "deepspeed", "other")})
+        self.per_step.append(
+            {
+                owner: {where: n for (o, where), n in added.items() if o == owner}
+                for owner in ("megagpt", "deepspeed", "other")
+            }
+        )
 
 
 def _count_reads(rank: int, world: int, data_dir: str, run_dir: str, stage: int) -> list[dict]:
@@ -102,11 +107,24 @@ def _count_reads(rank: int, world: int, data_dir: str, run_dir: str, stage: int)
     from megagpt.train import CONF_DIR
 
     register()
-    overrides = ["data=webdataset", f"data.urls={data_dir}", "data.seq_len=32", "model.n_layer=2",
-                 "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4", "trainer.grad_accum=2",
-                 f"trainer.max_steps={STEPS}", f"trainer.save_every={STEPS}", f"trainer.log_every={STEPS}",
-                 "trainer.eval_every=0", "logger=none", f"deepspeed=zero{stage}", f"run.dir={run_dir}",
-                 "trainer.peak_flops=1e11"]
+    overrides = [
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.grad_accum=2",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.save_every={STEPS}",
+        f"trainer.log_every={STEPS}",
+        "trainer.eval_every=0",
+        "logger=none",
+        f"deepspeed=zero{stage}",
+        f"run.dir={run_dir}",
+        "trainer.peak_flops=1e11",
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose("config", overrides=overrides))
     run = runs.build(cfg)
@@ -140,6 +158,9 @@ def test_megagpt_reads_the_host_once_per_step(data_dir, tmp_path, stage):
             ours = sum(reads["megagpt"].values())
             assert ours <= 1, f"ZeRO-{stage} rank {rank} step {step}: megagpt read the host {ours} times: {reads}"
             assert not reads["other"], reads["other"]
-        report[f"rank{rank}"] = {"megagpt": plain[-1]["megagpt"], "deepspeed": plain[-1]["deepspeed"],
-                                 "deepspeed_per_step": [sum(r["deepspeed"].values()) for r in plain]}
+        report[f"rank{rank}"] = {
+            "megagpt": plain[-1]["megagpt"],
+            "deepspeed": plain[-1]["deepspeed"],
+            "deepspeed_per_step": [sum(r["deepspeed"].values()) for r in plain],
+        }
     print(f"\nhost reads per plain step, ZeRO-{stage}:\n" + json.dumps(report, indent=1))

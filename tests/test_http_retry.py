@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import make_dataset, stream_windows
+
 from megagpt.data import remote as reading
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
@@ -114,8 +114,11 @@ def remote(flaky: FlakyServer, n: int) -> str:
 
 
 def retries_logged(caplog, url: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.levelno == logging.WARNING and r.getMessage().startswith(f"data: reading {url} failed")]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith(f"data: reading {url} failed")
+    ]
 
 
 def test_dropped_reads_go_on_from_the_byte_they_stopped_at(data_dir, serve, caplog):
@@ -134,8 +137,10 @@ def test_dropped_reads_go_on_from_the_byte_they_stopped_at(data_dir, serve, capl
     assert flaky.sent[name] == size  # no byte sent twice
     logged = retries_logged(caplog, ds.shards[1].url)
     assert len(logged) == 2
-    assert f"failed after {first} bytes: ConnectionError: the connection closed after {first} of {size} bytes; " \
-           f"trying again in 0.01s (attempt 2 of {TRIES})" in logged[0]
+    assert (
+        f"failed after {first} bytes: ConnectionError: the connection closed after {first} of {size} bytes; "
+        f"trying again in 0.01s (attempt 2 of {TRIES})" in logged[0]
+    )
     assert f"failed after {second} bytes" in logged[1] and f"in 0.02s (attempt 3 of {TRIES})" in logged[1]
 
 
@@ -162,8 +167,16 @@ def test_flaky_server_streams_the_same_batches_as_disk(data_dir, serve, caplog):
     micro-batches of a Batches over HTTP are those read from disk."""
     flaky = serve(ranges=True)
     n = len(open_dataset(str(data_dir)).shards)
-    flaky.drops.update({"manifest.json": 1, "tokenizer.json": 2, "shard-000000.tar": 1, "shard-000003.tar": 2,
-                        "shard-000005.tar": 1, "shard-000007.tar": 1})
+    flaky.drops.update(
+        {
+            "manifest.json": 1,
+            "tokenizer.json": 2,
+            "shard-000000.tar": 1,
+            "shard-000003.tar": 2,
+            "shard-000005.tar": 1,
+            "shard-000007.tar": 1,
+        }
+    )
 
     def mix(ds):
         return Mixture([ShardStreams(ds, StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
@@ -205,8 +218,10 @@ def test_more_drops_than_tries_stop_or_skip_as_configured(data_dir, serve, caplo
         if on_error == "raise":
             with pytest.raises(DataError) as failed:
                 list(islice(stream_windows(streams, 0, 0), 5))
-            one_line = (rf"shard {re.escape(victim.url)}: cannot read: ConnectionError: the connection closed "
-                        rf"after \d+ of {victim.nbytes} bytes \(tried {TRIES} times\)")
+            one_line = (
+                rf"shard {re.escape(victim.url)}: cannot read: ConnectionError: the connection closed "
+                rf"after \d+ of {victim.nbytes} bytes \(tried {TRIES} times\)"
+            )
             assert re.fullmatch(one_line, str(failed.value))
         else:
             windows = list(islice(stream_windows(streams, 0, 0), 40))
@@ -216,7 +231,9 @@ def test_more_drops_than_tries_stop_or_skip_as_configured(data_dir, serve, caplo
             local.bad.add(str(data_dir / "shard-000000.tar"))
             for k, (x, y) in enumerate(zip(windows, stream_windows(local, 0, 0))):
                 np.testing.assert_array_equal(x, y, err_msg=f"window {k}")
-            assert any(r.getMessage().startswith(f"data.on_error=skip: skipping shard {victim.url}: cannot read")
-                       for r in caplog.records)
+            assert any(
+                r.getMessage().startswith(f"data.on_error=skip: skipping shard {victim.url}: cannot read")
+                for r in caplog.records
+            )
     assert len(flaky.asked("shard-000000.tar")) == TRIES
     assert len(retries_logged(caplog, victim.url)) == TRIES - 1

@@ -20,8 +20,19 @@ ENGINE = PACKAGE / "engine"  # DeepSpeed's one boundary
 
 # Lowest first.  A module may import its own layer and the ones below.
 LAYERS = [
-    ("leaves", ["megagpt.atomic", "megagpt.collectives", "megagpt.runtime", "megagpt.flops", "megagpt.profiling",
-                "megagpt.resilience", "megagpt.metrics", "megagpt.run_lock"]),
+    (
+        "leaves",
+        [
+            "megagpt.atomic",
+            "megagpt.collectives",
+            "megagpt.runtime",
+            "megagpt.flops",
+            "megagpt.profiling",
+            "megagpt.resilience",
+            "megagpt.metrics",
+            "megagpt.run_lock",
+        ],
+    ),
     ("config", ["megagpt.config"]),
     ("model", ["megagpt.model"]),
     ("data", ["megagpt.data"]),
@@ -66,21 +77,25 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 full = f"{node.module}.{alias.name}"
-                is_module = (PACKAGE.parent / (full.replace(".", "/") + ".py")).exists() or \
-                    (PACKAGE.parent / full.replace(".", "/")).is_dir()
+                is_module = (PACKAGE.parent / (full.replace(".", "/") + ".py")).exists() or (
+                    PACKAGE.parent / full.replace(".", "/")
+                ).is_dir()
                 found.add(full if is_module else node.module)
     return found
 
 
 def graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {m for m in imports(path) if m.startswith("megagpt") and m != name}
-            for name, path in modules.items()}
+    return {name: {m for m in imports(path) if m.startswith("megagpt") and m != name} for name, path in modules.items()}
 
 
 def test_no_module_imports_from_a_higher_layer():
-    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
-              for m, deps in sorted(graph().items()) for d in sorted(deps) if layer_of(d) > layer_of(m)]
+    upward = [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+        for m, deps in sorted(graph().items())
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
@@ -92,7 +107,7 @@ def test_no_import_cycles():
         state[node] = 1
         for dep in sorted(edges.get(node, ())):
             if state.get(dep) == 1:
-                cycle = path[path.index(dep):] + [dep]
+                cycle = path[path.index(dep) :] + [dep]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if dep not in state:
                 visit(dep, path + [dep])
@@ -121,8 +136,11 @@ def deepspeed_modules_named(path: Path) -> set[str]:
     root = Path(spec.origin).parent
     named = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
-                re.fullmatch(r"deepspeed(\.\w+)+", node.value):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and re.fullmatch(r"deepspeed(\.\w+)+", node.value)
+        ):
             where = root.joinpath(*node.value.split(".")[1:])
             if where.with_suffix(".py").is_file() or where.is_dir():
                 named.add(node.value)

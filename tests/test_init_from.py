@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed import run_distributed
 from helpers import FAULT_TRAIN, kill_job, make_dataset, torchrun, torchrun_popen, wait_for
 
@@ -40,22 +39,42 @@ def hf_model(kind: str, vocab: int):
     import transformers
 
     torch.manual_seed(7)
-    small = dict(vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=128)
+    small = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     if kind == "llama":  # grouped-query attention, untied head
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **small, num_key_value_heads=2, tie_word_embeddings=False))
+        return transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**small, num_key_value_heads=2, tie_word_embeddings=False)
+        )
     if kind == "llama3":  # Llama 3.2's layout: tied, llama3 RoPE scaling that matters at this length
-        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **small, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 16}))
+        return transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(
+                **small,
+                num_key_value_heads=2,
+                tie_word_embeddings=True,
+                rope_theta=500000.0,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            )
+        )
     if kind == "mistral":
-        return transformers.MistralForCausalLM(transformers.MistralConfig(
-            **small, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False))
+        return transformers.MistralForCausalLM(
+            transformers.MistralConfig(**small, num_key_value_heads=2, sliding_window=None, tie_word_embeddings=False)
+        )
     if kind == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128))
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        )
     raise ValueError(kind)
 
 
@@ -66,19 +85,32 @@ def save_folder(model, data_dir: Path, out: Path) -> Path:
 
 
 def args(data_dir: Path, folder: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
-    return [f"model.init_from={folder}", "data=webdataset", f"data.urls={data_dir}", f"data.seq_len={SEQ}",
-            "trainer.micro_batch_size=4", f"trainer.max_steps={steps}", "trainer.log_every=1",
-            "trainer.eval_every=0", "optim.lr=1e-3", "optim.warmup_steps=2", "logger=none",
-            f"run.dir={run_dir}", "trainer.peak_flops=1e11", *extra]
+    return [
+        f"model.init_from={folder}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        f"data.seq_len={SEQ}",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        f"run.dir={run_dir}",
+        "trainer.peak_flops=1e11",
+        *extra,
+    ]
 
 
 def first_batch_loss(model, data_dir: Path) -> float:
     """transformers' mean next-token loss over the two ranks' first micro-batches,
     as megagpt's loader hands them out."""
+    from test_config import make_cfg
+
     from megagpt.data.loader import Batches
     from megagpt.data.source import open_training_data
     from megagpt.runtime import Env
-    from test_config import make_cfg
 
     cfg = make_cfg("data=webdataset", f"data.urls={data_dir}", f"data.seq_len={SEQ}", "trainer.micro_batch_size=4")
     losses = []
@@ -89,8 +121,9 @@ def first_batch_loss(model, data_dir: Path) -> float:
         batches.close()
         with torch.no_grad():
             logits = model(windows[:, :-1]).logits.float()
-        losses.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                        windows[:, 1:].reshape(-1)).item())
+        losses.append(
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1)).item()
+        )
     return sum(losses) / 2
 
 
@@ -141,9 +174,22 @@ def exported_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-TRANSFORMERS_KEYS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                     "rms_norm_eps", "tie_word_embeddings", "hidden_act", "rope_scaling", "sliding_window")
+TRANSFORMERS_KEYS = (
+    "architectures",
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "hidden_act",
+    "rope_scaling",
+    "sliding_window",
+)
 
 
 def test_round_trip_through_a_zero3_checkpoint(data_dir, tmp_path):
@@ -155,8 +201,12 @@ def test_round_trip_through_a_zero3_checkpoint(data_dir, tmp_path):
     model = hf_model("llama3", vocab_of(data_dir))
     folder = save_folder(model, data_dir, tmp_path / "hf")
     run_dir = tmp_path / "run"
-    r = torchrun(args(data_dir, folder, run_dir, 1, "export.at_end=true"), cwd=tmp_path,
-                 env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:1"}, script=FAULT_TRAIN)
+    r = torchrun(
+        args(data_dir, folder, run_dir, 1, "export.at_end=true"),
+        cwd=tmp_path,
+        env_extra={"MEGAGPT_FAULT_NAN_STEPS": "1:1"},
+        script=FAULT_TRAIN,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "update skipped" in r.stderr
     exported, original = exported_tensors(run_dir / "hf"), exported_tensors(folder)
@@ -176,12 +226,21 @@ def test_continued_pretraining_resumes_from_its_own_checkpoint_and_generates_lik
     folder = save_folder(hf_model("llama", vocab_of(data_dir)), data_dir, tmp_path / "hf")
     run_dir, log = tmp_path / "run", tmp_path / "job.log"
     job = torchrun_popen(args(data_dir, folder, run_dir, 20, "trainer.save_every=10"), cwd=tmp_path, log=log)
-    wait_for(lambda: (run_dir / "checkpoints" / "step_10" / "megagpt_state.json").exists(), 240, job,
-             "checkpoint step_10", poll=0.05, detail=lambda: log.read_text()[-3000:])
+    wait_for(
+        lambda: (run_dir / "checkpoints" / "step_10" / "megagpt_state.json").exists(),
+        240,
+        job,
+        "checkpoint step_10",
+        poll=0.05,
+        detail=lambda: log.read_text()[-3000:],
+    )
     kill_job(job)
     assert not (run_dir / "checkpoints" / "step_20").exists()
-    restart = [a for a in args(data_dir, folder, run_dir, 20, "trainer.save_every=10", "export.at_end=true")
-               if a != "logger=none"]  # W&B offline: its run config must record the source too
+    restart = [
+        a
+        for a in args(data_dir, folder, run_dir, 20, "trainer.save_every=10", "export.at_end=true")
+        if a != "logger=none"
+    ]  # W&B offline: its run config must record the source too
     r = torchrun(restart, cwd=tmp_path, env_extra={"WANDB_MODE": "offline"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_10 at step 10" in r.stdout
@@ -197,12 +256,14 @@ def test_continued_pretraining_resumes_from_its_own_checkpoint_and_generates_lik
     theirs = AutoModelForCausalLM.from_pretrained(run_dir / "hf").eval()
     ours, _, _ = load(str(run_dir / "hf"))
     prompt = [5, 17, 42, 8]
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                               pad_token_id=0)[0, len(prompt):].tolist()
+    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+        0, len(prompt) :
+    ].tolist()
     assert generate(ours, prompt, 12) == expected
 
 
 # -- the memory of a load ---------------------------------------------------------------------
+
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -246,9 +307,16 @@ def test_loading_holds_one_module_at_a_time(tmp_path):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6,
-                                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
-                                      tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf", max_shard_size="20MB")
     model_bytes = sum(p.stat().st_size for p in (tmp_path / "hf").glob("*.safetensors"))
     block_bytes = 4 * (4 * 512 * 512 + 3 * 512 * 1408 + 2 * 512)
@@ -261,12 +329,15 @@ def test_loading_holds_one_module_at_a_time(tmp_path):
     # the freed buffers (both before the engine's heap trimming, build._heap_trimmer, and the per-module mappings), grew
     # rank 0 by 215 MB.
     assert growth < model_bytes / 2, (growth / 1e6, model_bytes / 1e6)
-    print(f"\nrank 0 grew by {growth / 1e6:.1f} MB loading a {model_bytes / 1e6:.1f} MB model "
-          f"(one block: {block_bytes / 1e6:.1f} MB); other ranks: "
-          f"{[round(r['growth'] / 1e6, 1) for r in results[1:]]} MB")
+    print(
+        f"\nrank 0 grew by {growth / 1e6:.1f} MB loading a {model_bytes / 1e6:.1f} MB model "
+        f"(one block: {block_bytes / 1e6:.1f} MB); other ranks: "
+        f"{[round(r['growth'] / 1e6, 1) for r in results[1:]]} MB"
+    )
 
 
 # -- bad input --------------------------------------------------------------------------------
+
 
 def _break(folder: Path, how: str) -> str:
     """Damage a good folder one way; returns what the error line must say."""
@@ -303,8 +374,9 @@ def _break(folder: Path, how: str) -> str:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["no_config", "no_weights", "missing_shard", "shape", "architecture", "tokenizer",
-                                 "preset"])
+@pytest.mark.parametrize(
+    "how", ["no_config", "no_weights", "missing_shard", "shape", "architecture", "tokenizer", "preset"]
+)
 def test_bad_folder_stops_every_rank_with_one_line(data_dir, tmp_path, how):
     folder = save_folder(hf_model("llama", vocab_of(data_dir)), data_dir, tmp_path / "hf")
     expected = _break(folder, how)
@@ -327,8 +399,22 @@ def test_prepare_takes_the_model_folder_as_tokenizer(data_dir, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.txt").write_text("alpha beta gamma " * 50)
-    r = subprocess.run([sys.executable, "-m", "megagpt.data.prepare", "--input", str(src), "--output",
-                        str(tmp_path / "data"), "--tokenizer", str(folder)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megagpt.data.prepare",
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "data"),
+            "--tokenizer",
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "data" / "tokenizer.json").read_text()) == \
-        json.loads((folder / "tokenizer.json").read_text())
+    assert json.loads((tmp_path / "data" / "tokenizer.json").read_text()) == json.loads(
+        (folder / "tokenizer.json").read_text()
+    )

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from helpers import make_two_sources, wait_for
+
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
 from megagpt.data.prefetch import PoolClosed, PrefetchPool
@@ -28,8 +28,11 @@ def two_sets(tmp_path_factory):
 
 def make_mix(paths, weights=None, **settings):
     settings = StreamSettings(4, L, **{"seed": 5, "shuffle_buffer": 4, **settings})
-    return Mixture([ShardStreams(open_dataset(str(p)), settings, name=f"s{i}") for i, p in enumerate(paths)],
-                   weights or [1.0] * len(paths), period=7)
+    return Mixture(
+        [ShardStreams(open_dataset(str(p)), settings, name=f"s{i}") for i, p in enumerate(paths)],
+        weights or [1.0] * len(paths),
+        period=7,
+    )
 
 
 def batches(mix, rank=0, world=1, consumed=0):
@@ -53,6 +56,7 @@ def assert_same(xs, ys):
 
 
 # -- load_state_dict -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("kind", ["one", "mixture"])
@@ -149,6 +153,7 @@ def test_load_state_dict_restores_the_bad_shards(two_sets, tmp_path):
 
 
 # -- the prefetch pool's threads ---------------------------------------------------------------
+
 
 def readers_started_since(before):
     return {t for t in set(threading.enumerate()) - before if t.name == PrefetchPool.THREAD_NAME}

@@ -9,24 +9,26 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from megagpt.hooks import StopAndRequeue
 from megagpt.metrics import wandb_name
 from megagpt.resilience import NanPolicy, TrainingDiverged
 from megagpt.state import Counters, RngState, Snapshot, TrainState
 
-
 # -- collectives, on two ranks --------------------------------------------------------------
+
 
 def _collectives(rank: int, world: int) -> dict:
     from megagpt import collectives
 
-    out = {"sum": collectives.sum_(torch.tensor([1.0, float(rank)], dtype=torch.float64)).tolist(),
-           "union": collectives.union([f"shard-{rank}", "shared"]),
-           "broadcast": collectives.broadcast_from_main(f"from rank {rank}"),
-           "first_message": collectives.first_message(None if rank == 0 else f"rank {rank}: broken"),
-           "agree": collectives.agree("same", "run.dir")}
+    out = {
+        "sum": collectives.sum_(torch.tensor([1.0, float(rank)], dtype=torch.float64)).tolist(),
+        "union": collectives.union([f"shard-{rank}", "shared"]),
+        "broadcast": collectives.broadcast_from_main(f"from rank {rank}"),
+        "first_message": collectives.first_message(None if rank == 0 else f"rank {rank}: broken"),
+        "agree": collectives.agree("same", "run.dir"),
+    }
     try:
         collectives.agree(f"dir-{rank}", "run.dir")
     except ValueError as e:
@@ -94,9 +96,15 @@ def test_train_state_rewinds_the_step_but_keeps_counting():
 def test_old_checkpoint_state_loads():
     """megagpt_state.json as written before the loop was rebuilt: no hooks."""
     state = TrainState()
-    state.load_state_dict({"version": 1, "step": 12, "tokens_seen": 96, "wandb_id": None,
-                           "counters": {"skipped_steps": 0, "rollbacks": 1, "loss_spikes": 2,
-                                        "skipped_sequences": 8}})
+    state.load_state_dict(
+        {
+            "version": 1,
+            "step": 12,
+            "tokens_seen": 96,
+            "wandb_id": None,
+            "counters": {"skipped_steps": 0, "rollbacks": 1, "loss_spikes": 2, "skipped_sequences": 8},
+        }
+    )
     assert state.step == 12 and state.counters.loss_spikes == 2 and state.counters.skipped_sequences == 8
 
 
@@ -111,6 +119,7 @@ def test_rng_state_round_trip():
 
 
 # -- the non-finite policy ------------------------------------------------------------------
+
 
 def test_nan_policy_skip_then_rollback_then_stop():
     policy = NanPolicy("skip", max_skips=2, max_rollbacks=1, is_main=False)
@@ -135,6 +144,7 @@ def test_nan_policy_rollback_at_once_and_stop_at_once():
 
 # -- stop and requeue -----------------------------------------------------------------------
 
+
 class _Checkpointer:
     def __init__(self, saved_step):
         self.saved_step, self.waited = saved_step, False
@@ -144,8 +154,7 @@ class _Checkpointer:
 
 
 def _loop(step: int, saved_step: int):
-    loop = SimpleNamespace(state=TrainState(step=step), checkpointer=_Checkpointer(saved_step), stopped=None,
-                           saves=[])
+    loop = SimpleNamespace(state=TrainState(step=step), checkpointer=_Checkpointer(saved_step), stopped=None, saves=[])
     loop.save = lambda: loop.saves.append(loop.state.step)
     return loop
 
@@ -161,7 +170,7 @@ def test_stop_saves_once_and_requeues_as_configured(tmp_path, requeue, with_file
     else:  # no batch script: megagpt calls scontrol itself; a stand-in on PATH records the call
         scontrol = tmp_path / "bin" / "scontrol"
         scontrol.parent.mkdir()
-        scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
+        scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "scontrol.args"}\n')
         scontrol.chmod(0o755)
         monkeypatch.setenv("PATH", f"{scontrol.parent}:/usr/bin:/bin")
     hook = StopAndRequeue(stop, requeue=requeue, is_main=True, environ=environ)
@@ -184,19 +193,46 @@ def test_stop_saves_once_and_requeues_as_configured(tmp_path, requeue, with_file
 def test_stop_after_a_save_at_the_same_step_does_not_save_again():
     stop = SimpleNamespace(stop_file=None, local=lambda: None)  # another rank was asked
     loop = _loop(step=6, saved_step=6)
-    StopAndRequeue(stop, requeue=False, is_main=False, environ={}).after_step(loop, None, SimpleNamespace(stop=True),
-                                                                               {})
+    StopAndRequeue(stop, requeue=False, is_main=False, environ={}).after_step(
+        loop, None, SimpleNamespace(stop=True), {}
+    )
     assert loop.saves == [] and loop.stopped == "another rank"
 
 
 # -- what W&B is given ----------------------------------------------------------------------
 
+
 def test_wandb_names_group_by_section():
-    names = {k: wandb_name(k) for k in ("loss", "lr", "grad_norm", "val_loss", "val_loss/code", "tokens_per_sec",
-                                         "mfu", "data_wait", "data_skipped_shards", "mix/code", "memory_gb",
-                                         "save_blocked_sec", "rollbacks")}
-    assert names == {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "val_loss": "val/loss",
-                     "val_loss/code": "val/loss/code", "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu",
-                     "data_wait": "data/wait", "data_skipped_shards": "data/skipped_shards",
-                     "mix/code": "data/mix/code", "memory_gb": "system/memory_gb",
-                     "save_blocked_sec": "perf/save_blocked_sec", "rollbacks": "train/rollbacks"}
+    names = {
+        k: wandb_name(k)
+        for k in (
+            "loss",
+            "lr",
+            "grad_norm",
+            "val_loss",
+            "val_loss/code",
+            "tokens_per_sec",
+            "mfu",
+            "data_wait",
+            "data_skipped_shards",
+            "mix/code",
+            "memory_gb",
+            "save_blocked_sec",
+            "rollbacks",
+        )
+    }
+    assert names == {
+        "loss": "train/loss",
+        "lr": "train/lr",
+        "grad_norm": "train/grad_norm",
+        "val_loss": "val/loss",
+        "val_loss/code": "val/loss/code",
+        "tokens_per_sec": "perf/tokens_per_sec",
+        "mfu": "perf/mfu",
+        "data_wait": "data/wait",
+        "data_skipped_shards": "data/skipped_shards",
+        "mix/code": "data/mix/code",
+        "memory_gb": "system/memory_gb",
+        "save_blocked_sec": "perf/save_blocked_sec",
+        "rollbacks": "train/rollbacks",
+    }

@@ -9,14 +9,14 @@ import shutil
 from collections import Counter
 
 import pytest
+from helpers import make_dataset, make_two_sources
+from test_config import make_cfg
 
 import megagpt.data.source
-from helpers import make_dataset, make_two_sources
 from megagpt.config import SourceConfig
 from megagpt.data.shards import DataError, open_dataset
 from megagpt.data.source import open_training_data
 from megagpt.runtime import Env
-from test_config import make_cfg
 
 ONE_RANK = Env(rank=0, world_size=1, local_rank=0, local_world_size=1)
 
@@ -73,8 +73,10 @@ def test_a_source_with_another_tokenizer_stops_with_one_line_naming_both(sources
     a, c = sources["a"], sources["c"]
     with pytest.raises(DataError) as e:
         open_mixture(mixture_cfg, [("a", a), ("b", sources["b"]), ("c", c)])
-    assert str(e.value) == (f"data.sources: c and a were prepared with different tokenizers ({c}/tokenizer.json and "
-                            f"{a}/tokenizer.json differ); prepare every source with one --tokenizer")
+    assert str(e.value) == (
+        f"data.sources: c and a were prepared with different tokenizers ({c}/tokenizer.json and "
+        f"{a}/tokenizer.json differ); prepare every source with one --tokenizer"
+    )
 
 
 def test_a_source_without_a_tokenizer_file_is_left_to_the_vocabulary_check(sources, mixture_cfg, tmp_path):

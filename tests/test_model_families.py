@@ -227,18 +227,27 @@ def _preset_params(name: str, vocab: int) -> int:
 
     register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=[f"model={name}", "model.vocab_multiple=1",
-                                                                           "data.seq_len=2048"]))
+        cfg = OmegaConf.to_object(
+            compose(config_name="config", overrides=[f"model={name}", "model.vocab_multiple=1", "data.seq_len=2048"])
+        )
     gcfg = build_model_config(cfg, vocab, "sdpa")
     with torch.device("meta"):
         model = GPT(gcfg)
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name,vocab,expected", [
-    ("gpt2-124m", 50257, 124.4e6), ("gpt2-350m", 50257, 354.8e6), ("gpt2-774m", 50257, 774.0e6),
-    ("gpt2-1.5b", 50257, 1557.6e6), ("llama-1b", 128256, 1235.8e6), ("llama-3b", 128256, 3212.7e6),
-    ("llama-8b", 128256, 8030.3e6)])
+@pytest.mark.parametrize(
+    "name,vocab,expected",
+    [
+        ("gpt2-124m", 50257, 124.4e6),
+        ("gpt2-350m", 50257, 354.8e6),
+        ("gpt2-774m", 50257, 774.0e6),
+        ("gpt2-1.5b", 50257, 1557.6e6),
+        ("llama-1b", 128256, 1235.8e6),
+        ("llama-3b", 128256, 3212.7e6),
+        ("llama-8b", 128256, 8030.3e6),
+    ],
+)
 def test_presets_have_the_published_sizes(name, vocab, expected):
     # gpt2: 1024 positions in the published counts; here 2048, so add 1024 x width.
     got = _preset_params(name, vocab)

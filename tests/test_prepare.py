@@ -24,9 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 TXT_DOCS = {
     "a/one.txt": "The quick brown fox jumps over the lazy dog.\nSecond line.\n",
-    "a/two.md": "# Title\n\nUnicode: h\u00e9llo w\u00f6rld \u2014 \u4f60\u597d \U0001f600\r\nand a literal " + EOD_TOKEN + " inside.",
+    "a/two.md": "# Title\n\nUnicode: h\u00e9llo w\u00f6rld \u2014 \u4f60\u597d \U0001f600\r\nand a literal "
+    + EOD_TOKEN
+    + " inside.",
 }
-JSONL_DOCS = ["def f(x):\n    return x * 2\n", "", "Another document, with \"quotes\" and tabs\t."]
+JSONL_DOCS = ["def f(x):\n    return x * 2\n", "", 'Another document, with "quotes" and tabs\t.']
 GZ_DOCS = ["gzip document number one", "gzip document number two " * 20]
 
 
@@ -45,9 +47,7 @@ def _make_corpus(root: Path) -> list[str]:
 def _read_docs(out: Path, manifest: dict) -> list[tuple[str, np.ndarray]]:
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     urls = [str(out / s["name"]) for s in manifest["shards"]]
-    return [
-        (s["__key__"], np.frombuffer(s["tokens"], dtype=dtype)) for s in wds.WebDataset(urls, shardshuffle=False)
-    ]
+    return [(s["__key__"], np.frombuffer(s["tokens"], dtype=dtype)) for s in wds.WebDataset(urls, shardshuffle=False)]
 
 
 @pytest.fixture
@@ -103,14 +103,21 @@ def test_prepare_is_deterministic(tmp_path: Path, corpus: tuple[Path, list[str]]
 def test_shard_limits(tmp_path: Path) -> None:
     docs = [f"document {i}: " + "word " * (i * 7 % 23 + 1) for i in range(10)]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
-    m = prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "o1"), vocab_size=280, docs_per_shard=3,
-                text_field="body", log=None)
+    m = prepare(
+        [str(tmp_path / "d.jsonl")], str(tmp_path / "o1"), vocab_size=280, docs_per_shard=3, text_field="body", log=None
+    )
     assert [s["documents"] for s in m["shards"]] == [3, 3, 3, 1]
 
     doc_bytes = [ids.nbytes for _, ids in _read_docs(tmp_path / "o1", m)]
     limit = 2 * max(doc_bytes)  # every doc fits, so every shard must stay within the limit
-    m = prepare([str(tmp_path / "d.jsonl")], str(tmp_path / "o2"), vocab_size=280, shard_bytes=limit,
-                text_field="body", log=None)
+    m = prepare(
+        [str(tmp_path / "d.jsonl")],
+        str(tmp_path / "o2"),
+        vocab_size=280,
+        shard_bytes=limit,
+        text_field="body",
+        log=None,
+    )
     sizes = [s["tokens"] * 2 for s in m["shards"]]
     assert len(m["shards"]) > 1 and max(sizes) <= limit
     assert min(a + b for a, b in zip(sizes, sizes[1:])) > limit  # ...and no shard was closed early
@@ -131,7 +138,10 @@ def test_malformed_jsonl(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(
         [sys.executable, "-m", "megagpt.data.prepare", "--input", str(bad), "--output", str(tmp_path / "cli")],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -144,9 +154,26 @@ def test_cli_success(tmp_path: Path, corpus: tuple[Path, list[str]]) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "cli"
     r = subprocess.run(
-        [sys.executable, "-m", "megagpt.data.prepare", "--input", str(root / "a"), str(root / "*.jsonl*"),
-         "--output", str(out), "--vocab-size", "300", "--docs-per-shard", "2", "--workers", "1"],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "megagpt.data.prepare",
+            "--input",
+            str(root / "a"),
+            str(root / "*.jsonl*"),
+            "--output",
+            str(out),
+            "--vocab-size",
+            "300",
+            "--docs-per-shard",
+            "2",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 0, r.stderr
     m = read_manifest(str(out))
@@ -279,8 +306,9 @@ def test_validation_split(tmp_path: Path, split: dict) -> None:
     # Deterministic: same options -> same split; another seed -> another split.
     again = prepare([str(tmp_path / "in")], str(tmp_path / "o2"), vocab_size=300, docs_per_shard=4, log=None, **split)
     assert again == m
-    other = prepare([str(tmp_path / "in")], str(tmp_path / "o3"), vocab_size=300, docs_per_shard=4, log=None,
-                    seed=1, **split)
+    other = prepare(
+        [str(tmp_path / "in")], str(tmp_path / "o3"), vocab_size=300, docs_per_shard=4, log=None, seed=1, **split
+    )
     assert set(_decoded(tmp_path / "o3", other, "val_shards")) != set(val)
 
 
@@ -390,9 +418,21 @@ def test_unreadable_inputs(tmp_path: Path) -> None:
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run(
-        [sys.executable, "-m", "megagpt.data.prepare", "--input", str(src / "*.*"), "--output",
-         str(tmp_path / "cli"), "--val-docs", "1"],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "megagpt.data.prepare",
+            "--input",
+            str(src / "*.*"),
+            "--output",
+            str(tmp_path / "cli"),
+            "--val-docs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -478,8 +518,13 @@ def test_ensure_embedded_concurrent(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=120) for p in procs]

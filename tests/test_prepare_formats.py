@@ -31,7 +31,8 @@ from megagpt.data.tokenizer import load_tokenizer, train_bpe
 REPO = Path(__file__).resolve().parents[1]
 
 DOCS = [
-    f"document {i}: " + " ".join(f"w{(i * 11 + j) % 37}" for j in range(i % 7 + 2))
+    f"document {i}: "
+    + " ".join(f"w{(i * 11 + j) % 37}" for j in range(i % 7 + 2))
     + (" h\u00e9llo \u4f60\u597d \U0001f600\n" if i % 5 == 0 else "")
     for i in range(60)
 ]
@@ -113,8 +114,9 @@ def _decoded(out: Path, m: dict) -> list[str]:
     tok = load_tokenizer(str(out / m["tokenizer"]))
     dtype = np.dtype(m["dtype"]).newbyteorder("<")
     urls = [str(out / s["name"]) for s in m["shards"]]
-    return [tok.decode(np.frombuffer(s["tokens"], dtype=dtype).tolist())
-            for s in wds.WebDataset(urls, shardshuffle=False)]
+    return [
+        tok.decode(np.frombuffer(s["tokens"], dtype=dtype).tolist()) for s in wds.WebDataset(urls, shardshuffle=False)
+    ]
 
 
 def _error(inputs: list, **kw) -> str:
@@ -176,16 +178,16 @@ def test_parquet_is_read_in_batches_never_whole(tmp_path: Path, monkeypatch: pyt
     assert len(units) > 5 and not any(u.error for u in units)
     rows = [row for u in units for row, _ in u.data]
     assert rows == list(range(len(DOCS)))  # every row once, in order, whatever the cuts
-    assert [t for u in units for t in prep_formats.unit_texts(u, "text")] == [
-        (i, d) for i, d in enumerate(DOCS) if d]
+    assert [t for u in units for t in prep_formats.unit_texts(u, "text")] == [(i, d) for i, d in enumerate(DOCS) if d]
 
 
 # ---------------------------------------------------------------- workers, resume
 
 
 @pytest.mark.parametrize("name", list(WRITERS))
-def test_workers_give_identical_output(tmp_path: Path, tokenizer: str, monkeypatch: pytest.MonkeyPatch,
-                                       name: str) -> None:
+def test_workers_give_identical_output(
+    tmp_path: Path, tokenizer: str, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
     path = WRITERS[name](tmp_path / name, DOCS)
     monkeypatch.setattr(prep_inputs, "CHUNK_BYTES", 200)  # many small tasks, so the pool interleaves them
     monkeypatch.setattr(prep_formats, "PARQUET_BATCH_ROWS", 5)
@@ -199,8 +201,7 @@ def test_workers_give_identical_output(tmp_path: Path, tokenizer: str, monkeypat
 
 
 @pytest.mark.parametrize("name", ["x.parquet", "x.jsonl.zst", "x.tar"])
-def test_resume_after_interruption(tmp_path: Path, tokenizer: str, monkeypatch: pytest.MonkeyPatch,
-                                   name: str) -> None:
+def test_resume_after_interruption(tmp_path: Path, tokenizer: str, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     path = WRITERS[name](tmp_path / name, DOCS)
     kw = dict(tokenizer=tokenizer, docs_per_shard=4, val_docs=5, workers=1)
     ref = prepare([str(path)], str(tmp_path / "ref"), log=None, **kw)
@@ -298,16 +299,27 @@ def test_pipe_inputs(tmp_path: Path, tokenizer: str) -> None:
         assert m == ref and _shard_bytes(tmp_path / f"o{i}", m) == _shard_bytes(tmp_path / "ref", ref)
     gone = tmp_path / "gone.jsonl.zst"
     assert _error([f"pipe:cat {gone}"], out=str(tmp_path / "e")) == (
-        f"cannot read pipe:cat {gone}: the command exited with status 1")
+        f"cannot read pipe:cat {gone}: the command exited with status 1"
+    )
 
 
 def test_format_of_names() -> None:
     cases = {
-        "data/x.parquet": "parquet", "x.jsonl": "jsonl", "x.jsonl.gz": "jsonl", "x.jsonl.zst": "jsonl",
-        "x.tar": "tar", "x.tar.gz": "tar", "x.tgz": "tar", "notes.md": "text", "X.JSONL": "text",
-        "https://host/a/x.parquet?download=1": "parquet", "http://host/x.tar": "tar",
-        "pipe:curl -s https://host/y.jsonl.zst": "jsonl", "pipe:curl -s 'https://host/y.jsonl.zst?sig=a b'": "jsonl",
-        "pipe:curl -s https://host/y.jsonl.zst | zstd -d": "text", "pipe:cat 'my shard.tar'": "tar",
+        "data/x.parquet": "parquet",
+        "x.jsonl": "jsonl",
+        "x.jsonl.gz": "jsonl",
+        "x.jsonl.zst": "jsonl",
+        "x.tar": "tar",
+        "x.tar.gz": "tar",
+        "x.tgz": "tar",
+        "notes.md": "text",
+        "X.JSONL": "text",
+        "https://host/a/x.parquet?download=1": "parquet",
+        "http://host/x.tar": "tar",
+        "pipe:curl -s https://host/y.jsonl.zst": "jsonl",
+        "pipe:curl -s 'https://host/y.jsonl.zst?sig=a b'": "jsonl",
+        "pipe:curl -s https://host/y.jsonl.zst | zstd -d": "text",
+        "pipe:cat 'my shard.tar'": "tar",
     }
     assert {spec: format_of(spec) for spec in cases} == cases
 
@@ -352,8 +364,10 @@ def test_errors_name_input_and_position(tmp_path: Path, tokenizer: str) -> None:
     # megagpt's own output is a tar too, of .tokens members: not an input.
     shard = tmp_path / "prepared" / "shard-000000.tar"
     prepare([str(write_jsonl(tmp_path / "s.jsonl", DOCS))], str(shard.parent), tokenizer=tokenizer, log=None)
-    assert err(shard) == (f"{shard}: no .txt or .json members to read text from (megagpt's own prepared "
-                          "shards hold .tokens: they are output, not input)")
+    assert err(shard) == (
+        f"{shard}: no .txt or .json members to read text from (megagpt's own prepared "
+        "shards hold .tokens: they are output, not input)"
+    )
 
 
 def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -365,15 +379,17 @@ def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert e.value.code == 2 and err == f"megagpt.data.prepare: error: {p}: row 1: field 'text' is null\n"
 
 
-def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_parquet_without_pyarrow_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     p = write_parquet(tmp_path / "x.parquet", DOCS)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # what an install without the extra gives
     with pytest.raises(SystemExit) as e:
         main(["--input", str(p), str(write_jsonl(tmp_path / "y.jsonl", DOCS)), "--output", str(tmp_path / "o")])
     assert e.value.code == 2
     assert capsys.readouterr().err == (
-        f"megagpt.data.prepare: error: {p} needs pyarrow: pip install 'megagpt[parquet]'\n")
+        f"megagpt.data.prepare: error: {p} needs pyarrow: pip install 'megagpt[parquet]'\n"
+    )
     assert not (tmp_path / "o").exists()  # stopped before anything was written
 
 
@@ -383,17 +399,28 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatc
 def test_bench_prepare_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "megagpt.bench", "prepare", "--quick", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.bench", "prepare", "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    for label in ("tokenizers encode_batch, 1 thread", "prepare --workers 1 (Parquet -> shards)",
-                  "prepare --workers 2 (Parquet -> shards)", "per worker", "vs encode_batch"):
+    for label in (
+        "tokenizers encode_batch, 1 thread",
+        "prepare --workers 1 (Parquet -> shards)",
+        "prepare --workers 2 (Parquet -> shards)",
+        "per worker",
+        "vs encode_batch",
+    ):
         assert label in r.stdout
     fig = json.loads(out.read_text())
     assert fig["identical_output"] is True and fig["tokens"] > 100_000 and fig["row_groups"] >= 1
     for w in (1, 2):
         rate = fig[f"prepare_w{w}_tokens_per_sec"]
         assert rate > 0 and abs(fig[f"prepare_w{w}_tokens_per_sec_per_worker"] - rate / w) < 1e-6
-        assert abs(fig[f"prepare_w{w}_per_worker_vs_encode_batch"]
-                   - rate / w / fig["encode_batch_tokens_per_sec"]) < 1e-9
+        assert (
+            abs(fig[f"prepare_w{w}_per_worker_vs_encode_batch"] - rate / w / fig["encode_batch_tokens_per_sec"]) < 1e-9
+        )
     assert fig["encode_batch_tokens_per_sec"] > 0

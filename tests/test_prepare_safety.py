@@ -39,8 +39,9 @@ def _decoded(out: Path, m: dict) -> list[str]:
     tok = load_tokenizer(str(out / m["tokenizer"]))
     dtype = np.dtype(m["dtype"]).newbyteorder("<")
     urls = [str(out / s["name"]) for s in m["shards"] + m["val_shards"]]
-    return [tok.decode(np.frombuffer(s["tokens"], dtype=dtype).tolist())
-            for s in wds.WebDataset(urls, shardshuffle=False)]
+    return [
+        tok.decode(np.frombuffer(s["tokens"], dtype=dtype).tolist()) for s in wds.WebDataset(urls, shardshuffle=False)
+    ]
 
 
 def _refused(inputs: list, out: Path, **kw) -> str:
@@ -70,7 +71,8 @@ def test_dataset_from_other_inputs_is_kept(tmp_path: Path, capsys: pytest.Captur
     msg = _refused([tmp_path / "b"], out)
     assert msg.startswith(f"{out} holds a prepared dataset made from other inputs or settings (")
     assert f"3 new inputs (first: {tmp_path / 'b' / '0.txt'}), 6 inputs gone (first: " in msg and msg.endswith(
-        "; give --overwrite (overwrite=True) to replace it")
+        "; give --overwrite (overwrite=True) to replace it"
+    )
     a_texts[3] = "an edited document"
     (tmp_path / "a" / "3.txt").write_text(a_texts[3])
     assert "changed input " + str(tmp_path / "a" / "3.txt") in _refused([tmp_path / "a"], out)
@@ -85,14 +87,20 @@ def test_dataset_from_other_inputs_is_kept(tmp_path: Path, capsys: pytest.Captur
 
     code, err = _cli(["--input", str(tmp_path / "b"), "--output", str(out), "--vocab-size", "300"], capsys)
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith(f"megagpt.data.prepare: error: {out} holds a partly prepared dataset") and "--overwrite" in err
+    assert (
+        err.startswith(f"megagpt.data.prepare: error: {out} holds a partly prepared dataset") and "--overwrite" in err
+    )
     assert _files(out) == before
 
     # With the flag it is replaced, and the log says so.
     logs: list[str] = []
     m = prepare([str(tmp_path / "b")], str(out), log=logs.append, overwrite=True, **KW)
-    assert any(line.startswith(f"replacing the partly prepared dataset in {out} (made from other inputs or "
-                               "settings: 3 new inputs") for line in logs), logs
+    assert any(
+        line.startswith(
+            f"replacing the partly prepared dataset in {out} (made from other inputs or settings: 3 new inputs"
+        )
+        for line in logs
+    ), logs
     assert sorted(_decoded(out, m)) == sorted(b_texts) and m == read_manifest(str(out))
     assert not (out / "shard-000002.tar").exists()  # the old run's third shard is gone, not left beside
 
@@ -108,7 +116,8 @@ def test_unrecorded_dataset_and_other_files_are_kept(tmp_path: Path) -> None:
     before = _files(out)
     assert _refused([tmp_path / "a"], out) == (
         f"{out} holds a prepared dataset whose inputs are not recorded (no readable .prepare_state.jsonl); "
-        "give --overwrite (overwrite=True) to replace it")
+        "give --overwrite (overwrite=True) to replace it"
+    )
     assert _files(out) == before
 
     mine = tmp_path / "mine"
@@ -117,7 +126,8 @@ def test_unrecorded_dataset_and_other_files_are_kept(tmp_path: Path) -> None:
     (mine / "val-000000.tar").write_text("not written by prepare, but named as if")
     assert _refused([tmp_path / "a"], mine) == (
         f"{mine} is not empty and holds no megagpt dataset (notes.txt, val-000000.tar); give --overwrite "
-        "(overwrite=True) to write into it (only prepare's own files there are replaced)")
+        "(overwrite=True) to write into it (only prepare's own files there are replaced)"
+    )
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "val-000000.tar"]  # refused: nothing touched
 
     logs: list[str] = []
@@ -178,8 +188,11 @@ def test_unfinished_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.undo()
     logs.clear()
     m = prepare([str(tmp_path / "b")], str(out), log=logs.append, **KW)
-    assert any(line.startswith(f"the unfinished run in {out} wrote no shards (other inputs or settings: ") and
-               line.endswith("): starting over") for line in logs), logs
+    assert any(
+        line.startswith(f"the unfinished run in {out} wrote no shards (other inputs or settings: ")
+        and line.endswith("): starting over")
+        for line in logs
+    ), logs
     assert sorted(_decoded(out, m)) == sorted(b_texts)
 
 
@@ -191,15 +204,18 @@ def test_output_inside_inputs_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     _texts(src, "alpha")
     inner = src / "prepared"
     assert _refused([src], inner) == (
-        f"the output folder {inner} is inside the input folder {src}; choose an output folder outside the inputs")
+        f"the output folder {inner} is inside the input folder {src}; choose an output folder outside the inputs"
+    )
     assert not inner.exists()
     assert _refused([src], src) == (
-        f"the output folder {src} is the input folder {src}; choose an output folder outside the inputs")
+        f"the output folder {src} is the input folder {src}; choose an output folder outside the inputs"
+    )
     # A glob whose folders would be walked: refused on the first run already, not only once the output exists.
     pattern = str(tmp_path / "*")
     assert _refused([pattern], tmp_path / "prepared") == (
         f"the input {pattern} reaches into the output folder {tmp_path / 'prepared'}; "
-        "choose an output folder outside the inputs")
+        "choose an output folder outside the inputs"
+    )
     assert not (tmp_path / "prepared").exists()
     assert sorted(p.name for p in src.iterdir()) == sorted(f"{i}.txt" for i in range(6))
 
@@ -209,12 +225,15 @@ def test_output_inside_inputs_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     before = _files(out)
     shard = out / "shard-000000.tar"
     assert _refused([src, shard], out) == (
-        f"the input {shard} is inside the output folder {out}; choose an output folder outside the inputs")
+        f"the input {shard} is inside the output folder {out}; choose an output folder outside the inputs"
+    )
     assert _files(out) == before
 
     code, err = _cli(["--input", str(src), "--output", str(inner)], capsys)
-    assert code == 2 and err == (f"megagpt.data.prepare: error: the output folder {inner} is inside the input "
-                                 f"folder {src}; choose an output folder outside the inputs\n")
+    assert code == 2 and err == (
+        f"megagpt.data.prepare: error: the output folder {inner} is inside the input "
+        f"folder {src}; choose an output folder outside the inputs\n"
+    )
 
 
 # ---------------------------------------------------------------- inputs that are not text
@@ -249,8 +268,14 @@ def _mixed_corpus(root: Path, pyc: bytes) -> list[str]:
         _member(tar, "000000.txt", pyc)
         _member(tar, "000001.txt", b"a tar member of text")
         _member(tar, "000002.txt", "member caf\u00e9 ".encode("latin-1") + b"more words " * 5)
-    return ["a plain text document", LATIN1.replace("\u00e9", "\ufffd").replace("\u00ef", "\ufffd"),
-            "fine json", "a stray \ufffd byte", "a tar member of text", "member caf\ufffd " + "more words " * 5]
+    return [
+        "a plain text document",
+        LATIN1.replace("\u00e9", "\ufffd").replace("\u00ef", "\ufffd"),
+        "fine json",
+        "a stray \ufffd byte",
+        "a tar member of text",
+        "member caf\ufffd " + "more words " * 5,
+    ]
 
 
 def test_non_text_inputs_are_skipped_and_replacements_counted(tmp_path: Path) -> None:
@@ -261,17 +286,26 @@ def test_non_text_inputs_are_skipped_and_replacements_counted(tmp_path: Path) ->
     assert sorted(_decoded(tmp_path / "out", m)) == sorted(expected)
 
     warnings = [line for line in logs if line.startswith("warning: ")]
-    skipped = {line.removeprefix("warning: skipping ").split(": ")[0] for line in warnings
-               if line.startswith("warning: skipping ")}
+    skipped = {
+        line.removeprefix("warning: skipping ").split(": ")[0]
+        for line in warnings
+        if line.startswith("warning: skipping ")
+    }
     assert skipped == {str(src / "random.bin"), str(src / "module.txt"), str(src / "cyrillic.txt"), str(src / "t.tar")}
     assert f"warning: skipping {src / 'random.bin'}: not UTF-8 text (a NUL byte in its first 8 KiB)" in warnings
-    assert f"warning: skipping {src / 't.tar'}: member 000000.txt: not UTF-8 text (a NUL byte in its first 8 KiB)" \
+    assert (
+        f"warning: skipping {src / 't.tar'}: member 000000.txt: not UTF-8 text (a NUL byte in its first 8 KiB)"
         in warnings
-    assert any(line.startswith(f"warning: skipping {src / 'cyrillic.txt'}: not UTF-8 text (") and
-               "invalid UTF-8 sequences in its first 210 bytes)" in line for line in warnings), warnings
+    )
+    assert any(
+        line.startswith(f"warning: skipping {src / 'cyrillic.txt'}: not UTF-8 text (")
+        and "invalid UTF-8 sequences in its first 210 bytes)" in line
+        for line in warnings
+    ), warnings
     for name, n in (("latin1.txt", 2), ("d.jsonl", 1), ("t.tar", 1)):
         assert [w for w in warnings if w.startswith(f"warning: {src / name}: ")] == [
-            f"warning: {src / name}: {n} invalid UTF-8 sequence{'s' if n > 1 else ''} replaced with U+FFFD"]
+            f"warning: {src / name}: {n} invalid UTF-8 sequence{'s' if n > 1 else ''} replaced with U+FFFD"
+        ]
     assert len(warnings) == 4 + 3
     done = next(line for line in logs if line.startswith("done: "))
     assert "; 4 documents skipped as not UTF-8 text; 4 invalid UTF-8 sequences replaced in 3 files" in done
@@ -287,8 +321,9 @@ def test_non_text_inputs_are_skipped_and_replacements_counted(tmp_path: Path) ->
 # Stops in the text files, inside the JSONL (a unit straddles the resume point), and with a
 # validation split that has a finished shard (the resume point is the lower of the two).
 @pytest.mark.parametrize(("fail_after", "val_docs"), [(5, 0), (13, 0), (19, 3)])
-def test_counts_survive_an_interruption(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_after: int,
-                                        val_docs: int) -> None:
+def test_counts_survive_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_after: int, val_docs: int
+) -> None:
     """A resumed run reports the same counts as an uninterrupted one: none lost, none counted twice."""
     src = tmp_path / "in"
     src.mkdir()
@@ -323,4 +358,3 @@ def test_counts_survive_an_interruption(tmp_path: Path, monkeypatch: pytest.Monk
     assert any(line.startswith("resuming after") for line in logs)
     assert len([w for w in logs if w.startswith(f"warning: {src / 'z.jsonl.gz'}: ")]) == 1
     assert f"warning: {src / 'z.jsonl.gz'}: 16 invalid UTF-8 sequences replaced with U+FFFD" in logs
-

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from helpers import _torchrun_job, kill_job, make_dataset, torchrun, torchrun_popen, wait_for, worker_pid, worker_pids
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -33,12 +32,26 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, run_dir, steps=STEPS):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={steps}", "trainer.save_every=4", "trainer.log_every=1", "trainer.eval_every=0",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "trainer.peak_flops=1e11",
-            # a restart that cannot meet fails in a minute, not in 30
-            "deepspeed.timeout_minutes=1"]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+        # a restart that cannot meet fails in a minute, not in 30
+        "deepspeed.timeout_minutes=1",
+    ]
 
 
 def torchrun_restarting(args: list[str], cwd: Path, log: Path, restarts: int = 2) -> subprocess.Popen:
@@ -88,7 +101,9 @@ def test_a_restarted_rank_passes_over_the_previous_attempts_store(monkeypatch):
         time.sleep(1)
         assert not rank1.done()
         stranger = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        agent.set(runtime._ANNOUNCE_KEY, f"127.0.0.1 {stranger.port} previous-attempt")  # its port taken by another store
+        agent.set(
+            runtime._ANNOUNCE_KEY, f"127.0.0.1 {stranger.port} previous-attempt"
+        )  # its port taken by another store
         time.sleep(3)
         assert not rank1.done()
         rank0_store = runtime._attempt_store(runtime.Env(0, 2, 0, 2), timeout)
@@ -111,9 +126,15 @@ def test_max_restarts_resume_a_killed_rank_bit_for_bit(data_dir, tmp_path):
     try:
         for kill in range(2):
             # a step after a checkpoint this attempt wrote (the second kill: in the first restart)
-            wait_for(lambda: newest_committed(run_dir) > max(killed_after, default=0)
-                     and logged_steps(run_dir) > newest_committed(run_dir), 180, job,
-                     f"{'the job' if kill == 0 else 'the restarted job'} to train a step past a new checkpoint")
+            wait_for(
+                lambda: (
+                    newest_committed(run_dir) > max(killed_after, default=0)
+                    and logged_steps(run_dir) > newest_committed(run_dir)
+                ),
+                180,
+                job,
+                f"{'the job' if kill == 0 else 'the restarted job'} to train a step past a new checkpoint",
+            )
             killed_after.append(newest_committed(run_dir))
             os.kill(worker_pid(job.pid, 1), signal.SIGKILL)
         code = job.wait(timeout=400)
@@ -147,8 +168,7 @@ def test_workers_end_when_their_agent_is_killed(data_dir, tmp_path):
     job = torchrun_popen(args(data_dir, tmp_path / "run"), cwd=tmp_path, log=tmp_path / "job.log")
     workers: list[int] = []
     try:
-        wait_for(lambda: len(worker_pids(job.pid)) == 2 and worker_pid(job.pid, 1) is not None, 60, job,
-                 "two workers")
+        wait_for(lambda: len(worker_pids(job.pid)) == 2 and worker_pid(job.pid, 1) is not None, 60, job, "two workers")
         workers = worker_pids(job.pid)
         rank0, rank1 = worker_pid(job.pid, 0), worker_pid(job.pid, 1)
         # Rank 1 is stopped a second of CPU into its start: past megagpt.train's

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, _torchrun_job, make_dataset, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -35,10 +34,24 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, run_dir, *extra):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32", "model.n_layer=2",
-            "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4", "trainer.save_every=10",
-            "trainer.log_every=1", "trainer.eval_every=0", "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none",
-            "trainer.peak_flops=1e11", *extra]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.save_every=10",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+        *extra,
+    ]
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -67,8 +80,12 @@ NEW_SCHEDULE = ["trainer.max_steps=30", "optim.lr=2e-3", "optim.warmup_steps=5",
 def test_an_extended_resume_runs_every_step_at_the_longer_schedules_rate(data_dir, run_copy, tmp_path):
     r = torchrun(args(data_dir, run_copy, *NEW_SCHEDULE), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    for line in ("resume: trainer.max_steps: 20 -> 30", "resume: optim.lr: 0.003 -> 0.002",
-                 "resume: optim.warmup_steps: 2 -> 5", "resume: optim.min_lr_ratio: 0.1 -> 0.2"):
+    for line in (
+        "resume: trainer.max_steps: 20 -> 30",
+        "resume: optim.lr: 0.003 -> 0.002",
+        "resume: optim.warmup_steps: 2 -> 5",
+        "resume: optim.min_lr_ratio: 0.1 -> 0.2",
+    ):
         assert f"{line} (this run's value applies from step 21)" in r.stdout, r.stdout
     fresh = tmp_path / "fresh"
     r = torchrun(args(data_dir, fresh, *NEW_SCHEDULE), cwd=tmp_path)
@@ -83,17 +100,29 @@ def engine_state_after_load(data_dir, checkpoint: Path, out: Path, *overrides) -
     """The optimizer groups and schedule of an engine built with `overrides`
     once `checkpoint` is loaded into it (tests/engine_state.py, 2 ranks)."""
     cmd, env = _torchrun_job([], None, 2)
-    cmd = cmd[: cmd.index("-m", 2)] + [str(REPO / "tests" / "engine_state.py"), str(out), str(checkpoint), "--",
-                                       *args(data_dir, out.parent / "unused", *overrides)]
+    cmd = cmd[: cmd.index("-m", 2)] + [
+        str(REPO / "tests" / "engine_state.py"),
+        str(out),
+        str(checkpoint),
+        "--",
+        *args(data_dir, out.parent / "unused", *overrides),
+    ]
     r = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return torch.load(f"{out}0.pt", weights_only=False)
 
 
 def test_a_resume_applies_this_runs_optimizer_hyperparameters(data_dir, base_run, tmp_path):
-    state = engine_state_after_load(data_dir, base_run / "checkpoints" / "step_20", tmp_path / "state",
-                                    "optim.weight_decay=0.05", "optim.beta1=0.8", "optim.beta2=0.9",
-                                    "optim.eps=1e-6", *NEW_SCHEDULE)
+    state = engine_state_after_load(
+        data_dir,
+        base_run / "checkpoints" / "step_20",
+        tmp_path / "state",
+        "optim.weight_decay=0.05",
+        "optim.beta1=0.8",
+        "optim.beta2=0.9",
+        "optim.eps=1e-6",
+        *NEW_SCHEDULE,
+    )
     decay, no_decay = state["groups"]
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     for group in (decay, no_decay):
@@ -109,15 +138,23 @@ def test_a_resume_applies_this_runs_optimizer_hyperparameters(data_dir, base_run
 
 def test_what_a_resume_cannot_honour_stops_every_rank_before_loading(data_dir, run_copy, tmp_path):
     before = (run_copy / "metrics.jsonl").read_bytes()
-    r = torchrun(args(data_dir, run_copy, "trainer.max_steps=30", "model.n_layer=3", "data.seq_len=64",
-                      "deepspeed=zero0"), cwd=tmp_path)
+    r = torchrun(
+        args(data_dir, run_copy, "trainer.max_steps=30", "model.n_layer=3", "data.seq_len=64", "deepspeed=zero0"),
+        cwd=tmp_path,
+    )
     assert r.returncode != 0
     ckpt = run_copy / "checkpoints" / "step_20"
     for rank in (0, 1):
-        for key, old, new in (("model.n_layer", 2, 3), ("model.max_seq_len", 32, 64),
-                              ("deepspeed.zero_stage", 3, 0), ("data.seq_len", 32, 64)):
-            line = (f"megagpt: error (rank {rank}): cannot resume from {ckpt}: {key} is {old} in the checkpoint "
-                    f"and {new} here: ")
+        for key, old, new in (
+            ("model.n_layer", 2, 3),
+            ("model.max_seq_len", 32, 64),
+            ("deepspeed.zero_stage", 3, 0),
+            ("data.seq_len", 32, 64),
+        ):
+            line = (
+                f"megagpt: error (rank {rank}): cannot resume from {ckpt}: {key} is {old} in the checkpoint "
+                f"and {new} here: "
+            )
             assert line in r.stderr, r.stderr[-3000:]
             assert f"resume with {key}={old}, or start a new run.dir" in r.stderr
     workers = r.stderr.split("torch/distributed/elastic")[0]  # torchrun's own report follows
@@ -130,8 +167,7 @@ def damage(checkpoint: Path) -> None:
     victim.write_bytes(victim.read_bytes()[:100])
 
 
-def test_a_run_dir_whose_checkpoints_all_fail_verification_stops_instead_of_starting_over(data_dir, run_copy,
-                                                                                          tmp_path):
+def test_a_run_dir_whose_checkpoints_all_fail_verification_stops_instead_of_starting_over(data_dir, run_copy, tmp_path):
     for step in (10, 20):
         damage(run_copy / "checkpoints" / f"step_{step}")
     before = (run_copy / "metrics.jsonl").read_bytes()

@@ -9,11 +9,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from test_checkpoint_units import alter, truncate, write_checkpoint
 
 from megagpt.checkpoint import CheckpointError, resolve_resume
 from megagpt.metrics import MetricsSink
 from megagpt.resume_check import compare
-from test_checkpoint_units import alter, truncate, write_checkpoint
 
 
 def names(root) -> list[str]:
@@ -40,7 +40,8 @@ def test_checkpoints_none_of_which_verifies_stop_the_start_and_stay_where_they_a
         f"trainer.resume=auto: {root} holds 2 checkpoint(s) and none verifies (step_6: mp_rank_00_model_states.pt "
         "does not match its sha256 (corrupt); step_4: zero/optim_states.pt has 1790 bytes, the manifest says 1800 "
         "(truncated?)); not starting over: repair or remove them, resume from a path (trainer.resume=PATH), or "
-        "start over with trainer.resume=never")
+        "start over with trainer.resume=never"
+    )
     assert names(root) == ["step_4", "step_6"]
     assert resolve_resume("never", str(root)) is None
 
@@ -53,8 +54,10 @@ def test_checkpoints_set_aside_by_an_earlier_start_still_stop_a_start_over(tmp_p
     (root / "step_4").rename(root / "step_4.damaged-1765000000")  # as an older megagpt set it aside
     with pytest.raises(CheckpointError) as e:
         resolve_resume("auto", str(root))
-    assert "holds 1 checkpoint(s) and none verifies (step_4.damaged-1765000000: set aside as damaged by an " \
-           "earlier start)" in str(e.value)
+    assert (
+        "holds 1 checkpoint(s) and none verifies (step_4.damaged-1765000000: set aside as damaged by an "
+        "earlier start)" in str(e.value)
+    )
 
 
 def test_a_run_dir_without_checkpoints_starts_fresh(tmp_path):
@@ -66,18 +69,46 @@ def test_a_run_dir_without_checkpoints_starts_fresh(tmp_path):
 
 # -- what a resume may change -----------------------------------------------------------------
 
-MODEL = {"family": "gpt2", "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64, "vocab_size": 320,
-         "mlp_hidden": 256, "bias": True, "tie_embeddings": True, "max_seq_len": 32, "dropout": 0.0}
-LAYOUT = {"num_streams": 16, "seq_len": 32, "seed": 1234, "shuffle": True, "shuffle_buffer": 64, "mix_period": 100,
-          "sources": [["train", 1.0, "abc"]]}
-CONFIG = {"run": {"dir": "/r"}, "model": {"n_layer": 2, "init_from": None}, "deepspeed": {"zero_stage": 3},
-          "optim": {"lr": 1e-3, "beta1": 0.9}, "trainer": {"max_steps": 20, "resume": "auto"},
-          "data": {"urls": ["a", "b"]}}
+MODEL = {
+    "family": "gpt2",
+    "n_layer": 2,
+    "n_head": 4,
+    "n_kv_head": 4,
+    "n_embd": 64,
+    "vocab_size": 320,
+    "mlp_hidden": 256,
+    "bias": True,
+    "tie_embeddings": True,
+    "max_seq_len": 32,
+    "dropout": 0.0,
+}
+LAYOUT = {
+    "num_streams": 16,
+    "seq_len": 32,
+    "seed": 1234,
+    "shuffle": True,
+    "shuffle_buffer": 64,
+    "mix_period": 100,
+    "sources": [["train", 1.0, "abc"]],
+}
+CONFIG = {
+    "run": {"dir": "/r"},
+    "model": {"n_layer": 2, "init_from": None},
+    "deepspeed": {"zero_stage": 3},
+    "optim": {"lr": 1e-3, "beta1": 0.9},
+    "trainer": {"max_steps": 20, "resume": "auto"},
+    "data": {"urls": ["a", "b"]},
+}
 
 
 def saved(**changes) -> dict:
-    record = {"step": 20, "config": json.loads(json.dumps(CONFIG)), "model": dict(MODEL), "precision": "fp32",
-              "data": {"consumed": 160, **LAYOUT}}
+    record = {
+        "step": 20,
+        "config": json.loads(json.dumps(CONFIG)),
+        "model": dict(MODEL),
+        "precision": "fp32",
+        "data": {"consumed": 160, **LAYOUT},
+    }
     record.update(changes)
     return record
 
@@ -95,10 +126,13 @@ def test_schedule_and_optimizer_changes_are_announced_one_line_a_key():
     config["data"]["urls"] = ["a", "b", "c"]
     changes, problems = compare(saved(), config, MODEL, "fp32", LAYOUT)
     assert problems == []
-    assert changes == ["data.urls: ['a', 'b'] -> ['a', 'b', 'c']",
-                       "model.init_from: null -> /hf/llama (not read on resume: the weights come from the "
-                       "checkpoint)",
-                       "optim.beta1: 0.9 -> 0.8", "optim.lr: 0.001 -> 0.002", "trainer.max_steps: 20 -> 30"]
+    assert changes == [
+        "data.urls: ['a', 'b'] -> ['a', 'b', 'c']",
+        "model.init_from: null -> /hf/llama (not read on resume: the weights come from the checkpoint)",
+        "optim.beta1: 0.9 -> 0.8",
+        "optim.lr: 0.001 -> 0.002",
+        "trainer.max_steps: 20 -> 30",
+    ]
 
 
 def test_shape_stage_precision_and_layout_changes_are_refused_one_line_a_key():
@@ -109,11 +143,15 @@ def test_shape_stage_precision_and_layout_changes_are_refused_one_line_a_key():
     layout = {**LAYOUT, "seq_len": 64, "sources": [["train", 1.0, "other shards"]]}
     changes, problems = compare(saved(), config, model, "bf16", layout)
     assert [p.split(":")[0] for p in problems] == [
-        "model.n_layer is 2 in the checkpoint and 3 here", "model.n_kv_head is 4 in the checkpoint and 2 here",
-        "model.max_seq_len is 32 in the checkpoint and 64 here", "deepspeed.zero_stage is 3 in the checkpoint and 1 here",
-        "deepspeed.precision is fp32 in the checkpoint and bf16 here", "data.seq_len is 32 in the checkpoint and 64 here",
+        "model.n_layer is 2 in the checkpoint and 3 here",
+        "model.n_kv_head is 4 in the checkpoint and 2 here",
+        "model.max_seq_len is 32 in the checkpoint and 64 here",
+        "deepspeed.zero_stage is 3 in the checkpoint and 1 here",
+        "deepspeed.precision is fp32 in the checkpoint and bf16 here",
+        "data.seq_len is 32 in the checkpoint and 64 here",
         "the data sources (names, weights, shards) is [['train', 1.0, 'abc']] in the checkpoint and [['train', 1.0, "
-        "'other shards']] here"]
+        "'other shards']] here",
+    ]
     assert "resume with deepspeed.zero_stage=3, or start a new run.dir from its weights" in problems[3]
     assert changes == []  # refused keys are not announced as well
 
@@ -130,6 +168,7 @@ def test_records_of_older_checkpoints_skip_what_they_lack():
 
 # -- metrics.jsonl ----------------------------------------------------------------------------
 
+
 def test_a_new_start_appends_to_metrics_jsonl_and_a_resume_drops_only_the_steps_it_repeats(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
@@ -138,7 +177,11 @@ def test_a_new_start_appends_to_metrics_jsonl_and_a_resume_drops_only_the_steps_
     sink.log({"step": 1, "loss": 2.0})
     sink.close()
     assert [json.loads(x) for x in path.read_text().splitlines()] == [
-        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}, {"step": 1, "loss": 2.0}]
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 1.0},
+        {"step": 3, "loss": 1.0},
+        {"step": 1, "loss": 2.0},
+    ]
     sink = MetricsSink(str(tmp_path), no_logger, {}, None, resumed_step=2)  # a resume from step 2
     sink.close()
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 1]

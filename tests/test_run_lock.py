@@ -16,7 +16,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, kill_job, make_dataset, torchrun, torchrun_popen, wait_for, worker_pid
 
 from megagpt.run_lock import LOCK_NAME, Holder, LockError, acquire
@@ -50,11 +49,18 @@ print("RELEASED", flush=True)
 """
 
 
-def start_holder(run_dir: Path, env: dict | None = None, stale: float = 3600, go: Path | None = None,
-                 wait: bool = True) -> subprocess.Popen:
+def start_holder(
+    run_dir: Path, env: dict | None = None, stale: float = 3600, go: Path | None = None, wait: bool = True
+) -> subprocess.Popen:
     environ = {**outside_slurm_and_torchrun(), "PYTHONPATH": str(REPO), **(env or {})}
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), str(stale), str(go or "")],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir), str(stale), str(go or "")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
     if wait:
         line = p.stdout.readline()
         assert line.startswith("HELD"), line + p.stderr.read()
@@ -88,9 +94,11 @@ def elsewhere() -> Holder:
     return replace(Holder.of_this_process({"SLURM_JOB_ID": "41"}), host="node-elsewhere", pid=4242)
 
 
-IN_USE = re.compile(r"run\.dir (?P<dir>\S+) is in use by another job: host (?P<host>\S+), PID (?P<pid>\d+)"
-                    r"(?P<slurm>, SLURM job \S+( \(array task \S+\))?)?, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
-                    r"\(lock (?P<lock>\S+), heartbeat (?P<age>\d+) s ago\); stop that job or use another run\.dir$")
+IN_USE = re.compile(
+    r"run\.dir (?P<dir>\S+) is in use by another job: host (?P<host>\S+), PID (?P<pid>\d+)"
+    r"(?P<slurm>, SLURM job \S+( \(array task \S+\))?)?, started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC "
+    r"\(lock (?P<lock>\S+), heartbeat (?P<age>\d+) s ago\); stop that job or use another run\.dir$"
+)
 
 
 def test_a_held_lock_refuses_a_second_job_naming_it_and_is_released(tmp_path):
@@ -104,7 +112,7 @@ def test_a_held_lock_refuses_a_second_job_naming_it_and_is_released(tmp_path):
     other = start_holder(run_dir, wait=False)
     out = stop_holder(other)
     assert other.returncode == 3, out
-    m = IN_USE.search(out.splitlines()[0][len("REFUSED "):])
+    m = IN_USE.search(out.splitlines()[0][len("REFUSED ") :])
     assert m, out
     assert (m["dir"], m["host"], int(m["pid"]), m["slurm"]) == (str(run_dir), socket.gethostname(), os.getpid(), None)
     assert m["lock"] == str(run_dir / LOCK_NAME) and int(m["age"]) < 60
@@ -120,8 +128,9 @@ def test_a_held_lock_refuses_a_second_job_naming_it_and_is_released(tmp_path):
 
 @pytest.mark.slow
 def test_the_refusal_names_the_slurm_job_and_the_heartbeat_keeps_the_lock_fresh(tmp_path):
-    holder = start_holder(tmp_path, env={"SLURM_JOB_ID": "567", "SLURM_ARRAY_JOB_ID": "560",
-                                         "SLURM_ARRAY_TASK_ID": "7"}, stale=3.0)  # a beat every 0.3 s
+    holder = start_holder(
+        tmp_path, env={"SLURM_JOB_ID": "567", "SLURM_ARRAY_JOB_ID": "560", "SLURM_ARRAY_TASK_ID": "7"}, stale=3.0
+    )  # a beat every 0.3 s
     try:
         time.sleep(4.5)  # longer than the threshold: the heartbeats keep the lock fresh
         with pytest.raises(LockError) as e:
@@ -145,7 +154,9 @@ def test_a_sigkilled_holder_is_stale_at_once(tmp_path):
         host = re.escape(socket.gethostname())
         assert len(said) == 1 and re.fullmatch(
             rf"run\.dir {re.escape(str(tmp_path))}: took over the stale lock of host {host}, PID {holder.pid}, "
-            rf"started [0-9: -]+ UTC: PID {holder.pid} on {host} is no longer running", said[0]), said
+            rf"started [0-9: -]+ UTC: PID {holder.pid} on {host} is no longer running",
+            said[0],
+        ), said
         assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
         lock.release()
         holder.wait()
@@ -157,8 +168,9 @@ def test_a_reused_pid_is_stale_at_once(tmp_path):
     write_lock(tmp_path, replace(me, token="earlier", pid_start=me.pid_start - 1), heartbeat_age=0)
     said = []
     acquire(str(tmp_path), 3600, environ=CLEAN_ENV, say=said.append).release()
-    assert said and said[0].endswith(f": PID {me.pid} on {me.host} is now another process "
-                                     "(it started at another time)"), said
+    assert said and said[0].endswith(
+        f": PID {me.pid} on {me.host} is now another process (it started at another time)"
+    ), said
 
 
 def test_a_silent_heartbeat_is_stale_after_the_threshold_on_the_filesystem_clock(tmp_path):
@@ -178,13 +190,23 @@ except LockError as e:
     print("REFUSED", e)
 """
     for offset in (3600, -3600):
-        out = subprocess.run([sys.executable, "-c", skewed, str(tmp_path), "100", str(offset)], capture_output=True,
-                             text=True, env={**outside_slurm_and_torchrun(), "PYTHONPATH": str(REPO)}, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", skewed, str(tmp_path), "100", str(offset)],
+            capture_output=True,
+            text=True,
+            env={**outside_slurm_and_torchrun(), "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
         assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
-        m = IN_USE.search(out.stdout.strip()[len("REFUSED "):])
+        m = IN_USE.search(out.stdout.strip()[len("REFUSED ") :])
         assert m and m["host"] == "node-elsewhere" and m["slurm"] == ", SLURM job 41" and 49 <= int(m["age"]) <= 80
-    out = subprocess.run([sys.executable, "-c", skewed, str(tmp_path), "30", "-3600"], capture_output=True, text=True,
-                         env={**outside_slurm_and_torchrun(), "PYTHONPATH": str(REPO)}, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", skewed, str(tmp_path), "30", "-3600"],
+        capture_output=True,
+        text=True,
+        env={**outside_slurm_and_torchrun(), "PYTHONPATH": str(REPO)},
+        timeout=60,
+    )
     assert out.stdout.startswith("SAID"), out.stdout + out.stderr
     assert "took over the stale lock of host node-elsewhere, PID 4242, SLURM job 41, started" in out.stdout
     assert re.search(r": its heartbeat is (5\d|6\d|7\d) s old \(run\.lock_stale_seconds=30\)$", out.stdout.strip())
@@ -214,8 +236,9 @@ def test_the_same_slurm_job_or_a_torchrun_restart_takes_over_its_own_lock(tmp_pa
         # its own failures, so a restart that puts rank 0 on another node may count 0 again.
         for count in ("1", "0"):
             said = []
-            acquire(str(tmp_path), 3600, environ={**run, "TORCHELASTIC_RESTART_COUNT": count},
-                    say=said.append).release()
+            acquire(
+                str(tmp_path), 3600, environ={**run, "TORCHELASTIC_RESTART_COUNT": count}, say=said.append
+            ).release()
             assert said[0].endswith(": it is this torchrun run's own lock (run abc123, restart 0; restarted)"), said
             stop_holder(holder)
             holder = start_holder(tmp_path, env=run)
@@ -266,16 +289,32 @@ def test_an_unreadable_lock_counts_by_its_heartbeat_and_bad_settings_are_refused
 
 # -- real jobs ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("lock-data"), n_docs=200, docs_per_shard=8)
 
 
 def job_args(data_dir, run_dir, steps, *extra):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={steps}", "trainer.save_every=4", "trainer.log_every=1", "trainer.eval_every=0",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", "trainer.peak_flops=1e11", *extra]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+        *extra,
+    ]
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -286,8 +325,12 @@ def logged_steps(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_a_second_job_on_a_run_dir_in_use_stops_at_start_and_the_first_is_intact(data_dir, tmp_path):
     run_dir, log, stop_file = tmp_path / "run", tmp_path / "first.log", tmp_path / "STOP"
-    first = torchrun_popen(job_args(data_dir, run_dir, 10_000), cwd=tmp_path, log=log,
-                           env_extra={**NOT_IN_SLURM, "MEGAGPT_STOP_FILE": str(stop_file)})
+    first = torchrun_popen(
+        job_args(data_dir, run_dir, 10_000),
+        cwd=tmp_path,
+        log=log,
+        env_extra={**NOT_IN_SLURM, "MEGAGPT_STOP_FILE": str(stop_file)},
+    )
     try:
         wait_for(lambda: len(logged_steps(run_dir)) >= 2, 240, first, "the first job's step 2")
         holder = worker_pid(first.pid, 0)
@@ -295,8 +338,10 @@ def test_a_second_job_on_a_run_dir_in_use_stops_at_start_and_the_first_is_intact
         second = torchrun(job_args(data_dir, run_dir, 6), cwd=tmp_path, env_extra=NOT_IN_SLURM)
         assert second.returncode != 0
         lines = [x for x in second.stderr.splitlines() if x.startswith("megagpt: error")]
-        assert sorted(x[:len("megagpt: error (rank 0)")] for x in lines) == ["megagpt: error (rank 0)",
-                                                                              "megagpt: error (rank 1)"], second.stderr
+        assert sorted(x[: len("megagpt: error (rank 0)")] for x in lines) == [
+            "megagpt: error (rank 0)",
+            "megagpt: error (rank 1)",
+        ], second.stderr
         for line in lines:
             m = IN_USE.search(line.split(": ", 2)[2])
             assert m and m["dir"] == str(run_dir) and int(m["pid"]) == holder and m["host"] == socket.gethostname()
@@ -322,8 +367,12 @@ def test_a_sigkilled_job_does_not_block_the_next_which_resumes(data_dir, tmp_pat
     run_dir, log = tmp_path / "run", tmp_path / "first.log"
     first = torchrun_popen(job_args(data_dir, run_dir, 12), cwd=tmp_path, log=log, env_extra=NOT_IN_SLURM)
     try:
-        wait_for(lambda: (run_dir / "checkpoints" / "step_4" / "megagpt_state.json").exists(), 240, first,
-                 "checkpoint step_4")
+        wait_for(
+            lambda: (run_dir / "checkpoints" / "step_4" / "megagpt_state.json").exists(),
+            240,
+            first,
+            "checkpoint step_4",
+        )
         holder = worker_pid(first.pid, 0)
     finally:
         kill_job(first)
@@ -348,9 +397,14 @@ def test_a_multirun_in_one_process_releases_the_lock_between_points(data_dir, tm
     dead.kill()
     dead.wait()
     args = [a for a in job_args(data_dir, runs / "${trainer.max_steps}", 2) if not a.startswith("trainer.max_steps")]
-    r = subprocess.run([sys.executable, "-m", "megagpt.train", "-m", *args, "trainer.max_steps=2,3"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600,
-                       env={**outside_slurm_and_torchrun(), "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "megagpt.train", "-m", *args, "trainer.max_steps=2,3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**outside_slurm_and_torchrun(), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("took over the stale lock") == 1, r.stdout[-3000:]
     assert f"run.dir {runs / '2'}: took over the stale lock of host {socket.gethostname()}, PID {dead.pid}" in r.stdout
@@ -367,9 +421,22 @@ def test_a_job_that_fails_after_taking_the_lock_releases_it(tmp_path):
     dead = start_holder(run_dir)
     dead.kill()
     dead.wait()
-    r = subprocess.run([sys.executable, "-m", "megagpt.train", f"run.dir={run_dir}", "data=webdataset",
-                        f"data.urls={missing}", "logger=none"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**outside_slurm_and_torchrun(), "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megagpt.train",
+            f"run.dir={run_dir}",
+            "data=webdataset",
+            f"data.urls={missing}",
+            "logger=none",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**outside_slurm_and_torchrun(), "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"run.dir {run_dir}: took over the stale lock of host {socket.gethostname()}, PID {dead.pid}" in r.stdout
     assert f"megagpt: error (rank 0): data.urls: {missing} does not exist" in r.stderr

@@ -15,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import make_dataset, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -27,10 +26,23 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, run_dir, *extra):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32", "model.n_layer=2",
-            "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4", "trainer.save_every=5",
-            "trainer.max_steps=10", "trainer.log_every=1", "trainer.eval_every=0", "logger=none",
-            "trainer.peak_flops=1e11", *extra]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.save_every=5",
+        "trainer.max_steps=10",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+        *extra,
+    ]
 
 
 @contextlib.contextmanager
@@ -51,8 +63,9 @@ def error_lines(stderr: str, rank: int) -> list[str]:
 
 
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays_the_newest(data_dir, tmp_path,
-                                                                                           async_save):
+def test_a_full_disk_during_a_save_is_one_line_and_the_previous_checkpoint_stays_the_newest(
+    data_dir, tmp_path, async_save
+):
     with small_disk(tmp_path / "disk", "2600k") as disk:
         run_dir = disk / "run"
         r = torchrun(args(data_dir, run_dir, f"trainer.async_save={str(async_save).lower()}"), cwd=tmp_path)
@@ -87,5 +100,6 @@ def test_a_read_only_run_dir_stops_every_rank_at_start_in_one_line(data_dir, tmp
     for rank in (0, 1):
         assert error_lines(r.stderr, rank) == [
             f"megagpt: error (rank {rank}): run.dir: {run_dir} is not writable (Read-only file system); the run "
-            "writes its checkpoints and metrics there: choose a writable run.dir"], r.stderr[-3000:]
+            "writes its checkpoints and metrics there: choose a writable run.dir"
+        ], r.stderr[-3000:]
     assert "training steps" not in r.stdout and "Traceback" not in r.stderr.split("torch/distributed/elastic")[0]

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import signal
+import subprocess
 import sys
 import time
 
 import pytest
-
 from helpers import REPO, wait_for
 
 SCRIPTS = ["slurm/pretrain.sh", "launch/local.sh", ".ci/run", ".ci/slurm-up", ".ci/slurm-down"]
@@ -39,15 +38,34 @@ def test_slurm_script_starts_one_torchrun_per_node_with_c10d_rendezvous(tmp_path
     (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_LOG"\n')
     (fake / "srun").chmod(0o755)
     log = tmp_path / "srun.log"
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_LOG": str(log), "SLURM_JOB_ID": "4242",
-           "SLURM_NNODES": "2", "MEGAGPT_NPROC_PER_NODE": "2", "MEGAGPT_RDZV_HOST": "node1"}
-    r = subprocess.run(["bash", str(REPO / "slurm/pretrain.sh"), "trainer.max_steps=5", "logger=none"],
-                       env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SRUN_LOG": str(log),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "MEGAGPT_NPROC_PER_NODE": "2",
+        "MEGAGPT_RDZV_HOST": "node1",
+    }
+    r = subprocess.run(
+        ["bash", str(REPO / "slurm/pretrain.sh"), "trainer.max_steps=5", "logger=none"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     args = log.read_text().split("\n")
     assert "--ntasks-per-node=1" in args and "torch.distributed.run" in args
-    for expected in ("--nnodes=2", "--nproc_per_node=2", "--rdzv_id=4242", "--rdzv_backend=c10d",
-                     "--rdzv_endpoint=node1:29742", "megagpt.train", "trainer.max_steps=5", "logger=none"):
+    for expected in (
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv_id=4242",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node1:29742",
+        "megagpt.train",
+        "trainer.max_steps=5",
+        "logger=none",
+    ):
         assert expected in args, (expected, args)
     assert args.index("megagpt.train") < args.index("trainer.max_steps=5")
 
@@ -78,11 +96,23 @@ def test_slurm_script_on_signal_creates_stop_file_and_waits_for_srun(tmp_path, s
     log, started = tmp_path / "srun.log", tmp_path / "started"
     stop_file = tmp_path / ".megagpt-stop-4242"
     stop_file.touch()  # left over from the run before a requeue: must not stop this one
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_LOG": str(log), "SRUN_STARTED": str(started),
-           "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "SRUN_LOG": str(log),
+        "SRUN_STARTED": str(started),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+    }
     env.pop("MEGAGPT_STOP_FILE", None)
-    p = subprocess.Popen(["bash", str(REPO / "slurm/pretrain.sh"), "logger=none"], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        ["bash", str(REPO / "slurm/pretrain.sh"), "logger=none"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(started.exists, 20, p, "srun to start", poll=0.05)
         assert not stop_file.exists()

@@ -25,17 +25,16 @@ import numpy as np
 import pytest
 import torch
 import xxhash
-
 from helpers import make_dataset, make_two_sources, next_batch, rank_sequences
+
 from megagpt.data.buffers import BufferPool
-from megagpt.data.shards import (DataError, Shard, fetch_shard, open_dataset, parse_shard,
-                                 read_shard)
-from megagpt.data.shardwriter import ShardSink, manifest_entry, tar_header
-from megagpt.data.tar_index import ustar_index
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import permutation, permutations
+from megagpt.data.shards import DataError, Shard, fetch_shard, open_dataset, parse_shard, read_shard
+from megagpt.data.shardwriter import ShardSink, manifest_entry, tar_header
 from megagpt.data.streams import ShardStreams, StreamSettings, make_reader
+from megagpt.data.tar_index import ustar_index
 
 VOCAB = 65535  # token ids below it; the EOD id is inside the vocabulary too
 EOD = 65534
@@ -43,6 +42,7 @@ URL = "mem://test-shard.tar"
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
 
 def reference(raw: bytes, eod: int = EOD) -> np.ndarray:
     """The stream tokens of a tar archive, read with tarfile (archive order)."""
@@ -121,21 +121,22 @@ def rename_member(raw: bytes, old: str, new: str) -> bytes:
 
 def mixed_members() -> list:
     return [
-        ("000.tokens", tokens_bytes(5, 1)),         # 10 bytes: not a multiple of 512
-        ("000.json", b'{"source": "x"}'),          # not a document
-        ("sub", None),                              # a directory entry
-        ("sub/dir.tokens", None),                   # a directory whose name ends in .tokens
-        ("sub/001.tokens", b""),                    # a zero-length document
-        ("sub/002.tokens", tokens_bytes(256, 2)),   # exactly one block
-        ("003.tokens.json", b"[]"),                 # .tokens not at the end
+        ("000.tokens", tokens_bytes(5, 1)),  # 10 bytes: not a multiple of 512
+        ("000.json", b'{"source": "x"}'),  # not a document
+        ("sub", None),  # a directory entry
+        ("sub/dir.tokens", None),  # a directory whose name ends in .tokens
+        ("sub/001.tokens", b""),  # a zero-length document
+        ("sub/002.tokens", tokens_bytes(256, 2)),  # exactly one block
+        ("003.tokens.json", b"[]"),  # .tokens not at the end
         (f"{LONG_DIR}/004.tokens", tokens_bytes(700, 3)),  # 1400 bytes, name split into prefix/name
         ("x" * 93 + ".tokens", tokens_bytes(1, 4)),  # a name of exactly 100 characters (no NUL)
-        ("005.tokens", tokens_bytes(1025, 5)),      # 2050 bytes
+        ("005.tokens", tokens_bytes(1025, 5)),  # 2050 bytes
         ("README", b"hello"),
     ]
 
 
 # -- fixtures --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -156,6 +157,7 @@ def two_sets(tmp_path_factory):
 
 # -- 1. the ustar index and parse_shard against tarfile ----------------------------------------
 
+
 def test_prepared_shards_use_the_fast_index_and_match_tarfile(data_dir):
     ds = open_dataset(str(data_dir))
     assert ds.dtype == "uint16"
@@ -166,8 +168,9 @@ def test_prepared_shards_use_the_fast_index_and_match_tarfile(data_dir):
         tokens = parse_shard(shard, buf, ds.dtype, ds.vocab_size, ds.eod_id)
         np.testing.assert_array_equal(tokens, reference(raw, ds.eod_id))
         assert np.shares_memory(tokens, buf)  # compacted in place inside the fetched buffer
-        np.testing.assert_array_equal(read_shard(shard, ds.dtype, ds.vocab_size, ds.eod_id, "sha256"),
-                                      reference(raw, ds.eod_id))
+        np.testing.assert_array_equal(
+            read_shard(shard, ds.dtype, ds.vocab_size, ds.eod_id, "sha256"), reference(raw, ds.eod_id)
+        )
 
 
 def test_shard_sink_edge_documents_match_tarfile(tmp_path):
@@ -180,8 +183,14 @@ def test_shard_sink_edge_documents_match_tarfile(tmp_path):
     (entry,) = [manifest_entry(s) for s in written]
     raw = (tmp_path / entry["name"]).read_bytes()
     check_index(raw)
-    shard = Shard(str(tmp_path / entry["name"]), entry["documents"], entry["tokens"], entry["bytes"],
-                  entry["sha256"], entry["xxh3_128"])
+    shard = Shard(
+        str(tmp_path / entry["name"]),
+        entry["documents"],
+        entry["tokens"],
+        entry["bytes"],
+        entry["sha256"],
+        entry["xxh3_128"],
+    )
     assert (shard.documents, shard.stored_tokens) == counts(raw) == (8, 1524)
     np.testing.assert_array_equal(read_shard(shard, "uint16", VOCAB, EOD), reference(raw))
     # tar_header is byte for byte what tarfile writes for the same member (ustar, mtime 0, owner bigdata)
@@ -236,9 +245,12 @@ def test_gnu_and_pax_archives_parse_like_tarfile(fmt):
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, *EXTENDED], ids=["ustar", "gnu", "pax"])
 def test_members_under_dunder_dirs_count_on_both_paths(fmt):
     """webdataset skips __x__/ members by default; both readers must keep them, as tarfile does."""
-    raw = write_tar([("__x__/a.tokens", tokens_bytes(5, 1)), ("d" * 120 + ".tokens", tokens_bytes(3, 2))]
-                    if fmt != tarfile.USTAR_FORMAT else
-                    [("__x__/a.tokens", tokens_bytes(5, 1)), ("b.tokens", tokens_bytes(3, 2))], fmt)
+    raw = write_tar(
+        [("__x__/a.tokens", tokens_bytes(5, 1)), ("d" * 120 + ".tokens", tokens_bytes(3, 2))]
+        if fmt != tarfile.USTAR_FORMAT
+        else [("__x__/a.tokens", tokens_bytes(5, 1)), ("b.tokens", tokens_bytes(3, 2))],
+        fmt,
+    )
     assert (ustar_index(as_buf(raw)) is None) == (fmt != tarfile.USTAR_FORMAT)
     got = parse(raw)
     assert len(got) == 5 + 1 + 3 + 1
@@ -266,6 +278,7 @@ def test_empty_archive(fmt):
 
 # -- 2. a document whose data looks like a header ----------------------------------------------
 
+
 def fake_header_archives():
     """(label, archive, index of the document carrying a fake header block)."""
     out = []
@@ -279,8 +292,11 @@ def fake_header_archives():
             else:  # claims exactly the rest of the document: a walker that trusted it would land in step
                 fake = tar_header("evil.tokens", (n_blocks - 2) * 512)
             data[512:1024] = fake  # block 1 of the data, 512-aligned in the archive
-            docs = [("000.tokens", tokens_bytes(100, 21)), ("001.tokens", bytes(data)),
-                    ("002.tokens", tokens_bytes(3, 22))]
+            docs = [
+                ("000.tokens", tokens_bytes(100, 21)),
+                ("001.tokens", bytes(data)),
+                ("002.tokens", tokens_bytes(3, 22)),
+            ]
             if where == "last":
                 docs = docs[:1] + docs[2:] + docs[1:2]
             out.append(pytest.param(write_tar(docs, tarfile.USTAR_FORMAT), id=f"{kind}-{where}"))
@@ -304,6 +320,7 @@ def test_header_lookalike_in_data_parses_like_tarfile(raw):
 
 
 # -- 3. a damaged header checksum ------------------------------------------------------------
+
 
 def damaged(data_dir, member: int):
     """Shard 0 without manifest checksums, and its bytes with header `member`'s checksum changed."""
@@ -333,6 +350,7 @@ def test_damaged_later_header_checksum_is_a_data_error(data_dir):
 
 
 # -- 4. shard checksums ----------------------------------------------------------------------
+
 
 def flip_middle_byte(path: Path) -> None:
     raw = bytearray(path.read_bytes())
@@ -384,8 +402,9 @@ def test_manifest_without_xxh3_falls_back_to_sha256(data_copy):
     ds = open_dataset(str(data_copy))
     assert all(s.xxh3 is None and s.sha256 for s in ds.shards)
     raw = Path(ds.shards[3].url).read_bytes()
-    np.testing.assert_array_equal(read_shard(ds.shards[3], ds.dtype, ds.vocab_size, ds.eod_id, "fast"),
-                                  reference(raw, ds.eod_id))
+    np.testing.assert_array_equal(
+        read_shard(ds.shards[3], ds.dtype, ds.vocab_size, ds.eod_id, "fast"), reference(raw, ds.eod_id)
+    )
     flip_middle_byte(data_copy / "shard-000003.tar")
     with pytest.raises(DataError, match="sha256 mismatch"):
         fetch_shard(ds.shards[3], "fast")
@@ -437,11 +456,20 @@ def test_config_rejects_unknown_verify_in_one_line():
 
 @pytest.mark.slow
 def test_cli_rejects_unknown_verify_in_one_line(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["MEGAGPT_CACHE"] = str(tmp_path / "cache")
-    p = subprocess.run([sys.executable, "-m", "megagpt.train", "data.verify=bogus"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "megagpt.train", "data.verify=bogus"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2, p.stderr
     assert len(lines) == 1 and lines[0].startswith("megagpt: error") and "data.verify" in lines[0], p.stderr
@@ -449,6 +477,7 @@ def test_cli_rejects_unknown_verify_in_one_line(tmp_path):
 
 
 # -- 5. the buffer pool ----------------------------------------------------------------------
+
 
 def addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
@@ -554,6 +583,7 @@ def test_shard_buffers_in_use_survive_later_reads(data_dir):
 
 # -- 6. permutations -------------------------------------------------------------------------
 
+
 def test_permutations_are_deterministic_rows_of_permutation():
     key = (7, 0x5EED, -3)
     last = np.arange(-5, 250)
@@ -605,8 +635,14 @@ def one_source(data_dir):
 
 def two_source(two_sets):
     a, b = two_sets
-    return Mixture([ShardStreams(open_dataset(str(a)), StreamSettings(4, L, seed=3, shuffle_buffer=4), name="a"),
-                    ShardStreams(open_dataset(str(b)), StreamSettings(4, L, seed=3), name="b")], [0.6, 0.4], period=7)
+    return Mixture(
+        [
+            ShardStreams(open_dataset(str(a)), StreamSettings(4, L, seed=3, shuffle_buffer=4), name="a"),
+            ShardStreams(open_dataset(str(b)), StreamSettings(4, L, seed=3), name="b"),
+        ],
+        [0.6, 0.4],
+        period=7,
+    )
 
 
 def expected(mix, rank, world, consumed, n):

@@ -20,14 +20,22 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, make_dataset, wait_for
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
 
 SCRIPT = REPO / "slurm" / "pretrain.sh"
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def _cluster_problem() -> str | None:
@@ -42,8 +50,11 @@ def _cluster_problem() -> str | None:
         return "the SLURM cluster does not answer (sinfo timed out); is SLURM_CONF set? (.ci/slurm-up prints it)"
     if r.returncode != 0:
         return f"the SLURM cluster does not answer (sinfo: {r.stderr.strip()[:300]}); .ci/slurm-up starts one"
-    usable = {line.split()[0] for line in r.stdout.splitlines()
-              if line.split() and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")}
+    usable = {
+        line.split()[0]
+        for line in r.stdout.splitlines()
+        if line.split() and line.split()[1].rstrip("*~#") in ("idle", "mix", "alloc", "comp")
+    }
     if len(usable) < 2:
         return f"the SLURM cluster has fewer than 2 usable nodes (sinfo: {r.stdout.strip()!r})"
     return None
@@ -62,21 +73,48 @@ def data_dir(tmp_path_factory):
 
 
 def overrides(data_dir: Path, run_dir: Path, steps: int, logger: str = "none") -> list[str]:
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={steps}", f"trainer.save_every={steps}", "trainer.log_every=1",
-            "trainer.eval_every=0", "trainer.cpu_threads=1", "optim.lr=3e-3", "optim.warmup_steps=2",
-            "trainer.peak_flops=1e11", f"logger={logger}"]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        f"trainer.save_every={steps}",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.cpu_threads=1",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "trainer.peak_flops=1e11",
+        f"logger={logger}",
+    ]
 
 
 def submit(cwd: Path, out: Path, args: list[str]) -> str:
     """sbatch the script on 2 nodes with the CPU settings; return the job id."""
-    env = {**os.environ, "MEGAGPT_NPROC_PER_NODE": "1", "MEGAGPT_RDZV_HOST": "127.0.0.1",
-           "MEGAGPT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    env = {
+        **os.environ,
+        "MEGAGPT_NPROC_PER_NODE": "1",
+        "MEGAGPT_RDZV_HOST": "127.0.0.1",
+        "MEGAGPT_PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "WANDB_SILENT": "true",
+        "WANDB_MODE": "offline",
+    }
     env.pop("MEGAGPT_STOP_FILE", None)
-    r = subprocess.run(["sbatch", "--parsable", "-N2", f"--output={out}", "--job-name=megagpt-test",
-                        str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["sbatch", "--parsable", "-N2", f"--output={out}", "--job-name=megagpt-test", str(SCRIPT), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
 
@@ -107,8 +145,13 @@ def wait_done(jobs: dict[str, Path], timeout: float) -> dict[str, dict[str, str]
         return len(done) == len(jobs)
 
     try:
-        wait_for(all_done, timeout, what="the jobs to reach a final state", poll=0.5,
-                 detail=lambda: "; ".join(f"{j}: {last[j].get('JobState')}\n{tail(o, 3000)}" for j, o in jobs.items()))
+        wait_for(
+            all_done,
+            timeout,
+            what="the jobs to reach a final state",
+            poll=0.5,
+            detail=lambda: "; ".join(f"{j}: {last[j].get('JobState')}\n{tail(o, 3000)}" for j, o in jobs.items()),
+        )
     except AssertionError:
         for job in jobs:
             subprocess.run(["scancel", job], timeout=30)
@@ -209,5 +252,7 @@ def test_usr1_checkpoints_requeues_and_resumes_with_identical_losses(data_dir, t
     wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
     assert state.get("wandb_id") == wandb_id
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
-    print(f"lifecycle: signal at step {signalled_at}, stop+checkpoint at step {stopped_step}, "
-          f"requeued job running after {restarted_at - t0:.1f}s, all done after {time.monotonic() - t0:.1f}s")
+    print(
+        f"lifecycle: signal at step {signalled_at}, stop+checkpoint at step {stopped_step}, "
+        f"requeued job running after {restarted_at - t0:.1f}s, all done after {time.monotonic() - t0:.1f}s"
+    )

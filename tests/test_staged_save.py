@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import make_dataset, torchrun
 
 STEPS = 8
@@ -32,10 +31,25 @@ def data_dir(tmp_path_factory):
 
 
 def args(data_dir, run_dir, stage: int, *extra):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={STEPS}", "trainer.save_every=4", "trainer.log_every=1", "trainer.eval_every=0",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "logger=none", f"deepspeed=zero{stage}", *extra]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={STEPS}",
+        "trainer.save_every=4",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "logger=none",
+        f"deepspeed=zero{stage}",
+        *extra,
+    ]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -67,8 +81,16 @@ def test_async_checkpoints_equal_deepspeeds_and_resume_bit_for_bit(data_dir, tmp
         for name, path in files.items():
             assert path.read_bytes() == (async_step / name).read_bytes(), f"step_{step}/{name} differs"
 
-    r = torchrun(args(data_dir, resumed_dir, stage, "trainer.async_save=true",
-                      f"trainer.resume={async_dir / 'checkpoints' / 'step_4'}"), cwd=tmp_path)
+    r = torchrun(
+        args(
+            data_dir,
+            resumed_dir,
+            stage,
+            "trainer.async_save=true",
+            f"trainer.resume={async_dir / 'checkpoints' / 'step_4'}",
+        ),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     resumed = losses(resumed_dir)
@@ -83,11 +105,17 @@ def test_staged_state_is_a_copy_taken_at_the_save(tmp_path, caplog):
     moment = torch.randn(5, requires_grad=True)
     moment.ds_id = "0_24"  # a Python attribute torch.save keeps (DeepSpeed marks its flat groups so)
     flat = torch.arange(10.0)
-    state = {"module": {"w": weight, "tied": weight.detach()},  # two tensor objects, one storage (a tied weight)
-             "optimizer": {"exp_avg": moment, "step": 3, "betas": [0.9, 0.95]},
-             "flat": flat, "piece": flat[2:8].view(2, 3).t(), "ds_version": "x"}
-    expected = {"module": {"w": weight.detach().clone(), "tied": None},
-                "optimizer": {"exp_avg": moment.detach().clone(), "step": 3, "betas": [0.9, 0.95]}}
+    state = {
+        "module": {"w": weight, "tied": weight.detach()},  # two tensor objects, one storage (a tied weight)
+        "optimizer": {"exp_avg": moment, "step": 3, "betas": [0.9, 0.95]},
+        "flat": flat,
+        "piece": flat[2:8].view(2, 3).t(),
+        "ds_version": "x",
+    }
+    expected = {
+        "module": {"w": weight.detach().clone(), "tied": None},
+        "optimizer": {"exp_avg": moment.detach().clone(), "step": 3, "betas": [0.9, 0.95]},
+    }
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
 
     info = CheckpointCommitInfo(tag="step_1", save_dir=str(tmp_path), save_latest=False)
@@ -140,9 +168,9 @@ def test_staging_from_cuda_is_pinned_asynchronous_and_a_copy(tmp_path):
     """On CUDA the host buffers are page-locked and the copies asynchronous: commit()
     waits for them, after which kernels changing the live state do not reach the file.
     Prints the staging rate of 1 GiB (device to page-locked host memory)."""
-    from megagpt.engine.staged_save import StagedCheckpointEngine
-
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+
+    from megagpt.engine.staged_save import StagedCheckpointEngine
 
     info = CheckpointCommitInfo(tag="step_1", save_dir=str(tmp_path), save_latest=False)
     device = torch.device("cuda")

@@ -11,8 +11,8 @@ from itertools import islice
 
 import numpy as np
 import pytest
-
 from helpers import make_dataset, next_batch, rank_sequences, stream_tokens_of_shard, stream_windows
+
 from megagpt.data.loader import Batches, check_resumable
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import default_num_streams
@@ -71,8 +71,9 @@ def test_each_stream_is_its_shards_tokens_cut_into_windows(data_dir):
     s = streams(data_dir)
     ds = s.ds
     for stream in range(s.num_streams):
-        expected = np.concatenate([stream_tokens_of_shard(ds.shards[i].url, ds.dtype, ds.eod_id)
-                                   for i in s.shards_of(stream, 0)])
+        expected = np.concatenate(
+            [stream_tokens_of_shard(ds.shards[i].url, ds.dtype, ds.eod_id) for i in s.shards_of(stream, 0)]
+        )
         n = (len(expected) - 1) // L
         wins = take(stream_windows(s, stream, 0), n)
         joined = np.concatenate([wins[0]] + [w[1:] for w in wins[1:]])
@@ -92,8 +93,10 @@ def test_epoch_deals_every_shard_to_exactly_one_stream(data_dir):
 def test_streams_continue_seamlessly_into_next_epoch(data_dir):
     s = streams(data_dir, S=2)
     ds = s.ds
-    epoch_tokens = [np.concatenate([stream_tokens_of_shard(ds.shards[i].url, ds.dtype, ds.eod_id)
-                                    for i in s.shards_of(0, e)]) for e in range(3)]
+    epoch_tokens = [
+        np.concatenate([stream_tokens_of_shard(ds.shards[i].url, ds.dtype, ds.eod_id) for i in s.shards_of(0, e)])
+        for e in range(3)
+    ]
     expected = np.concatenate(epoch_tokens)
     n = (len(expected) - 1) // L
     wins = take(stream_windows(s, 0, 0), n)
@@ -136,8 +139,7 @@ def test_resume_continues_the_same_global_sequence(data_dir, world_before, world
     s = streams(data_dir)
     consumed = 44  # a step boundary for every world size here
     g = global_order(s, consumed + 40)
-    after = [seqs(rank_sequences(mixture(s), r, world_after, consumed), 40 // world_after)
-             for r in range(world_after)]
+    after = [seqs(rank_sequences(mixture(s), r, world_after, consumed), 40 // world_after) for r in range(world_after)]
     for r in range(world_after):
         for k, w in enumerate(after[r]):
             np.testing.assert_array_equal(w, g[consumed + r + k * world_after])

@@ -13,8 +13,8 @@ from itertools import islice
 
 import numpy as np
 import pytest
-
 from helpers import make_dataset, make_two_sources, mixed_windows, next_batch, rank_sequences, stream_windows
+
 from megagpt.data.loader import Batches
 from megagpt.data.mixture import Mixture, mix_counts
 from megagpt.data.remote import read_bytes
@@ -38,8 +38,9 @@ def mk(path, S=4, name="data", **kw):
 def order(mix, world, consumed, n):
     """The global sequence order as seen by `world` ranks from `consumed` on: interleave
     the ranks back into g order."""
-    per = [[(w.copy(), i) for w, i in islice(rank_sequences(mix, r, world, consumed), n // world)]
-           for r in range(world)]
+    per = [
+        [(w.copy(), i) for w, i in islice(rank_sequences(mix, r, world, consumed), n // world)] for r in range(world)
+    ]
     return [per[k % world][k // world] for k in range(n)]
 
 
@@ -49,6 +50,7 @@ def same(xs, ys):
 
 # -- bounded shuffle -------------------------------------------------------------------------
 
+
 def test_shuffle_buffer_permutes_within_blocks_and_resumes_exactly(two_sets):
     a, _ = two_sets
     plain = list(islice(stream_windows(mk(a), 1, 0), 64))
@@ -56,14 +58,16 @@ def test_shuffle_buffer_permutes_within_blocks_and_resumes_exactly(two_sets):
     shuffled = list(islice(stream_windows(shuffled_stream, 1, 0), 64))
     assert not all(np.array_equal(x, y) for x, y in zip(plain, shuffled))
     for b in range(8):  # each block of 8 is a permutation of the same 8 windows
-        assert sorted(w.tobytes() for w in plain[8 * b : 8 * b + 8]) == \
-               sorted(w.tobytes() for w in shuffled[8 * b : 8 * b + 8])
+        assert sorted(w.tobytes() for w in plain[8 * b : 8 * b + 8]) == sorted(
+            w.tobytes() for w in shuffled[8 * b : 8 * b + 8]
+        )
     for start in (0, 5, 8, 13, 40):  # mid-block and on block boundaries
         again = list(islice(stream_windows(mk(a, shuffle_buffer=8), 1, start), 64 - start))
         assert all(np.array_equal(x, y) for x, y in zip(again, shuffled[start:]))
 
 
 # -- mixtures -------------------------------------------------------------------------------
+
 
 def test_mix_counts():
     assert mix_counts([0.7, 0.3], 100) == [70, 30]
@@ -76,8 +80,11 @@ def test_mixture_proportions_determinism_and_elastic_resume(two_sets):
     a, b = two_sets
 
     def mix(seed=3):
-        return Mixture([mk(a, seed=seed, shuffle_buffer=4, name="a"), mk(b, seed=seed, shuffle_buffer=4, name="b")],
-                       [0.7, 0.3], period=20)
+        return Mixture(
+            [mk(a, seed=seed, shuffle_buffer=4, name="a"), mk(b, seed=seed, shuffle_buffer=4, name="b")],
+            [0.7, 0.3],
+            period=20,
+        )
 
     full = order(mix(), 1, 0, 400)
     sources = np.array([i for _, i in full])
@@ -108,6 +115,7 @@ def test_batches_report_realized_proportions(two_sets):
 
 # -- resume once and twice through Batches (the trainer's view) --------------------------------
 
+
 def take_batches(mix, world, consumed, steps, micro=2):
     """Per step, the concatenation over ranks of each rank's micro-batch; and the end state."""
     bts = [Batches(mix, r, world, micro, consumed=consumed) for r in range(world)]
@@ -134,6 +142,7 @@ def test_exact_resume_once_and_twice_token_for_token(two_sets):
 
 
 # -- bad data --------------------------------------------------------------------------------
+
 
 def damage(kind, copy, victim):
     path = copy / victim
@@ -200,6 +209,7 @@ def test_bad_shard_skip_drops_it_whole_counts_it_and_keeps_ranks_in_step(two_set
 
 # -- remote shards over real HTTP --------------------------------------------------------------
 
+
 @pytest.fixture
 def http_root(two_sets):
     a, _ = two_sets
@@ -234,8 +244,10 @@ def test_pipe_urls_read_through_a_command(two_sets):
     from megagpt.data.shards import read_shard
 
     piped = replace(ds.shards[0], url=f"pipe:cat {ds.shards[0].url}")
-    np.testing.assert_array_equal(read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
-                                  read_shard(ds.shards[0], ds.dtype, ds.vocab_size, ds.eod_id))
+    np.testing.assert_array_equal(
+        read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
+        read_shard(ds.shards[0], ds.dtype, ds.vocab_size, ds.eod_id),
+    )
 
 
 # A stand-in for `aws s3 cp SRC -`: the command's file is not its last word.
@@ -273,8 +285,10 @@ def test_pipe_urls_whose_command_goes_on_after_the_shard(s3_like):
         assert ds.tokenizer_url == s3_cp(aws, data / "tokenizer.json")
         assert ds.fingerprint() == local.fingerprint()  # the same shards, fetched another way
         for piped, plain in zip(ds.shards + ds.val_shards, local.shards + local.val_shards):
-            np.testing.assert_array_equal(read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
-                                          read_shard(plain, ds.dtype, ds.vocab_size, ds.eod_id))
+            np.testing.assert_array_equal(
+                read_shard(piped, ds.dtype, ds.vocab_size, ds.eod_id),
+                read_shard(plain, ds.dtype, ds.vocab_size, ds.eod_id),
+            )
         assert read_bytes(ds.tokenizer_url) == (data / "tokenizer.json").read_bytes()
     remote = Mixture([ShardStreams(open_dataset(url), StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
     plain = Mixture([ShardStreams(local, StreamSettings(4, L, seed=3, shuffle_buffer=4))], [1.0])
@@ -298,6 +312,7 @@ def test_pipe_url_without_a_tar_word_is_a_one_line_error(s3_like):
 
 
 # -- validation ------------------------------------------------------------------------------
+
 
 def test_val_sequences_fixed_disjoint_and_equal_per_rank(tmp_path):
     out = make_dataset(tmp_path, n_docs=50, docs_per_shard=5, seed=5, val_docs=10)

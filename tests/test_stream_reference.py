@@ -11,8 +11,8 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-
 from helpers import make_two_sources, mixed_windows, next_batch, rank_sequences, stream_windows
+
 from megagpt.data.loader import Batches, stream_windows_taken
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import permutation
@@ -23,6 +23,7 @@ L = 16
 
 
 # -- the reference: one window at a time, exactly the documented layout -----------------------
+
 
 def ref_raw_windows(s: ShardStreams, stream: int, start: int):
     skip, buf, epoch = start * s.seq_len, None, 0
@@ -108,6 +109,7 @@ def ref_batches(mix: Mixture, rank: int, world: int, micro: int, consumed: int, 
 
 # -- data ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     return make_two_sources(tmp_path_factory.mktemp("ref"))
@@ -136,6 +138,7 @@ def assert_same(new, ref):
 
 # -- the comparisons -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("buffer", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["one", "two", "three"])
 def test_stream_layers_match_the_reference(sets, kind, buffer):
@@ -147,8 +150,10 @@ def test_stream_layers_match_the_reference(sets, kind, buffer):
             ref = [w.copy() for w in islice(ref_windows(s_ref, stream, start), 150)]
             assert_same([(w, 0) for w in new], [(w, 0) for w in ref])
             m_new, m_ref = make_mix(paths, weights, buffer), make_mix(paths, weights, buffer)
-            assert_same([(w.copy(), i) for w, i in islice(mixed_windows(m_new, stream, start), 150)],
-                        [(w.copy(), i) for w, i in islice(ref_mixed(m_ref, stream, start), 150)])
+            assert_same(
+                [(w.copy(), i) for w, i in islice(mixed_windows(m_new, stream, start), 150)],
+                [(w.copy(), i) for w, i in islice(ref_mixed(m_ref, stream, start), 150)],
+            )
 
 
 @pytest.mark.parametrize("seq_len", [1, 3, 900])  # 900: windows longer than a shard
@@ -156,10 +161,14 @@ def test_stream_layers_match_the_reference(sets, kind, buffer):
 def test_window_lengths_short_and_longer_than_shards(sets, seq_len, buffer):
     paths, weights = paths_for(sets, "two"), MIXES["two"]
     for consumed in (0, 8, 36):
-        new = [(w.copy(), i) for w, i in islice(rank_sequences(make_mix(paths, weights, buffer, seq_len=seq_len),
-                                                               1, 2, consumed), 120)]
-        ref = [(w.copy(), i) for w, i in islice(ref_rank(make_mix(paths, weights, buffer, seq_len=seq_len), 1, 2,
-                                                         consumed), 120)]
+        new = [
+            (w.copy(), i)
+            for w, i in islice(rank_sequences(make_mix(paths, weights, buffer, seq_len=seq_len), 1, 2, consumed), 120)
+        ]
+        ref = [
+            (w.copy(), i)
+            for w, i in islice(ref_rank(make_mix(paths, weights, buffer, seq_len=seq_len), 1, 2, consumed), 120)
+        ]
         assert_same(new, ref)
 
 
@@ -170,10 +179,13 @@ def test_rank_sequences_match_the_reference(sets, kind, buffer, world):
     paths, weights = paths_for(sets, kind), MIXES[kind]
     for consumed in (0, 4 * world, 52 * world):
         n = 700 // world  # past an epoch of every stream
-        new = [(w.copy(), i) for w, i in islice(rank_sequences(make_mix(paths, weights, buffer), world - 1,
-                                                               world, consumed), n)]
-        ref = [(w.copy(), i) for w, i in islice(ref_rank(make_mix(paths, weights, buffer), world - 1, world,
-                                                         consumed), n)]
+        new = [
+            (w.copy(), i)
+            for w, i in islice(rank_sequences(make_mix(paths, weights, buffer), world - 1, world, consumed), n)
+        ]
+        ref = [
+            (w.copy(), i) for w, i in islice(ref_rank(make_mix(paths, weights, buffer), world - 1, world, consumed), n)
+        ]
         assert_same(new, ref)
 
 
@@ -185,10 +197,11 @@ def test_batches_match_the_reference(sets, kind, world, micro, group_tokens):
     for rank in range(world):
         steps = 90
         ref = ref_batches(make_mix(paths, weights, 8), rank, world, micro, consumed, steps)
-        b = Batches(make_mix(paths, weights, 8), rank, world, micro, consumed=consumed, prefetch=3,
-                    group_tokens=group_tokens)
+        b = Batches(
+            make_mix(paths, weights, 8), rank, world, micro, consumed=consumed, prefetch=3, group_tokens=group_tokens
+        )
         try:
-            for step, (batch, sources) in enumerate(ref):
+            for step, (batch, _sources) in enumerate(ref):
                 x, y = next_batch(b)
                 assert x.dtype == y.dtype == torch.int32
                 assert tuple(x.shape) == tuple(y.shape) == (micro, L)
@@ -253,7 +266,9 @@ def test_bad_shard_raise_stops_at_the_same_sequence(sets, tmp_path, buffer, kind
         try:
             for k in range(len(ref) // micro):
                 x, _ = next_batch(b)
-                np.testing.assert_array_equal(x.numpy(), np.stack([w[:-1] for w, _ in ref[k * micro : (k + 1) * micro]]))
+                np.testing.assert_array_equal(
+                    x.numpy(), np.stack([w[:-1] for w, _ in ref[k * micro : (k + 1) * micro]])
+                )
             for _ in range(2):
                 with pytest.raises(DataError, match=victim.name):
                     next_batch(b)

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-
 from helpers import make_texts, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -24,21 +23,40 @@ def sources(tmp_path_factory):
         src.mkdir(parents=True)
         for i, t in enumerate(make_texts(70, seed=seed)):
             (src / f"{i:03d}.txt").write_text(t if name == "a" else t.upper())
-    prepare([str(root / "a" / "src")], str(root / "a" / "data"), vocab_size=300, docs_per_shard=6, val_docs=8,
-            log=None)
-    prepare([str(root / "b" / "src")], str(root / "b" / "data"), tokenizer=str(root / "a" / "data" / "tokenizer.json"),
-            docs_per_shard=6, val_docs=8, log=None)
+    prepare([str(root / "a" / "src")], str(root / "a" / "data"), vocab_size=300, docs_per_shard=6, val_docs=8, log=None)
+    prepare(
+        [str(root / "b" / "src")],
+        str(root / "b" / "data"),
+        tokenizer=str(root / "a" / "data" / "tokenizer.json"),
+        docs_per_shard=6,
+        val_docs=8,
+        log=None,
+    )
     return root / "a" / "data", root / "b" / "data"
 
 
 def args(a, b, run_dir, steps, on_error):
-    return [f"run.dir={run_dir}", "data=mixture",
-            f"data.sources=[{{name:a,urls:{a},weight:0.7}},{{name:b,urls:{b},weight:0.3}}]",
-            "data.seq_len=16", "data.num_streams=2", "data.shuffle_shards=false", "data.mix_period=10",
-            f"data.on_error={on_error}", "model.n_layer=1", "model.n_head=2", "model.n_embd=32",
-            "trainer.micro_batch_size=5", f"trainer.max_steps={steps}", "trainer.save_every=4",
-            "trainer.log_every=4", "trainer.eval_every=4", "trainer.eval_batches=2", "logger=none",
-            "trainer.peak_flops=1e11"]
+    return [
+        f"run.dir={run_dir}",
+        "data=mixture",
+        f"data.sources=[{{name:a,urls:{a},weight:0.7}},{{name:b,urls:{b},weight:0.3}}]",
+        "data.seq_len=16",
+        "data.num_streams=2",
+        "data.shuffle_shards=false",
+        "data.mix_period=10",
+        f"data.on_error={on_error}",
+        "model.n_layer=1",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "trainer.micro_batch_size=5",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=4",
+        "trainer.log_every=4",
+        "trainer.eval_every=4",
+        "trainer.eval_batches=2",
+        "logger=none",
+        "trainer.peak_flops=1e11",
+    ]
 
 
 def damaged_copy(a, tmp_path):

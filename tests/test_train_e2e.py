@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from helpers import make_dataset, torchrun
 
 pytestmark = pytest.mark.slow  # real training jobs: the full suite only (docs/development.md)
@@ -19,10 +18,22 @@ def data_dir(tmp_path_factory):
 
 
 def common(data_dir, run_dir, steps):
-    return [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            f"trainer.max_steps={steps}", "trainer.save_every=6", "trainer.log_every=2",
-            "optim.lr=3e-3", "optim.warmup_steps=2", "trainer.peak_flops=1e11"]
+    return [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every=6",
+        "trainer.log_every=2",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "trainer.peak_flops=1e11",
+    ]
 
 
 def metrics(run_dir):
@@ -68,9 +79,12 @@ def test_model_compile_through_the_engine_matches_eager(data_dir, tmp_path):
     runs = {}
     for compiled in (False, True):
         run_dir = tmp_path / f"compile-{compiled}"
-        r = torchrun(common(data_dir, run_dir, 4) + ["logger=none", "deepspeed=zero0", "trainer.log_every=1",
-                                                     f"model.compile={str(compiled).lower()}"],
-                     cwd=tmp_path, nproc=1)
+        r = torchrun(
+            common(data_dir, run_dir, 4)
+            + ["logger=none", "deepspeed=zero0", "trainer.log_every=1", f"model.compile={str(compiled).lower()}"],
+            cwd=tmp_path,
+            nproc=1,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[compiled] = [x["loss"] for x in metrics(run_dir)]
         # After the first step, what Dynamo built: the blocks share one graph, unbroken.

@@ -16,8 +16,8 @@ import time
 from datetime import datetime
 
 import pytest
-
 from helpers import make_dataset, torchrun
+
 from megagpt.config import LoggerConfig
 from megagpt.metrics import MetricsSink
 
@@ -58,7 +58,7 @@ def wandb_env(monkeypatch):
 
 
 def _fallback_lines(text: str) -> list[str]:
-    return [ln[ln.index("W&B: "):] for ln in text.splitlines() if "W&B: " in ln]
+    return [ln[ln.index("W&B: ") :] for ln in text.splitlines() if "W&B: " in ln]
 
 
 def _offline_dir(run_dir, run_id: str):
@@ -77,8 +77,11 @@ def test_unreachable_wandb_falls_back_to_offline(server, request, tmp_path, wand
     assert time.monotonic() - t0 < 30
     offline = _offline_dir(tmp_path, "abcd1234")
     (line,) = _fallback_lines(caplog.text)
-    assert re.fullmatch(rf"W&B: cannot reach http://127\.0\.0\.1:{port} \(.+\); logging offline to {offline}; "
-                        rf"upload later with: wandb sync {offline}", line), line
+    assert re.fullmatch(
+        rf"W&B: cannot reach http://127\.0\.0\.1:{port} \(.+\); logging offline to {offline}; "
+        rf"upload later with: wandb sync {offline}",
+        line,
+    ), line
     sink.log({"step": 1, "loss": 2.5})
     sink.log_event({"event": "rollback", "to_step": 0})
     sink.close()
@@ -135,17 +138,33 @@ def test_training_with_wandb_online_but_unreachable_finishes_offline(tmp_path, s
     run_dir = tmp_path / "run"
     env = {"WANDB_BASE_URL": f"http://127.0.0.1:{silent_server}", "WANDB_API_KEY": FAKE_KEY}
     t0 = time.monotonic()
-    r = torchrun([f"run.dir={run_dir}", "data=webdataset", f"data.urls={data}", "data.seq_len=32",
-                  "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-                  "trainer.max_steps=4", "trainer.save_every=4", "trainer.log_every=2", "logger.mode=online"],
-                 cwd=tmp_path, env_extra=env, timeout=400)
+    r = torchrun(
+        [
+            f"run.dir={run_dir}",
+            "data=webdataset",
+            f"data.urls={data}",
+            "data.seq_len=32",
+            "model.n_layer=2",
+            "model.n_head=4",
+            "model.n_embd=64",
+            "trainer.micro_batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.save_every=4",
+            "trainer.log_every=2",
+            "logger.mode=online",
+        ],
+        cwd=tmp_path,
+        env_extra=env,
+        timeout=400,
+    )
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
     offline = _offline_dir(run_dir, wandb_id)
     (line,) = _fallback_lines(r.stderr)
-    assert line.startswith(f"W&B: cannot reach http://127.0.0.1:{silent_server} (") and \
-        line.endswith(f"; logging offline to {offline}; upload later with: wandb sync {offline}"), line
+    assert line.startswith(f"W&B: cannot reach http://127.0.0.1:{silent_server} (") and line.endswith(
+        f"; logging offline to {offline}; upload later with: wandb sync {offline}"
+    ), line
     assert list(offline.glob("run-*.wandb"))
     assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [2, 4]
     assert "done: 4 steps" in r.stdout

@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from distributed import run_distributed
+from helpers import make_dataset, torchrun
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import megagpt.config
 import megagpt.train
-from distributed import run_distributed
-from helpers import make_dataset, torchrun
 from megagpt.config import ConfigError
 from megagpt.config_checks import validate
 from megagpt.engine import deepspeed_config
@@ -30,17 +30,25 @@ def make_cfg(*overrides: str):
 
 # --- the DeepSpeed config ------------------------------------------------------------------
 
+
 def test_persistence_threshold_auto_is_ten_times_the_width():
     zero = deepspeed_config(make_cfg(), 2, "cpu")["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 10 * 128  # model=tiny: n_embd 128
-    assert deepspeed_config(make_cfg("model=llama-1b"), 1, "cuda")["zero_optimization"][
-        "stage3_param_persistence_threshold"] == 20480
+    assert (
+        deepspeed_config(make_cfg("model=llama-1b"), 1, "cuda")["zero_optimization"][
+            "stage3_param_persistence_threshold"
+        ]
+        == 20480
+    )
     # the built model's width where it differs from model.n_embd (model.init_from's folder)
-    assert deepspeed_config(make_cfg(), 2, "cpu", n_embd=768)["zero_optimization"][
-        "stage3_param_persistence_threshold"] == 7680
+    assert (
+        deepspeed_config(make_cfg(), 2, "cpu", n_embd=768)["zero_optimization"]["stage3_param_persistence_threshold"]
+        == 7680
+    )
     for value in (0, 12345):
-        zero = deepspeed_config(make_cfg(f"deepspeed.stage3_param_persistence_threshold={value}"), 2,
-                                "cpu", n_embd=768)["zero_optimization"]
+        zero = deepspeed_config(
+            make_cfg(f"deepspeed.stage3_param_persistence_threshold={value}"), 2, "cpu", n_embd=768
+        )["zero_optimization"]
         assert zero["stage3_param_persistence_threshold"] == value
 
 
@@ -48,19 +56,23 @@ def test_module_granularity_threshold_is_deepspeeds_key():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     assert deepspeed_config(make_cfg(), 2, "cpu")["zero_optimization"]["stage3_module_granularity_threshold"] == 0
-    zero = deepspeed_config(make_cfg("deepspeed.stage3_module_granularity_threshold=100000"), 2,
-                            "cpu")["zero_optimization"]
+    zero = deepspeed_config(make_cfg("deepspeed.stage3_module_granularity_threshold=100000"), 2, "cpu")[
+        "zero_optimization"
+    ]
     assert zero["stage3_module_granularity_threshold"] == 100000
     assert DeepSpeedZeroConfig(**zero).module_granularity_threshold == 100000  # DeepSpeed reads it
     # ZeRO-0..2 have no such hooks: no stage3 keys at all
-    assert "stage3_module_granularity_threshold" not in deepspeed_config(make_cfg("deepspeed=zero2"), 2,
-                                                                         "cpu")["zero_optimization"]
+    assert (
+        "stage3_module_granularity_threshold"
+        not in deepspeed_config(make_cfg("deepspeed=zero2"), 2, "cpu")["zero_optimization"]
+    )
 
 
 def test_leaf_blocks_are_not_a_deepspeed_key():
     """set on the model (build_engine: set_z3_leaf_modules), not in the JSON."""
-    assert deepspeed_config(make_cfg("deepspeed.stage3_leaf_blocks=true"), 2, "cpu") == \
-        deepspeed_config(make_cfg(), 2, "cpu")
+    assert deepspeed_config(make_cfg("deepspeed.stage3_leaf_blocks=true"), 2, "cpu") == deepspeed_config(
+        make_cfg(), 2, "cpu"
+    )
 
 
 def test_deepcompile_config_and_its_refusal_on_cpu():
@@ -78,18 +90,30 @@ def test_deepcompile_config_and_its_refusal_on_cpu():
 # --- the checks -----------------------------------------------------------------------------
 
 CHECKS = [
-    (["deepspeed.stage3_param_persistence_threshold=-1"],
-     "deepspeed.stage3_param_persistence_threshold: must be >= 0 or null (auto: 10 x model.n_embd), got -1"),
-    (["deepspeed.stage3_module_granularity_threshold=-5"],
-     "deepspeed.stage3_module_granularity_threshold: must be >= 0 (0: off), got -5"),
-    (["deepspeed=zero2", "deepspeed.stage3_leaf_blocks=true"],
-     "deepspeed.stage3_leaf_blocks: needs deepspeed.zero_stage=3, got 2"),
-    (["deepspeed=zero0", "deepspeed.stage3_module_granularity_threshold=100"],
-     "deepspeed.stage3_module_granularity_threshold: needs deepspeed.zero_stage=3, got 0"),
-    (["deepspeed=zero0", "deepspeed.deepcompile=true"],
-     "deepspeed.deepcompile: needs deepspeed.zero_stage 1, 2 or 3, got 0"),
-    (["deepspeed.deepcompile=true", "model.compile=false"],
-     "deepspeed.deepcompile: compiles the model: it needs model.compile=true or null (auto), got false"),
+    (
+        ["deepspeed.stage3_param_persistence_threshold=-1"],
+        "deepspeed.stage3_param_persistence_threshold: must be >= 0 or null (auto: 10 x model.n_embd), got -1",
+    ),
+    (
+        ["deepspeed.stage3_module_granularity_threshold=-5"],
+        "deepspeed.stage3_module_granularity_threshold: must be >= 0 (0: off), got -5",
+    ),
+    (
+        ["deepspeed=zero2", "deepspeed.stage3_leaf_blocks=true"],
+        "deepspeed.stage3_leaf_blocks: needs deepspeed.zero_stage=3, got 2",
+    ),
+    (
+        ["deepspeed=zero0", "deepspeed.stage3_module_granularity_threshold=100"],
+        "deepspeed.stage3_module_granularity_threshold: needs deepspeed.zero_stage=3, got 0",
+    ),
+    (
+        ["deepspeed=zero0", "deepspeed.deepcompile=true"],
+        "deepspeed.deepcompile: needs deepspeed.zero_stage 1, 2 or 3, got 0",
+    ),
+    (
+        ["deepspeed.deepcompile=true", "model.compile=false"],
+        "deepspeed.deepcompile: compiles the model: it needs model.compile=true or null (auto), got false",
+    ),
 ]
 
 
@@ -107,14 +131,18 @@ def test_deepcompile_is_refused_on_cpu_at_start():
 
 
 def test_settings_that_pass():
-    for overrides in ([], ["deepspeed.stage3_leaf_blocks=true", "deepspeed.stage3_module_granularity_threshold=1"],
-                      ["deepspeed.deepcompile=true"], ["deepspeed=zero1", "deepspeed.deepcompile=true",
-                                                       "model.compile=true"],
-                      ["deepspeed.stage3_param_persistence_threshold=0"]):
+    for overrides in (
+        [],
+        ["deepspeed.stage3_leaf_blocks=true", "deepspeed.stage3_module_granularity_threshold=1"],
+        ["deepspeed.deepcompile=true"],
+        ["deepspeed=zero1", "deepspeed.deepcompile=true", "model.compile=true"],
+        ["deepspeed.stage3_param_persistence_threshold=0"],
+    ):
         validate(make_cfg(*overrides), 2, cuda=True)
 
 
 # --- the model DeepSpeed gets (2 gloo ranks in this process's children) --------------------
+
 
 def _engine_hooks(rank, world_size, runs):
     """Build the engine as run.build does, once per list of overrides in `runs`: what
@@ -128,17 +156,27 @@ def _engine_hooks(rank, world_size, runs):
     for overrides in runs:
         cfg = make_cfg("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "data.seq_len=16", *overrides)
         model_cfg = build_model_config(cfg, 300, "sdpa", 0, "cpu")
-        engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd), rank,
-                              world_size, torch.device("cpu"))
+        engine = build_engine(
+            cfg,
+            model_cfg,
+            deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd),
+            rank,
+            world_size,
+            torch.device("cpu"),
+        )
         model = engine.model
         external = [id(p) for p in getattr(model, "_external_params", {}).values()]
-        batch = torch.randint(0, 300, (cfg.trainer.micro_batch_size, 17),
-                              generator=torch.Generator().manual_seed(rank))
-        out.append({"leaves": sorted(type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)),
-                    "blocks_are_leaves": all(getattr(b, "_z3_leaf", False) for b in model.modules()
-                                             if isinstance(b, Block)),
-                    "head_external": id(model.lm_head.weight) in external,
-                    "loss": engine.train_batch([batch]).loss.item()})  # one step trains through the hooks
+        batch = torch.randint(0, 300, (cfg.trainer.micro_batch_size, 17), generator=torch.Generator().manual_seed(rank))
+        out.append(
+            {
+                "leaves": sorted(type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)),
+                "blocks_are_leaves": all(
+                    getattr(b, "_z3_leaf", False) for b in model.modules() if isinstance(b, Block)
+                ),
+                "head_external": id(model.lm_head.weight) in external,
+                "loss": engine.train_batch([batch]).loss.item(),
+            }
+        )  # one step trains through the hooks
     return out
 
 
@@ -146,8 +184,15 @@ def _engine_hooks(rank, world_size, runs):
 def test_build_engine_sets_leaf_blocks_and_the_heads_external_parameter():
     """Blocks as leaves, by stage3_leaf_blocks or by a granularity threshold between the blocks'
     (5553 parameters per layer here) and the whole model's (6221)."""
-    ranks = run_distributed(_engine_hooks, [[], ["deepspeed.stage3_leaf_blocks=true", "model.loss_chunk_tokens=8"],
-                                            ["deepspeed.stage3_module_granularity_threshold=6000"]], timeout=300)
+    ranks = run_distributed(
+        _engine_hooks,
+        [
+            [],
+            ["deepspeed.stage3_leaf_blocks=true", "model.loss_chunk_tokens=8"],
+            ["deepspeed.stage3_module_granularity_threshold=6000"],
+        ],
+        timeout=300,
+    )
     for base, leafy, granular in ranks:
         assert base["leaves"] == [] and not base["head_external"]
         assert leafy["blocks_are_leaves"] and leafy["leaves"] == ["Block", "Block"]
@@ -171,16 +216,29 @@ def test_a_granularity_threshold_that_makes_the_whole_model_a_leaf_is_refused():
     check_module_granularity(0, model)
     with pytest.raises(ConfigError) as e:
         check_module_granularity(100000, model)
-    assert str(e.value) == ("deepspeed.stage3_module_granularity_threshold: 100000 makes the whole model one "
-                            "ZeRO-3 leaf (its granularity is 6221 parameters per layer), which DeepSpeed cannot "
-                            "train; use less than 6221, or deepspeed.stage3_leaf_blocks=true")
+    assert str(e.value) == (
+        "deepspeed.stage3_module_granularity_threshold: 100000 makes the whole model one "
+        "ZeRO-3 leaf (its granularity is 6221 parameters per layer), which DeepSpeed cannot "
+        "train; use less than 6221, or deepspeed.stage3_leaf_blocks=true"
+    )
     with torch.device("meta"):  # above 1e9 parameters DeepSpeed makes no leaf of the whole model
-        big = GPT(GPTConfig(vocab_size=128256, max_seq_len=32, n_layer=16, n_head=32, n_kv_head=8, n_embd=2048,
-                            family="llama", bias=False))
+        big = GPT(
+            GPTConfig(
+                vocab_size=128256,
+                max_seq_len=32,
+                n_layer=16,
+                n_head=32,
+                n_kv_head=8,
+                n_embd=2048,
+                family="llama",
+                bias=False,
+            )
+        )
     check_module_granularity(10**8, big)
 
 
 # --- real 2-rank ZeRO-3 runs ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
@@ -189,10 +247,24 @@ def data_dir(tmp_path_factory):
 
 def _run(data_dir, run_dir, extra):
     """test_train_e2e's small run (common), 4 steps: each step's loss, and the job's output."""
-    args = [f"run.dir={run_dir}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.micro_batch_size=4",
-            "trainer.max_steps=4", "trainer.save_every=100", "trainer.log_every=1", "optim.lr=3e-3",
-            "optim.warmup_steps=2", "trainer.peak_flops=1e11", "logger=none", *extra]
+    args = [
+        f"run.dir={run_dir}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.micro_batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.save_every=100",
+        "trainer.log_every=1",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=2",
+        "trainer.peak_flops=1e11",
+        "logger=none",
+        *extra,
+    ]
     r = torchrun(args, cwd=run_dir.parent)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ZeRO stage 3" in r.stdout and "2 rank(s)" in r.stdout
@@ -204,12 +276,16 @@ def baseline(data_dir, tmp_path_factory):
     return _run(data_dir, tmp_path_factory.mktemp("baseline") / "run", [])[0]
 
 
-@pytest.mark.parametrize("extra", [
-    ["deepspeed.stage3_leaf_blocks=true"],
-    # the blocks as leaves (granularity 5553), not the whole model (6221: refused, see above)
-    ["deepspeed.stage3_module_granularity_threshold=6000"],
-    ["deepspeed.stage3_param_persistence_threshold=0"],  # nothing kept whole: every parameter gathered
-], ids=["leaf_blocks", "granularity", "persist_nothing"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["deepspeed.stage3_leaf_blocks=true"],
+        # the blocks as leaves (granularity 5553), not the whole model (6221: refused, see above)
+        ["deepspeed.stage3_module_granularity_threshold=6000"],
+        ["deepspeed.stage3_param_persistence_threshold=0"],  # nothing kept whole: every parameter gathered
+    ],
+    ids=["leaf_blocks", "granularity", "persist_nothing"],
+)
 @pytest.mark.slow
 def test_zero3_settings_train_the_same_losses(data_dir, baseline, tmp_path, extra):
     losses, _ = _run(data_dir, tmp_path / "run", extra)
@@ -222,14 +298,24 @@ def test_zero3_settings_train_the_same_losses(data_dir, baseline, tmp_path, extr
 def test_a_whole_model_leaf_is_refused_in_a_run(data_dir, tmp_path):
     """deepspeed.stage3_module_granularity_threshold=100000 on this small model: the one-line
     error on every rank, before the weights are initialised, not DeepSpeed's crash in backward."""
-    args = [f"run.dir={tmp_path / 'run'}", "data=webdataset", f"data.urls={data_dir}", "data.seq_len=32",
-            "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "trainer.max_steps=2", "logger=none",
-            "deepspeed.stage3_module_granularity_threshold=100000"]
+    args = [
+        f"run.dir={tmp_path / 'run'}",
+        "data=webdataset",
+        f"data.urls={data_dir}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=4",
+        "model.n_embd=64",
+        "trainer.max_steps=2",
+        "logger=none",
+        "deepspeed.stage3_module_granularity_threshold=100000",
+    ]
     r = torchrun(args, cwd=tmp_path)
     assert r.returncode != 0
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("megagpt: error")]
-    assert errors and all("deepspeed.stage3_module_granularity_threshold: 100000 makes the whole model" in ln
-                          for ln in errors), r.stderr[-3000:]
+    assert errors and all(
+        "deepspeed.stage3_module_granularity_threshold: 100000 makes the whole model" in ln for ln in errors
+    ), r.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -238,15 +324,26 @@ def test_deepcompile_on_cpu_is_one_line_at_start(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["MEGAGPT_CACHE"] = str(tmp_path / "cache")
-    p = subprocess.run([sys.executable, "-m", "megagpt.train", "deepspeed.deepcompile=true", "logger=none"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "megagpt.train", "deepspeed.deepcompile=true", "logger=none"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1, p.stderr
-    assert lines[0] == ("megagpt: error (rank 0): deepspeed.deepcompile: needs CUDA (DeepSpeed's DeepCompile); "
-                        "training runs on CPU here")
+    assert lines[0] == (
+        "megagpt: error (rank 0): deepspeed.deepcompile: needs CUDA (DeepSpeed's DeepCompile); "
+        "training runs on CPU here"
+    )
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "cache").exists()  # before any heavy work
 
 
@@ -261,19 +358,31 @@ def _compiled_steps(rank, world_size, n_layer):
 
     out = {}
     for compiled in (False, True):
-        cfg = make_cfg(f"model.n_layer={n_layer}", "model.n_head=4", "model.n_embd=64", "data.seq_len=16",
-                       f"model.compile={str(compiled).lower()}")
+        cfg = make_cfg(
+            f"model.n_layer={n_layer}",
+            "model.n_head=4",
+            "model.n_embd=64",
+            "data.seq_len=16",
+            f"model.compile={str(compiled).lower()}",
+        )
         model_cfg = build_model_config(cfg, 300, "sdpa", 0, "cpu")
-        engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd), rank,
-                              world_size, torch.device("cpu"))
+        engine = build_engine(
+            cfg,
+            model_cfg,
+            deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd),
+            rank,
+            world_size,
+            torch.device("cpu"),
+        )
         counters.clear()
         gen = torch.Generator().manual_seed(rank)
         batches = [torch.randint(0, 300, (cfg.trainer.micro_batch_size, 17), generator=gen) for _ in range(2)]
-        out[compiled] = {"losses": [engine.train_batch([b]).loss.item() for b in batches],
-                         "leaves": all(getattr(b, "_z3_leaf", False) for b in engine.model.modules()
-                                       if isinstance(b, Block)),
-                         "graph_breaks": sum(counters["graph_break"].values()),
-                         "graphs": counters["stats"]["unique_graphs"]}
+        out[compiled] = {
+            "losses": [engine.train_batch([b]).loss.item() for b in batches],
+            "leaves": all(getattr(b, "_z3_leaf", False) for b in engine.model.modules() if isinstance(b, Block)),
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "graphs": counters["stats"]["unique_graphs"],
+        }
     return out
 
 
@@ -312,14 +421,24 @@ def _linear_after_builds(rank, world_size, settings):
 
     out = []
     for value in settings:
-        cfg = make_cfg("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "data.seq_len=16",
-                       f"deepspeed.stage3_memory_efficient_linear={str(value).lower()}")
+        cfg = make_cfg(
+            "model.n_layer=2",
+            "model.n_head=4",
+            "model.n_embd=64",
+            "data.seq_len=16",
+            f"deepspeed.stage3_memory_efficient_linear={str(value).lower()}",
+        )
         model_cfg = build_model_config(cfg, 300, "sdpa", 0, "cpu")
-        engine = build_engine(cfg, model_cfg, deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd), rank,
-                              world_size, torch.device("cpu"))
+        engine = build_engine(
+            cfg,
+            model_cfg,
+            deepspeed_config(cfg, world_size, "cpu", model_cfg.n_embd),
+            rank,
+            world_size,
+            torch.device("cpu"),
+        )
         batch = torch.randint(0, 300, (cfg.trainer.micro_batch_size, 17), generator=torch.Generator().manual_seed(0))
-        out.append({"linear": torch.nn.functional.linear.__module__,
-                    "loss": engine.train_batch([batch]).loss.item()})
+        out.append({"linear": torch.nn.functional.linear.__module__, "loss": engine.train_batch([batch]).loss.item()})
     return out
 
 

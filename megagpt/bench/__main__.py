@@ -14,8 +14,9 @@ MODULES = ("data", "train", "scaling", "memory", "cost", "gpu", "prepare", "comp
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m megagpt.bench", description=bench.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m megagpt.bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="what", required=True)
     for name in MODULES:
         try:

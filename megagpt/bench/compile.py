@@ -29,8 +29,12 @@ import time
 
 from megagpt.bench.jobs import last_line, report, result_in
 
-ROWS = [("megagpt, eager", "megagpt", "eager"), ("megagpt, compiled blocks", "megagpt", "blocks"),
-        ("megagpt, compiled whole", "megagpt", "whole"), ("transformers, compiled whole", "transformers", "whole")]
+ROWS = [
+    ("megagpt, eager", "megagpt", "eager"),
+    ("megagpt, compiled blocks", "megagpt", "blocks"),
+    ("megagpt, compiled whole", "megagpt", "whole"),
+    ("transformers, compiled whole", "transformers", "whole"),
+]
 
 
 def _model(runner: str, layers: int, width: int, seq: int):
@@ -39,13 +43,24 @@ def _model(runner: str, layers: int, width: int, seq: int):
     if runner == "megagpt":
         from megagpt.model.gpt import GPT, GPTConfig
 
-        model = GPT(GPTConfig(vocab_size=vocab, max_seq_len=seq, n_layer=layers, n_head=heads, n_kv_head=heads,
-                              n_embd=width, mlp_hidden=4 * width, family="llama"))
+        model = GPT(
+            GPTConfig(
+                vocab_size=vocab,
+                max_seq_len=seq,
+                n_layer=layers,
+                n_head=heads,
+                n_kv_head=heads,
+                n_embd=width,
+                mlp_hidden=4 * width,
+                family="llama",
+            )
+        )
         return model, lambda x, y: model(x, y)
     from megagpt.bench.peer import peer_model
 
-    shape = dict(vocab_size=vocab, n_embd=width, mlp_hidden=4 * width, n_layer=layers, n_head=heads,
-                 n_kv_head=heads, seq_len=seq)
+    shape = dict(
+        vocab_size=vocab, n_embd=width, mlp_hidden=4 * width, n_layer=layers, n_head=heads, n_kv_head=heads, seq_len=seq
+    )
     model, _ = peer_model({"runner": "transformers", "shape": shape}, "cpu")
     return model, lambda x, y: model(input_ids=x, labels=y).loss
 
@@ -62,8 +77,11 @@ def row_main(spec: dict) -> dict:
     elif spec["mode"] == "whole":
         compiled = torch.compile(model)
         runner = spec["runner"]
-        loss_of = ((lambda x, y: compiled(x, y)) if runner == "megagpt"
-                   else (lambda x, y: compiled(input_ids=x, labels=y).loss))
+        loss_of = (
+            (lambda x, y: compiled(x, y))
+            if runner == "megagpt"
+            else (lambda x, y: compiled(input_ids=x, labels=y).loss)
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, 512, (spec["batch"], spec["seq"] + 1))
     times = []
@@ -73,15 +91,23 @@ def row_main(spec: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
-    return {"first_step_s": times[0], "step_ms": 1e3 * statistics.median(times[1:]),
-            "graphs": counters["stats"]["unique_graphs"]}
+    return {
+        "first_step_s": times[0],
+        "step_ms": 1e3 * statistics.median(times[1:]),
+        "graphs": counters["stats"]["unique_graphs"],
+    }
 
 
 def run_row(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
-        r = subprocess.run([sys.executable, "-m", "megagpt.bench.compile", json.dumps(spec)], capture_output=True,
-                           text=True, env=env, timeout=1200)
+        r = subprocess.run(
+            [sys.executable, "-m", "megagpt.bench.compile", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
     result = result_in(r.stdout)
     return result if result is not None else {"error": last_line(r.stderr) or "no output"}
 
@@ -92,15 +118,23 @@ def bench_compile(args) -> dict:
     rows = []
     for n in layers:
         for label, runner, mode in ROWS:
-            spec = {"runner": runner, "mode": mode, "layers": n, "width": args.width, "seq": args.seq,
-                    "batch": args.batch}
+            spec = {
+                "runner": runner,
+                "mode": mode,
+                "layers": n,
+                "width": args.width,
+                "seq": args.seq,
+                "batch": args.batch,
+            }
             r = dict(label=label, **spec, **run_row(spec))
             rows.append(r)
             if "error" in r:
                 print(f"{label:<32} {n:>6} error: {r['error']}", flush=True)
             else:
-                print(f"{label:<32} {n:>6} {r['first_step_s']:>9.1f} s {r['step_ms']:>7.1f} ms {r['graphs']:>7}",
-                      flush=True)
+                print(
+                    f"{label:<32} {n:>6} {r['first_step_s']:>9.1f} s {r['step_ms']:>7.1f} ms {r['graphs']:>7}",
+                    flush=True,
+                )
     return {"rows": rows}
 
 

@@ -64,8 +64,12 @@ def worker(argv: list[str]) -> None:
 
     torch.set_num_threads(a.threads)
     base = _rss_now()
-    cfg = GPTConfig.from_settings(ModelConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd),
-                                  vocab_size=a.vocab, seq_len=a.seq_len, attention=resolve_backend("auto", "cpu"))
+    cfg = GPTConfig.from_settings(
+        ModelConfig(n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd),
+        vocab_size=a.vocab,
+        seq_len=a.seq_len,
+        attention=resolve_backend("auto", "cpu"),
+    )
     model = GPT(cfg)
     model.init_weights(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -82,15 +86,30 @@ def worker(argv: list[str]) -> None:
     n_total, n_matmul = count_params(model)
     step = statistics.median(times[1:])
     tokens = a.micro_batch * a.seq_len
-    print(json.dumps({
-        "n_embd": a.n_embd, "seq_len": a.seq_len, "n_layer": a.n_layer, "n_head": a.n_head,
-        "micro_batch": a.micro_batch, "threads": a.threads, "n_params": n_total, "n_params_matmul": n_matmul,
-        "step_time": step, "step_times": times[1:], "warmup_step_time": times[0],
-        "tokens_per_step": tokens, "tokens_per_sec": tokens / step,
-        "flops_per_step": flops_per_token(n_matmul, a.n_layer, a.n_head, cfg.head_dim, a.seq_len) * tokens,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_baseline_bytes": base,
-        "model_state_bytes": 16 * n_total,  # fp32 params + grads + AdamW exp_avg + exp_avg_sq
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "n_embd": a.n_embd,
+                "seq_len": a.seq_len,
+                "n_layer": a.n_layer,
+                "n_head": a.n_head,
+                "micro_batch": a.micro_batch,
+                "threads": a.threads,
+                "n_params": n_total,
+                "n_params_matmul": n_matmul,
+                "step_time": step,
+                "step_times": times[1:],
+                "warmup_step_time": times[0],
+                "tokens_per_step": tokens,
+                "tokens_per_sec": tokens / step,
+                "flops_per_step": flops_per_token(n_matmul, a.n_layer, a.n_head, cfg.head_dim, a.seq_len) * tokens,
+                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "rss_baseline_bytes": base,
+                "model_state_bytes": 16 * n_total,  # fp32 params + grads + AdamW exp_avg + exp_avg_sq
+            }
+        ),
+        flush=True,
+    )
 
 
 def bench_cost(args) -> dict:
@@ -103,9 +122,20 @@ def bench_cost(args) -> dict:
     rows = []
     for width in args.widths:
         for seq in args.seq_lens:
-            cmd = [sys.executable, "-m", "megagpt.bench.cost", "--worker", f"--n-embd={width}", f"--seq-len={seq}",
-                   f"--n-layer={args.n_layer}", f"--n-head={args.n_head}", f"--vocab={args.vocab}",
-                   f"--micro-batch={args.micro_batch}", f"--steps={args.steps}", f"--threads={threads}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "megagpt.bench.cost",
+                "--worker",
+                f"--n-embd={width}",
+                f"--seq-len={seq}",
+                f"--n-layer={args.n_layer}",
+                f"--n-head={args.n_head}",
+                f"--vocab={args.vocab}",
+                f"--micro-batch={args.micro_batch}",
+                f"--steps={args.steps}",
+                f"--threads={threads}",
+            ]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
             if r.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -121,21 +151,39 @@ def bench_cost(args) -> dict:
         same_width = ref[(row["n_embd"], base_t)]
         row["step_time_vs_smallest_width"] = row["step_time"] / same_seq["step_time"]
         row["step_time_vs_shortest_seq"] = row["step_time"] / same_width["step_time"]
-    result = {"n_layer": args.n_layer, "n_head": args.n_head, "vocab": args.vocab, "micro_batch": args.micro_batch,
-              "steps": args.steps, "threads": threads, "cores": os.cpu_count(), "machine_peak_flops": peak,
-              "load_average_before": list(load), "load_average_after": list(os.getloadavg()), "rows": rows}
-    print(f"one process, {threads} threads, fp32, AdamW; {args.n_layer} layers, {args.n_head} heads, vocab "
-          f"{args.vocab}, micro-batch {args.micro_batch}; median of {args.steps} steps after 1 warm-up; machine "
-          f"fp32 peak {peak / 1e9:.1f} GFLOP/s; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"{'width':>5} {'params':>7} {'seq':>5} {'step s':>7} {'x width':>7} {'x seq':>6} {'tokens/s':>9} "
-          f"{'MFU':>6} {'peak RSS MB':>11} {'above base':>10} {'16 B/param MB':>13}")
+    result = {
+        "n_layer": args.n_layer,
+        "n_head": args.n_head,
+        "vocab": args.vocab,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "threads": threads,
+        "cores": os.cpu_count(),
+        "machine_peak_flops": peak,
+        "load_average_before": list(load),
+        "load_average_after": list(os.getloadavg()),
+        "rows": rows,
+    }
+    print(
+        f"one process, {threads} threads, fp32, AdamW; {args.n_layer} layers, {args.n_head} heads, vocab "
+        f"{args.vocab}, micro-batch {args.micro_batch}; median of {args.steps} steps after 1 warm-up; machine "
+        f"fp32 peak {peak / 1e9:.1f} GFLOP/s; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        f"{'width':>5} {'params':>7} {'seq':>5} {'step s':>7} {'x width':>7} {'x seq':>6} {'tokens/s':>9} "
+        f"{'MFU':>6} {'peak RSS MB':>11} {'above base':>10} {'16 B/param MB':>13}"
+    )
     for row in rows:
-        print(f"{row['n_embd']:>5} {row['n_params'] / 1e6:>6.2f}M {row['seq_len']:>5} {row['step_time']:>7.3f} "
-              f"{row['step_time_vs_smallest_width']:>7.2f} {row['step_time_vs_shortest_seq']:>6.2f} "
-              f"{row['tokens_per_sec']:>9,.0f} {row['mfu'] * 100:>5.1f}% {row['peak_rss_bytes'] / MB:>11,.0f} "
-              f"{row['peak_rss_above_baseline_bytes'] / MB:>10,.0f} {row['model_state_bytes'] / MB:>13,.1f}")
-    print(f"x width: step time / that of width {base_w} at the same seq len; x seq: / that of seq len {base_t} at "
-          "the same width (tokens per step grow with seq len: fixed micro-batch)")
+        print(
+            f"{row['n_embd']:>5} {row['n_params'] / 1e6:>6.2f}M {row['seq_len']:>5} {row['step_time']:>7.3f} "
+            f"{row['step_time_vs_smallest_width']:>7.2f} {row['step_time_vs_shortest_seq']:>6.2f} "
+            f"{row['tokens_per_sec']:>9,.0f} {row['mfu'] * 100:>5.1f}% {row['peak_rss_bytes'] / MB:>11,.0f} "
+            f"{row['peak_rss_above_baseline_bytes'] / MB:>10,.0f} {row['model_state_bytes'] / MB:>13,.1f}"
+        )
+    print(
+        f"x width: step time / that of width {base_w} at the same seq len; x seq: / that of seq len {base_t} at "
+        "the same width (tokens per step grow with seq len: fixed micro-batch)"
+    )
     return result
 
 

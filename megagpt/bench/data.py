@@ -115,8 +115,7 @@ def _floor_rates(ds, seconds: float) -> tuple[float, float, float]:
             times.append(time.perf_counter() - t0)
         return len(tokens) / statistics.median(times)
 
-    return (rate(lambda: np.copyto(out, tokens)), rate(lambda: xxh3_hex(raw)),
-            rate(lambda: hl.sha256(raw).hexdigest()))
+    return (rate(lambda: np.copyto(out, tokens)), rate(lambda: xxh3_hex(raw)), rate(lambda: hl.sha256(raw).hexdigest()))
 
 
 def _training_rate(vocab: int, seq_len: int, micro: int, steps: int = 6) -> float:
@@ -126,8 +125,11 @@ def _training_rate(vocab: int, seq_len: int, micro: int, steps: int = 6) -> floa
     from megagpt.config import ModelConfig
     from megagpt.model.gpt import GPT, GPTConfig
 
-    model = GPT(GPTConfig.from_settings(ModelConfig(n_layer=4, n_head=4, n_embd=128), vocab_size=vocab,
-                                        seq_len=seq_len, attention="sdpa"))
+    model = GPT(
+        GPTConfig.from_settings(
+            ModelConfig(n_layer=4, n_head=4, n_embd=128), vocab_size=vocab, seq_len=seq_len, attention="sdpa"
+        )
+    )
     model.init_weights(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, vocab, (micro, seq_len + 1))
@@ -181,8 +183,12 @@ def bench_corpus(cache_dir: str, mib: int, log=print) -> Path:
                     break
         sink.close()
         manifest = json.loads((src_dir / DATASET_MANIFEST).read_text())
-        manifest.update(shards=[manifest_entry(s) for s in shards], val_shards=[],
-                        documents=sum(s["documents"] for s in shards), tokens=sum(s["tokens"] for s in shards))
+        manifest.update(
+            shards=[manifest_entry(s) for s in shards],
+            val_shards=[],
+            documents=sum(s["documents"] for s in shards),
+            tokens=sum(s["tokens"] for s in shards),
+        )
         (tmp / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.copy(src_dir / manifest["tokenizer"], tmp / manifest["tokenizer"])
         os.rename(tmp, final)
@@ -194,9 +200,9 @@ def bench_corpus(cache_dir: str, mib: int, log=print) -> Path:
 def bench_data(args) -> dict:
     import torch
 
+    from megagpt.data.mixture import Mixture
     from megagpt.data.shards import open_dataset
     from megagpt.data.source import default_cache_dir
-    from megagpt.data.mixture import Mixture
     from megagpt.data.streams import ShardStreams, StreamSettings, default_reader
 
     torch.set_num_threads(1)  # one process, as one rank of a 2-rank job on 2 cores
@@ -214,8 +220,14 @@ def bench_data(args) -> dict:
             _evict([shard.url])  # so that the next epoch reads it from the disk again
 
     def mix(reader):
-        settings = StreamSettings(num_streams=streams, seq_len=args.seq_len, seed=0, shuffle=True,
-                                  shuffle_buffer=args.shuffle_buffer, reader=reader)
+        settings = StreamSettings(
+            num_streams=streams,
+            seq_len=args.seq_len,
+            seed=0,
+            shuffle=True,
+            shuffle_buffer=args.shuffle_buffer,
+            reader=reader,
+        )
         return Mixture([ShardStreams(ds, settings)], [1.0])
 
     _raw_read_rate(paths, tokens, 0.5)  # warm the page cache
@@ -227,32 +239,52 @@ def bench_data(args) -> dict:
     copy, xxh3, sha = _floor_rates(ds, args.seconds)
     train = _training_rate(ds.vocab_size, min(args.seq_len, 256), args.micro_batch)
     result = {
-        "dataset": path, "shards": len(paths), "tokens": tokens, "bytes": nbytes, "streams": streams,
-        "seq_len": args.seq_len, "micro_batch": args.micro_batch, "shuffle_buffer": args.shuffle_buffer,
-        "raw_read_tokens_per_sec": raw, "webdataset_tokens_per_sec": wds_rate, "loader_tokens_per_sec": loader,
+        "dataset": path,
+        "shards": len(paths),
+        "tokens": tokens,
+        "bytes": nbytes,
+        "streams": streams,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "shuffle_buffer": args.shuffle_buffer,
+        "raw_read_tokens_per_sec": raw,
+        "webdataset_tokens_per_sec": wds_rate,
+        "loader_tokens_per_sec": loader,
         "tiny_model_train_tokens_per_sec": train,
-        "loader_vs_raw": loader / raw, "loader_vs_training": loader / train,
-        "raw_read_cold_tokens_per_sec": raw_cold, "loader_cold_tokens_per_sec": loader_cold,
-        "loader_vs_raw_cold": loader_cold / raw_cold, "cold_vs_warm_raw_read": raw_cold / raw,
-        "int32_copy_tokens_per_sec": copy, "xxh3_tokens_per_sec": xxh3, "sha256_tokens_per_sec": sha,
+        "loader_vs_raw": loader / raw,
+        "loader_vs_training": loader / train,
+        "raw_read_cold_tokens_per_sec": raw_cold,
+        "loader_cold_tokens_per_sec": loader_cold,
+        "loader_vs_raw_cold": loader_cold / raw_cold,
+        "cold_vs_warm_raw_read": raw_cold / raw,
+        "int32_copy_tokens_per_sec": copy,
+        "xxh3_tokens_per_sec": xxh3,
+        "sha256_tokens_per_sec": sha,
         "cold_cache": "posix_fadvise(POSIX_FADV_DONTNEED) on each file before each raw read and after each loader read",
     }
-    print(f"dataset: {path} ({len(paths)} shards, {tokens:,} tokens, {nbytes / 2**20:.1f} MiB); "
-          f"{streams} streams, seq_len {args.seq_len}, micro-batch {args.micro_batch}")
-    print("warm: files in the page cache; cold: every read from the disk (posix_fadvise DONTNEED); "
-          "steady state, medians")
+    print(
+        f"dataset: {path} ({len(paths)} shards, {tokens:,} tokens, {nbytes / 2**20:.1f} MiB); "
+        f"{streams} streams, seq_len {args.seq_len}, micro-batch {args.micro_batch}"
+    )
+    print(
+        "warm: files in the page cache; cold: every read from the disk (posix_fadvise DONTNEED); steady state, medians"
+    )
     print(f"{'what (one process)':<46} {'warm tokens/s':>14} {'ratio':>7} {'cold tokens/s':>14} {'ratio':>7}")
     print(f"{'raw read of the shard files':<46} {raw:>14,.0f} {'1.00':>7} {raw_cold:>14,.0f} {'1.00':>7}")
     print(f"{'webdataset.WebDataset iteration (no decode)':<46} {wds_rate:>14,.0f} {wds_rate / raw:>7.3f}")
-    print(f"{'megagpt loader (verify, index, pack, batch)':<46} {loader:>14,.0f} {loader / raw:>7.3f} "
-          f"{loader_cold:>14,.0f} {loader_cold / raw_cold:>7.3f}")
+    print(
+        f"{'megagpt loader (verify, index, pack, batch)':<46} {loader:>14,.0f} {loader / raw:>7.3f} "
+        f"{loader_cold:>14,.0f} {loader_cold / raw_cold:>7.3f}"
+    )
     print(f"{'floor: one int32 copy of the tokens':<46} {copy:>14,.0f} {copy / raw:>7.3f}")
     print(f"{'floor: xxh3_128 of the bytes (data.verify=fast)':<46} {xxh3:>14,.0f} {xxh3 / raw:>7.3f}")
     print(f"{'floor: sha256 of the bytes (data.verify=sha256)':<46} {sha:>14,.0f} {sha / raw:>7.3f}")
     print(f"{'tiny model training step (fp32, 1 thread)':<46} {train:>14,.0f}")
-    print(f"loader / raw read = {loader / raw:.3f} warm, {loader_cold / raw_cold:.3f} cold; "
-          f"loader / webdataset = {loader / wds_rate:.2f}; loader / training = {loader / train:,.0f}x; "
-          f"cold raw read / warm = {raw_cold / raw:.3f}")
+    print(
+        f"loader / raw read = {loader / raw:.3f} warm, {loader_cold / raw_cold:.3f} cold; "
+        f"loader / webdataset = {loader / wds_rate:.2f}; loader / training = {loader / train:,.0f}x; "
+        f"cold raw read / warm = {raw_cold / raw:.3f}"
+    )
     return result
 
 

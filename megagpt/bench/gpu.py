@@ -73,19 +73,26 @@ from megagpt.bench.gpu_rows import ROWS, Row, Settings, settings_from
 # The one-line command for the device tool, as the docstring gives it.
 DEVICE_COMMAND = (__doc__ or "DEVICE COMMAND:\n\n").split("DEVICE COMMAND:\n", 1)[1].split("\n", 1)[0]
 # What megagpt.train prints that a row keeps: the attention backend, SDPA's kernel, float8.
-KEPT_LINES = re.compile(r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)"
-                        r"|checkpoint step_\d+(\.partial)?( committed|: staged)")
+KEPT_LINES = re.compile(
+    r"^(attention:|sdpa kernel:|fp8:|compile|model:|saved checkpoint)"
+    r"|checkpoint step_\d+(\.partial)?( committed|: staged)"
+)
 SAVE_WAITED = re.compile(r"^saved checkpoint \S*step_(\d+): training waited ([0-9.]+) s(?:, ([0-9.]+) s of it for)?")
 
 
 # --- what a row needs ---------------------------------------------------------------------
 
+
 def gpu_facts() -> tuple[str, tuple[int, int]] | None:
     """(name, compute capability) of GPU 0, or None.  From nvidia-smi, so that
     this process holds no CUDA context (and its memory) while the jobs run."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "-i", "0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         name, cap = [x.strip() for x in out.splitlines()[0].rsplit(",", 1)]
         major, minor = cap.split(".")
         return name, (int(major), int(minor))
@@ -100,8 +107,10 @@ def gpu_facts() -> tuple[str, tuple[int, int]] | None:
 def _flash_here() -> str | None:
     """Why FlashAttention cannot run here (asked in a child process, which
     imports it and initialises CUDA), or None."""
-    code = ("from megagpt.model import attention as a; import sys; "
-            "sys.stdout.write('' if a.flash_attn_available() else a.flash_unavailable_reason())")
+    code = (
+        "from megagpt.model import attention as a; import sys; "
+        "sys.stdout.write('' if a.flash_attn_available() else a.flash_unavailable_reason())"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         return f"the check failed: {jobs.last_line(r.stderr)}"
@@ -115,8 +124,10 @@ def skip_reason(row: Row, s: Settings) -> str | None:
         if row.fp8:
             from megagpt.model.float8 import torchao_problem
 
-            return (f"skipped: model.fp8 needs a CUDA GPU (compute capability >= 8.9); torchao: "
-                    f"{torchao_problem() or 'imports'}")
+            return (
+                f"skipped: model.fp8 needs a CUDA GPU (compute capability >= 8.9); torchao: "
+                f"{torchao_problem() or 'imports'}"
+            )
         if row.flash:
             return "skipped: FlashAttention needs a CUDA GPU"
         if row.overrides and any(o.startswith("model.sdpa_backend=") for o in row.overrides):
@@ -138,6 +149,7 @@ def skip_reason(row: Row, s: Settings) -> str | None:
 
 # --- megagpt rows: megagpt.train jobs ---------------------------------------------------------
 
+
 def save_every_of(row: Row, s: Settings) -> int:
     return min(row.save_every, 2) if s.mode == "cpu-smoke" else row.save_every
 
@@ -151,14 +163,31 @@ def steps_of(row: Row, s: Settings) -> int:
 
 def megagpt_command(row: Row, s: Settings, run_dir: str) -> list[str]:
     sh = s.shape(row.preset)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
-           "megagpt.train", f"model={row.preset}", f"run.dir={run_dir}", "logger=none",
-           f"data.seq_len={sh['seq_len']}", f"trainer.micro_batch_size={row.micro_batch or sh['micro_batch']}",
-           f"trainer.grad_accum={sh['grad_accum']}", f"model.vocab_size={sh['vocab_size']}",
-           # Far beyond the steps measured: the job is stopped before any checkpoint or the end of run.
-           f"trainer.max_steps={steps_of(row, s) + 1000}", "trainer.log_every=1", "trainer.eval_every=0"]
-    cmd += ([f"trainer.save_every={save_every_of(row, s)}", "trainer.async_save=true"] if row.save_every
-            else [f"trainer.save_every={steps_of(row, s) + 2000}"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        "-m",
+        "megagpt.train",
+        f"model={row.preset}",
+        f"run.dir={run_dir}",
+        "logger=none",
+        f"data.seq_len={sh['seq_len']}",
+        f"trainer.micro_batch_size={row.micro_batch or sh['micro_batch']}",
+        f"trainer.grad_accum={sh['grad_accum']}",
+        f"model.vocab_size={sh['vocab_size']}",
+        # Far beyond the steps measured: the job is stopped before any checkpoint or the end of run.
+        f"trainer.max_steps={steps_of(row, s) + 1000}",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+    ]
+    cmd += (
+        [f"trainer.save_every={save_every_of(row, s)}", "trainer.async_save=true"]
+        if row.save_every
+        else [f"trainer.save_every={steps_of(row, s) + 2000}"]
+    )
     if s.mode == "cpu-smoke":
         cmd += [f"model.{k}={sh[k]}" for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "mlp_hidden")]
     return cmd + row.overrides
@@ -180,8 +209,9 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
             if len(recs) >= steps or proc.poll() is not None:
                 break
             if time.monotonic() - t0 > timeout:
-                out.update(status="timeout", reason=f"timeout after {timeout:.0f} s with {len(recs)} of {steps} "
-                                                    "steps logged")
+                out.update(
+                    status="timeout", reason=f"timeout after {timeout:.0f} s with {len(recs)} of {steps} steps logged"
+                )
                 break
             time.sleep(0.25)
     finally:
@@ -197,17 +227,20 @@ def run_megagpt(row: Row, s: Settings, root: str, timeout: float) -> dict:
         out.update(status="error", reason=f"exit {proc.returncode} after {len(recs)} steps: {jobs.log_tail(log_path)}")
     out["losses"] = [r["loss"] for r in recs]
     if len(recs) > s.warmup:
-        measured = recs[s.warmup:]
-        out.update(tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in measured),
-                   mfu=statistics.median(r["mfu"] for r in measured),
-                   memory_gb=max(r["memory_gb"] for r in measured),
-                   step_time=statistics.median(r["step_time"] for r in measured),
-                   data_wait=statistics.median(r.get("data_wait", 0.0) for r in measured),
-                   steps_measured=len(measured))
+        measured = recs[s.warmup :]
+        out.update(
+            tokens_per_sec=statistics.median(r["tokens_per_sec"] for r in measured),
+            mfu=statistics.median(r["mfu"] for r in measured),
+            memory_gb=max(r["memory_gb"] for r in measured),
+            step_time=statistics.median(r["step_time"] for r in measured),
+            data_wait=statistics.median(r.get("data_wait", 0.0) for r in measured),
+            steps_measured=len(measured),
+        )
         out.setdefault("status", "ok")
     if row.fp8 and out.get("status") == "ok" and not any(x.startswith("fp8:") for x in out["log_lines"]):
-        out["note"] = ("the job printed no 'fp8:' line: model.fp8 may not be wired into the engine yet "
-                       "(these figures may be bf16)")
+        out["note"] = (
+            "the job printed no 'fp8:' line: model.fp8 may not be wired into the engine yet (these figures may be bf16)"
+        )
     return out
 
 
@@ -219,18 +252,27 @@ def loss_agreement(losses: list[float], reference: list[float], window: int = 10
     n = min(len(losses), len(reference))
     if n < window:
         return {"steps": n}
-    moving = [abs(sum(losses[i - window:i]) - sum(reference[i - window:i])) / abs(sum(reference[i - window:i]))
-              for i in range(window, n + 1)]
+    moving = [
+        abs(sum(losses[i - window : i]) - sum(reference[i - window : i])) / abs(sum(reference[i - window : i]))
+        for i in range(window, n + 1)
+    ]
     tail = min(50, n)
-    final = abs(sum(losses[n - tail:n]) - sum(reference[n - tail:n])) / abs(sum(reference[n - tail:n]))
+    final = abs(sum(losses[n - tail : n]) - sum(reference[n - tail : n])) / abs(sum(reference[n - tail : n]))
     return {"steps": n, "max_rel_diff_moving": max(moving), "window": window, "rel_diff_last_50": final}
 
 
 # --- peers: megagpt.bench.peer, in a child process -------------------------------------------
 
+
 def peer_spec(row: Row, s: Settings) -> dict:
-    return {"runner": row.runner, "compile": row.compile, "steps": s.steps, "warmup": s.warmup,
-            "shape": s.shape(row.preset), "smoke": s.mode == "cpu-smoke"}
+    return {
+        "runner": row.runner,
+        "compile": row.compile,
+        "steps": s.steps,
+        "warmup": s.warmup,
+        "shape": s.shape(row.preset),
+        "smoke": s.mode == "cpu-smoke",
+    }
 
 
 def run_peer(row: Row, s: Settings, root: str, timeout: float) -> dict:
@@ -252,6 +294,7 @@ def run_peer(row: Row, s: Settings, root: str, timeout: float) -> dict:
 
 # --- the table --------------------------------------------------------------------------------
 
+
 def pace(done: list[dict]) -> float:
     """How the rows run so far compare with their estimates (wall / est, the
     median, within 0.5..2): the remaining estimates are scaled by it."""
@@ -270,15 +313,25 @@ def _print_row(r: dict) -> None:
     if r["status"] == "ok":
         extra = f"  first step at {r['first_step_s']:.0f} s" if "first_step_s" in r else ""
         if "save_waited_s" in r:
-            extra += "  saves waited " + ", ".join(f"{x:.2f} ({p:.2f} for the previous)" for x, p in
-                                                    zip(r["save_waited_s"], r["save_waited_for_previous_s"])) + " s"
-        print(f"{r['label']:<44} {r['tokens_per_sec']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  "
-              f"{r['memory_gb']:6.1f} GiB  ({r['wall_s']:.0f} s){extra}"
-              + (f"  NOTE: {r['note']}" if r.get("note") else ""), flush=True)
+            extra += (
+                "  saves waited "
+                + ", ".join(
+                    f"{x:.2f} ({p:.2f} for the previous)"
+                    for x, p in zip(r["save_waited_s"], r["save_waited_for_previous_s"])
+                )
+                + " s"
+            )
+        print(
+            f"{r['label']:<44} {r['tokens_per_sec']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  "
+            f"{r['memory_gb']:6.1f} GiB  ({r['wall_s']:.0f} s){extra}"
+            + (f"  NOTE: {r['note']}" if r.get("note") else ""),
+            flush=True,
+        )
     else:
         reason = r.get("reason", "")
-        print(f"{r['label']:<44} {reason if reason.startswith(r['status']) else r['status'] + ': ' + reason}",
-              flush=True)
+        print(
+            f"{r['label']:<44} {reason if reason.startswith(r['status']) else r['status'] + ': ' + reason}", flush=True
+        )
 
 
 def _append_log(path: str | None, header: str, job_log: str | None) -> None:
@@ -296,20 +349,24 @@ def bench_gpu(args) -> dict:
 
     s = settings_from(args)
     if s.mode != "cpu-smoke" and not torch.cuda.is_available():
-        print("megagpt.bench gpu: no CUDA device here; this benchmark needs one GPU (H100, H200, A100...); "
-              "--cpu-smoke runs its code paths on CPU", file=sys.stderr)
+        print(
+            "megagpt.bench gpu: no CUDA device here; this benchmark needs one GPU (H100, H200, A100...); "
+            "--cpu-smoke runs its code paths on CPU",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     rows = [r for r in ROWS if (r.quick or s.mode == "full")]
     if args.only:
         rows = [r for r in rows if any(o in r.label for o in args.only)]
     start = time.monotonic()
     deadline = start + s.budget_s if s.budget_s else None
-    result = {"mode": s.mode, "device": _device_name(), "torch": torch.__version__, "settings": asdict(s),
-              "rows": []}
+    result = {"mode": s.mode, "device": _device_name(), "torch": torch.__version__, "settings": asdict(s), "rows": []}
     if s.mode != "cpu-smoke":
-        result["note"] = (f"bf16; llama rows seq {s.seq_len} x micro-batch {s.micro_batch}; gpt2 rows seq "
-                          f"{s.gpt2_seq_len} x {s.gpt2_micro_batch} x grad accum {s.gpt2_grad_accum}; medians of "
-                          f"steps {s.warmup + 1}..{s.steps}")
+        result["note"] = (
+            f"bf16; llama rows seq {s.seq_len} x micro-batch {s.micro_batch}; gpt2 rows seq "
+            f"{s.gpt2_seq_len} x {s.gpt2_micro_batch} x grad accum {s.gpt2_grad_accum}; medians of "
+            f"steps {s.warmup + 1}..{s.steps}"
+        )
 
     if any(r.runner == "megagpt" for r in rows):
         # The embedded corpus is prepared once per machine (cached): here, so that no row's
@@ -319,8 +376,7 @@ def bench_gpu(args) -> dict:
         from megagpt.data.source import default_cache_dir
 
         t0, d = time.monotonic(), DataConfig()
-        ensure_embedded(default_cache_dir(), vocab_size=d.embedded_vocab_size, max_bytes=d.embedded_max_bytes,
-                        log=None)
+        ensure_embedded(default_cache_dir(), vocab_size=d.embedded_vocab_size, max_bytes=d.embedded_max_bytes, log=None)
         result["corpus_prepare_s"] = round(time.monotonic() - t0, 1)
 
     def write():
@@ -344,8 +400,13 @@ def bench_gpu(args) -> dict:
         with tempfile.TemporaryDirectory(prefix="megagpt-bench-gpu-") as root:
             for row in rows:
                 est = row.est_s * pace(result["rows"])
-                r = {"label": row.label, "runner": row.runner, "preset": row.preset, "planned_s": row.est_s,
-                     "est_s": round(est)}
+                r = {
+                    "label": row.label,
+                    "runner": row.runner,
+                    "preset": row.preset,
+                    "planned_s": row.est_s,
+                    "est_s": round(est),
+                }
                 left = (deadline - time.monotonic()) if deadline else None
                 reason = skip_reason(row, s)
                 if reason is None and left is not None and left < est:
@@ -353,8 +414,9 @@ def bench_gpu(args) -> dict:
                 if reason:
                     r.update(status="skipped", reason=reason)
                 else:
-                    timeout = min(x for x in (left, s.job_timeout_s, 3 * est if s.mode != "cpu-smoke" else None)
-                                  if x is not None)
+                    timeout = min(
+                        x for x in (left, s.job_timeout_s, 3 * est if s.mode != "cpu-smoke" else None) if x is not None
+                    )
                     t0 = time.monotonic()
                     run = run_megagpt if row.runner == "megagpt" else run_peer
                     r.update(run(row, s, root, timeout))
@@ -372,13 +434,18 @@ def bench_gpu(args) -> dict:
             mine["loss_vs"] = dict(loss_agreement(mine["losses"], ref["losses"]), reference=row.loss_vs)
             a = mine["loss_vs"]
             if "max_rel_diff_moving" in a:
-                print(f"{row.label}: loss vs {row.loss_vs} over {a['steps']} steps: at most "
-                      f"{a['max_rel_diff_moving']:.2%} apart ({a['window']}-step means), "
-                      f"{a['rel_diff_last_50']:.2%} over the last 50", flush=True)
+                print(
+                    f"{row.label}: loss vs {row.loss_vs} over {a['steps']} steps: at most "
+                    f"{a['max_rel_diff_moving']:.2%} apart ({a['window']}-step means), "
+                    f"{a['rel_diff_last_50']:.2%} over the last 50",
+                    flush=True,
+                )
     write()
     skipped = [r for r in result["rows"] if r["status"] != "ok"]
-    print(f"device: {result['device']}; {result.get('note', s.mode)}; {len(result['rows']) - len(skipped)} rows "
-          f"measured, {len(skipped)} not, in {result['elapsed_s']:.0f} s")
+    print(
+        f"device: {result['device']}; {result.get('note', s.mode)}; {len(result['rows']) - len(skipped)} rows "
+        f"measured, {len(skipped)} not, in {result['elapsed_s']:.0f} s"
+    )
     return result
 
 
@@ -386,8 +453,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("gpu", help="tokens/s and MFU on one CUDA GPU (bf16), beside transformers and torchtitan")
     p.add_argument("--quick", action="store_true", help="the nine main rows within --budget (one device call)")
     p.add_argument("--cpu-smoke", action="store_true", help="the quick rows on CPU at tiny shapes, 2 steps each")
-    p.add_argument("--budget", type=float, help="seconds for all rows (quick: 330); rows that no longer fit are "
-                                                "skipped")
+    p.add_argument(
+        "--budget", type=float, help="seconds for all rows (quick: 330); rows that no longer fit are skipped"
+    )
     p.add_argument("--job-timeout", type=float, help="seconds per job (default: 3 x its estimate)")
     p.add_argument("--seq-len", type=int, default=2048, help="llama rows")
     p.add_argument("--micro-batch", type=int, default=8, help="llama rows")

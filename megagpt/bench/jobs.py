@@ -23,8 +23,9 @@ current: list = []
 def spawn(cmd: list[str], log_path: str) -> subprocess.Popen:
     """Start `cmd` in a session of its own, stdout and stderr to `log_path`."""
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     current[:] = [proc, log_path]
     return proc
 
@@ -111,5 +112,5 @@ def result_in(text: str) -> dict | None:
     """The last result a child printed with `report`, or None."""
     for line in reversed(text.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     return None

@@ -87,11 +87,17 @@ def measure_state(model, optimizer, engine, stage: int) -> dict:
                 state_bytes += _nbytes(v)
     opt_params = [p for g in inner.param_groups for p in g["params"]]
     master = sum(_nbytes(p) for p in opt_params if _storage(p) not in storages)
-    return {"param_bytes": partition + persistent, "param_partition_bytes": partition,
-            "param_persistent_bytes": persistent, "model_param_bytes": full,
-            "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
-            "optimizer_state_bytes": state_bytes, "master_param_bytes": master,
-            "inner_optimizer": type(inner).__name__, "inner_is_megagpt_optimizer": inner is optimizer}
+    return {
+        "param_bytes": partition + persistent,
+        "param_partition_bytes": partition,
+        "param_persistent_bytes": persistent,
+        "model_param_bytes": full,
+        "n_params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+        "optimizer_state_bytes": state_bytes,
+        "master_param_bytes": master,
+        "inner_optimizer": type(inner).__name__,
+        "inner_is_megagpt_optimizer": inner is optimizer,
+    }
 
 
 def grad_bytes(model, engine, stage: int) -> int:
@@ -109,10 +115,16 @@ class CommCounter:
     all_gather: the gathered (full) tensor; reduce_scatter: the full input that is
     reduced; all_reduce and broadcast: the tensor."""
 
-    KINDS = {"all_gather_into_tensor": ("all_gather", 0), "_all_gather_base": ("all_gather", 0),
-             "all_gather": ("all_gather", 0), "reduce_scatter_tensor": ("reduce_scatter", 1),
-             "_reduce_scatter_base": ("reduce_scatter", 1), "reduce_scatter": ("reduce_scatter", 1),
-             "all_reduce": ("all_reduce", 0), "broadcast": ("broadcast", 0)}
+    KINDS = {
+        "all_gather_into_tensor": ("all_gather", 0),
+        "_all_gather_base": ("all_gather", 0),
+        "all_gather": ("all_gather", 0),
+        "reduce_scatter_tensor": ("reduce_scatter", 1),
+        "_reduce_scatter_base": ("reduce_scatter", 1),
+        "reduce_scatter": ("reduce_scatter", 1),
+        "all_reduce": ("all_reduce", 0),
+        "broadcast": ("broadcast", 0),
+    }
 
     def __init__(self):
         import torch.distributed as dist
@@ -130,6 +142,7 @@ class CommCounter:
             self.bytes[kind] += n
             self.calls[kind] += 1
             return fn(*args, **kwargs)
+
         return counted
 
     def reset(self) -> None:
@@ -172,10 +185,19 @@ def worker(argv: list[str]) -> None:
 
     env = runtime.read_env()
     register()
-    overrides = [f"deepspeed=zero{a.stage}", "logger=none", f"model.n_layer={a.n_layer}",
-                 f"model.n_head={a.n_head}", f"model.n_embd={a.n_embd}", f"model.vocab_size={a.vocab}",
-                 f"data.seq_len={a.seq_len}", f"trainer.micro_batch_size={a.micro_batch}",
-                 f"trainer.max_steps={max(a.steps, 1)}", "optim.warmup_steps=1", *a.override]
+    overrides = [
+        f"deepspeed=zero{a.stage}",
+        "logger=none",
+        f"model.n_layer={a.n_layer}",
+        f"model.n_head={a.n_head}",
+        f"model.n_embd={a.n_embd}",
+        f"model.vocab_size={a.vocab}",
+        f"data.seq_len={a.seq_len}",
+        f"trainer.micro_batch_size={a.micro_batch}",
+        f"trainer.max_steps={max(a.steps, 1)}",
+        "optim.warmup_steps=1",
+        *a.override,
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
     validate(cfg, env.world_size)
@@ -192,7 +214,7 @@ def worker(argv: list[str]) -> None:
     after_build = _rss_now()
     gen = torch.Generator().manual_seed(env.rank)
     grads, losses, t0 = 0, [], time.perf_counter()
-    for step in range(a.steps):
+    for _ in range(a.steps):
         comm.reset()  # the last step's collectives are kept (the first one also traces, under ZeRO-3)
         x = torch.randint(0, a.vocab, (a.micro_batch, a.seq_len + 1), generator=gen)
         optimizer.new_step(torch.zeros((), dtype=torch.bool))
@@ -201,12 +223,22 @@ def worker(argv: list[str]) -> None:
         grads = max(grads, grad_bytes(model, engine, a.stage))
         engine.step()
         losses.append(float(loss.detach()))
-    record = {"rank": env.rank, "world_size": env.world_size, "zero_stage": a.stage, "threads": threads,
-              **measure_state(model, optimizer, engine, a.stage), "grad_bytes": grads,
-              "rss_baseline_bytes": baseline, "rss_after_build_bytes": after_build,
-              "rss_end_bytes": _rss_now(), "peak_rss_bytes": _rss_peak(), "losses": losses,
-              "seconds_per_step": (time.perf_counter() - t0) / max(1, a.steps),
-              "comm_bytes_last_step": dict(comm.bytes), "comm_calls_last_step": dict(comm.calls)}
+    record = {
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "zero_stage": a.stage,
+        "threads": threads,
+        **measure_state(model, optimizer, engine, a.stage),
+        "grad_bytes": grads,
+        "rss_baseline_bytes": baseline,
+        "rss_after_build_bytes": after_build,
+        "rss_end_bytes": _rss_now(),
+        "peak_rss_bytes": _rss_peak(),
+        "losses": losses,
+        "seconds_per_step": (time.perf_counter() - t0) / max(1, a.steps),
+        "comm_bytes_last_step": dict(comm.bytes),
+        "comm_calls_last_step": dict(comm.calls),
+    }
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{env.rank}.json"), "w") as f:
         json.dump(record, f)
@@ -219,10 +251,27 @@ def run_job(args, stage: int, ranks: int, root: str) -> list[dict]:
 
     out = os.path.join(root, f"zero{stage}-x{ranks}")
     threads = max(1, (os.cpu_count() or 1) // ranks)
-    torchrun(["-m", "megagpt.bench.memory", "--worker", f"--stage={stage}", f"--n-layer={args.n_layer}",
-              f"--n-head={args.n_head}", f"--n-embd={args.n_embd}", f"--vocab={args.vocab}",
-              f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}", f"--steps={args.steps}",
-              f"--out={out}", *(f"--override={o}" for o in args.override)], ranks, out + ".log", args.timeout, threads)
+    torchrun(
+        [
+            "-m",
+            "megagpt.bench.memory",
+            "--worker",
+            f"--stage={stage}",
+            f"--n-layer={args.n_layer}",
+            f"--n-head={args.n_head}",
+            f"--n-embd={args.n_embd}",
+            f"--vocab={args.vocab}",
+            f"--seq-len={args.seq_len}",
+            f"--micro-batch={args.micro_batch}",
+            f"--steps={args.steps}",
+            f"--out={out}",
+            *(f"--override={o}" for o in args.override),
+        ],
+        ranks,
+        out + ".log",
+        args.timeout,
+        threads,
+    )
     recs = []
     for r in range(ranks):
         with open(os.path.join(out, f"rank{r}.json")) as f:
@@ -240,18 +289,28 @@ def bench_memory(args) -> dict:
             t0 = time.perf_counter()
             recs = run_job(args, stage, ranks, root)
             row = {"zero_stage": stage, "ranks": ranks, "job_seconds": time.perf_counter() - t0}
-            for key in ("param_bytes", "param_partition_bytes", "param_persistent_bytes", "grad_bytes",
-                        "optimizer_state_bytes", "master_param_bytes", "peak_rss_bytes", "rss_baseline_bytes"):
+            for key in (
+                "param_bytes",
+                "param_partition_bytes",
+                "param_persistent_bytes",
+                "grad_bytes",
+                "optimizer_state_bytes",
+                "master_param_bytes",
+                "peak_rss_bytes",
+                "rss_baseline_bytes",
+            ):
                 row[key] = max(r[key] for r in recs)  # the most loaded rank
-            row["model_state_bytes"] = max(r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"]
-                                           + r["master_param_bytes"] for r in recs)
+            row["model_state_bytes"] = max(
+                r["param_bytes"] + r["grad_bytes"] + r["optimizer_state_bytes"] + r["master_param_bytes"] for r in recs
+            )
             row["peak_rss_above_baseline_bytes"] = max(r["peak_rss_bytes"] - r["rss_baseline_bytes"] for r in recs)
             row["model_param_bytes"] = recs[0]["model_param_bytes"]
             row["comm_bytes_per_step"] = recs[0]["comm_bytes_last_step"]
             row["comm_calls_per_step"] = recs[0]["comm_calls_last_step"]
             row["gathered_vs_model"] = row["comm_bytes_per_step"]["all_gather"] / row["model_param_bytes"]
-            row["reduced_vs_model"] = (row["comm_bytes_per_step"]["reduce_scatter"]
-                                       + row["comm_bytes_per_step"]["all_reduce"]) / row["model_param_bytes"]
+            row["reduced_vs_model"] = (
+                row["comm_bytes_per_step"]["reduce_scatter"] + row["comm_bytes_per_step"]["all_reduce"]
+            ) / row["model_param_bytes"]
             row["n_params"] = recs[0]["n_params"]
             row["params_vs_replicated"] = row["param_bytes"] / row["model_param_bytes"]
             row["partition_vs_replicated"] = row["param_partition_bytes"] / row["model_param_bytes"]
@@ -260,30 +319,52 @@ def bench_memory(args) -> dict:
             print(f"  ZeRO-{stage} x {ranks}: {row['job_seconds']:.0f} s", flush=True)
     n_params = rows[0]["n_params"]
     full = rows[0]["model_param_bytes"]
-    model = {"n_layer": args.n_layer, "n_head": args.n_head, "n_embd": args.n_embd, "vocab": args.vocab,
-             "n_params": n_params, "param_bytes": full}
-    result = {"overrides": args.override, "model": model,
-              "seq_len": args.seq_len, "micro_batch": args.micro_batch, "steps": args.steps,
-              "cores": os.cpu_count(), "load_average_before": list(load),
-              "load_average_after": list(os.getloadavg()), "run_root": root, "rows": rows}
+    model = {
+        "n_layer": args.n_layer,
+        "n_head": args.n_head,
+        "n_embd": args.n_embd,
+        "vocab": args.vocab,
+        "n_params": n_params,
+        "param_bytes": full,
+    }
+    result = {
+        "overrides": args.override,
+        "model": model,
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "steps": args.steps,
+        "cores": os.cpu_count(),
+        "load_average_before": list(load),
+        "load_average_after": list(os.getloadavg()),
+        "run_root": root,
+        "rows": rows,
+    }
     if args.override:
         print("overrides: " + " ".join(args.override))
-    print(f"model: {n_params / 1e6:.1f}M parameters ({args.n_layer} layers, width {args.n_embd}, vocab "
-          f"{args.vocab}), fp32: {full / MB:,.0f} MB of parameters; seq_len {args.seq_len}, micro-batch "
-          f"{args.micro_batch}, {args.steps} steps; per rank, the most loaded rank; MB = 2^20 bytes")
-    print(f"{'stage':<7} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} "
-          f"{'peak RSS':>9} {'RSS-base':>9} {'params/replicated':>18} {'1/W':>6} {'gathered':>8} {'reduced':>7}")
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters ({args.n_layer} layers, width {args.n_embd}, vocab "
+        f"{args.vocab}), fp32: {full / MB:,.0f} MB of parameters; seq_len {args.seq_len}, micro-batch "
+        f"{args.micro_batch}, {args.steps} steps; per rank, the most loaded rank; MB = 2^20 bytes"
+    )
+    print(
+        f"{'stage':<7} {'ranks':>5} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} "
+        f"{'peak RSS':>9} {'RSS-base':>9} {'params/replicated':>18} {'1/W':>6} {'gathered':>8} {'reduced':>7}"
+    )
     for row in rows:
-        print(f"ZeRO-{row['zero_stage']:<2} {row['ranks']:>5} {row['param_bytes'] / MB:>8,.0f} "
-              f"{row['grad_bytes'] / MB:>8,.0f} {row['optimizer_state_bytes'] / MB:>8,.0f} "
-              f"{row['model_state_bytes'] / MB:>8,.0f} {row['peak_rss_bytes'] / MB:>9,.0f} "
-              f"{row['peak_rss_above_baseline_bytes'] / MB:>9,.0f} {row['params_vs_replicated']:>18.3f} "
-              f"{1 / row['ranks'] if row['zero_stage'] == 3 else 1:>6.3f} {row['gathered_vs_model']:>7.2f}x "
-              f"{row['reduced_vs_model']:>6.2f}x")
-    print("params: partition + small parameters kept whole (persistence threshold); state = params + grads "
-          "+ optimizer (+ master copies); RSS-base: peak RSS minus the RSS before the model was built;\n"
-          "gathered / reduced: bytes all-gathered / reduced (reduce-scatter + all-reduce) by rank 0 in the last step, "
-          "in model sizes (a 1-rank group still calls the collectives)")
+        print(
+            f"ZeRO-{row['zero_stage']:<2} {row['ranks']:>5} {row['param_bytes'] / MB:>8,.0f} "
+            f"{row['grad_bytes'] / MB:>8,.0f} {row['optimizer_state_bytes'] / MB:>8,.0f} "
+            f"{row['model_state_bytes'] / MB:>8,.0f} {row['peak_rss_bytes'] / MB:>9,.0f} "
+            f"{row['peak_rss_above_baseline_bytes'] / MB:>9,.0f} {row['params_vs_replicated']:>18.3f} "
+            f"{1 / row['ranks'] if row['zero_stage'] == 3 else 1:>6.3f} {row['gathered_vs_model']:>7.2f}x "
+            f"{row['reduced_vs_model']:>6.2f}x"
+        )
+    print(
+        "params: partition + small parameters kept whole (persistence threshold); state = params + grads "
+        "+ optimizer (+ master copies); RSS-base: peak RSS minus the RSS before the model was built;\n"
+        "gathered / reduced: bytes all-gathered / reduced (reduce-scatter + all-reduce) by rank 0 in the last step, "
+        "in model sizes (a 1-rank group still calls the collectives)"
+    )
     return result
 
 
@@ -298,8 +379,12 @@ def add_parser(sub) -> None:
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     m.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
-    m.add_argument("--override", action="append", default=[],
-                   help="extra config key=value for every job, e.g. deepspeed.reduce_bucket_size=5000000")
+    m.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="extra config key=value for every job, e.g. deepspeed.reduce_bucket_size=5000000",
+    )
     m.add_argument("--out", help="keep the jobs' outputs here (default: a new temp dir)")
     m.add_argument("--timeout", type=float, default=1200, help="seconds per job")
     m.add_argument("--json", help="also write the figures to this file")

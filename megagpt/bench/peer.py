@@ -27,11 +27,19 @@ def peer_model(spec: dict, device):
     if spec["runner"] == "transformers":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=sh["vocab_size"], hidden_size=sh["n_embd"], intermediate_size=sh["mlp_hidden"],
-                          num_hidden_layers=sh["n_layer"], num_attention_heads=sh["n_head"],
-                          num_key_value_heads=sh["n_kv_head"], max_position_embeddings=sh["seq_len"],
-                          rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                          attn_implementation="sdpa")
+        cfg = LlamaConfig(
+            vocab_size=sh["vocab_size"],
+            hidden_size=sh["n_embd"],
+            intermediate_size=sh["mlp_hidden"],
+            num_hidden_layers=sh["n_layer"],
+            num_attention_heads=sh["n_head"],
+            num_key_value_heads=sh["n_kv_head"],
+            max_position_embeddings=sh["seq_len"],
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+        )
         with torch.device(device):
             model = LlamaForCausalLM(cfg)
     else:
@@ -44,8 +52,11 @@ def peer_model(spec: dict, device):
         with torch.no_grad():
             model.init_states(buffer_device=device)
         # torchtitan's "1B" is the llama-1b preset's shape (PRESET_SHAPE): 16 layers, width 2048, 32 heads.
-        assert (len(model.layers), model_cfg.dim, model_cfg.vocab_size) == (sh["n_layer"], sh["n_embd"],
-                                                                            sh["vocab_size"])
+        assert (len(model.layers), model_cfg.dim, model_cfg.vocab_size) == (
+            sh["n_layer"],
+            sh["n_embd"],
+            sh["vocab_size"],
+        )
     n_params = sum(p.numel() for p in model.parameters())  # a tied table counted once
     return model, (n_params, sh["n_layer"], sh["n_head"], sh["n_embd"] // sh["n_head"])
 
@@ -62,14 +73,20 @@ def peer_main(spec: dict) -> dict:
     if spec["runner"] == "torchtitan":
         try:
             import torchtitan.models.llama3  # noqa: F401
+
             imported = "imports"
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any import failure skips the peer's row, with its traceback
             traceback.print_exc()  # the whole chain, in the job's log
-            return {"status": "skipped", "reason": f"skipped: torchtitan does not import: {type(e).__name__}: "
-                                                   f"{str(e).splitlines()[0] if str(e) else ''}"[:400]}
+            return {
+                "status": "skipped",
+                "reason": f"skipped: torchtitan does not import: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"[:400],
+            }
         if not cuda:
-            return {"status": "skipped", "reason": f"skipped: needs CUDA (FlexAttention has no backward on CPU); "
-                                                   f"torchtitan {imported}"}
+            return {
+                "status": "skipped",
+                "reason": f"skipped: needs CUDA (FlexAttention has no backward on CPU); torchtitan {imported}",
+            }
         if spec["smoke"]:
             return {"status": "skipped", "reason": "skipped: torchtitan's 1B has no tiny shape"}
     torch.manual_seed(0)
@@ -112,13 +129,20 @@ def peer_main(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    measured = times[spec["warmup"]:]
+    measured = times[spec["warmup"] :]
     step = statistics.median(measured)
     tps = B * T * accum / step
     fpt = flops_per_token(n_params, n_layer, n_head, head_dim, T)
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-    return {"status": "ok", "tokens_per_sec": tps, "mfu": fpt * tps / peak_flops(device), "memory_gb": mem,
-            "step_time": step, "steps_measured": len(measured), "params": n_params}
+    return {
+        "status": "ok",
+        "tokens_per_sec": tps,
+        "mfu": fpt * tps / peak_flops(device),
+        "memory_gb": mem,
+        "step_time": step,
+        "steps_measured": len(measured),
+        "params": n_params,
+    }
 
 
 if __name__ == "__main__":  # one peer row: python -m megagpt.bench.peer '<spec json>'

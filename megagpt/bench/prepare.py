@@ -80,8 +80,9 @@ def _encode_batch_rate(tok_path: Path, docs: list[str]) -> tuple[float, int, flo
     tok.encode_special_tokens = True  # as prepare does: special-token strings in documents are text
     cpu, t0, tokens = _cpu_seconds(), time.perf_counter(), 0
     for start in range(0, len(docs), ROWS_PER_GROUP):
-        tokens += sum(len(e.ids) for e in tok.encode_batch(docs[start : start + ROWS_PER_GROUP],
-                                                           add_special_tokens=False))
+        tokens += sum(
+            len(e.ids) for e in tok.encode_batch(docs[start : start + ROWS_PER_GROUP], add_special_tokens=False)
+        )
     return time.perf_counter() - t0, tokens, _cpu_seconds() - cpu
 
 
@@ -134,10 +135,17 @@ def bench_prepare(args) -> dict:
 def _figures(mib, vocab, docs, parquet, enc_s, enc_tokens, enc_cpu, runs, identical) -> dict:
     enc_rate = enc_tokens / enc_s
     result = {
-        "corpus_mib": mib, "text_bytes": sum(len(d.encode()) for d in docs), "documents": len(docs),
-        "row_groups": -(-len(docs) // ROWS_PER_GROUP), "parquet_bytes": parquet.stat().st_size,
-        "vocab_size": vocab, "tokens": enc_tokens, "cpu_cores": os.cpu_count(),
-        "encode_batch_sec": enc_s, "encode_batch_cpu_sec": enc_cpu, "encode_batch_tokens_per_sec": enc_rate,
+        "corpus_mib": mib,
+        "text_bytes": sum(len(d.encode()) for d in docs),
+        "documents": len(docs),
+        "row_groups": -(-len(docs) // ROWS_PER_GROUP),
+        "parquet_bytes": parquet.stat().st_size,
+        "vocab_size": vocab,
+        "tokens": enc_tokens,
+        "cpu_cores": os.cpu_count(),
+        "encode_batch_sec": enc_s,
+        "encode_batch_cpu_sec": enc_cpu,
+        "encode_batch_tokens_per_sec": enc_rate,
         "identical_output": identical,
     }
     for workers, (sec, cpu, _) in runs.items():
@@ -151,20 +159,30 @@ def _figures(mib, vocab, docs, parquet, enc_s, enc_tokens, enc_cpu, runs, identi
 
 
 def _print(r: dict) -> None:
-    print(f"corpus: {r['text_bytes'] / 2**20:.1f} MiB of text, {r['documents']:,} documents, {r['row_groups']} row "
-          f"groups ({r['parquet_bytes'] / 2**20:.1f} MiB Parquet, zstd); BPE vocab {r['vocab_size']}; "
-          f"{r['tokens']:,} tokens; {r['cpu_cores']} cores")
-    print(f"{'what':<42} {'wall s':>7} {'cpu s':>7} {'tokens/s':>11} {'per worker':>11} {'vs encode_batch':>16} "
-          f"{'tokens/cpu s':>13}")
+    print(
+        f"corpus: {r['text_bytes'] / 2**20:.1f} MiB of text, {r['documents']:,} documents, {r['row_groups']} row "
+        f"groups ({r['parquet_bytes'] / 2**20:.1f} MiB Parquet, zstd); BPE vocab {r['vocab_size']}; "
+        f"{r['tokens']:,} tokens; {r['cpu_cores']} cores"
+    )
+    print(
+        f"{'what':<42} {'wall s':>7} {'cpu s':>7} {'tokens/s':>11} {'per worker':>11} {'vs encode_batch':>16} "
+        f"{'tokens/cpu s':>13}"
+    )
     enc, tokens = r["encode_batch_tokens_per_sec"], r["tokens"]
-    print(f"{'tokenizers encode_batch, 1 thread':<42} {r['encode_batch_sec']:>7.2f} {r['encode_batch_cpu_sec']:>7.2f} "
-          f"{enc:>11,.0f} {enc:>11,.0f} {1.0:>16.2f} {tokens / r['encode_batch_cpu_sec']:>13,.0f}")
+    print(
+        f"{'tokenizers encode_batch, 1 thread':<42} {r['encode_batch_sec']:>7.2f} {r['encode_batch_cpu_sec']:>7.2f} "
+        f"{enc:>11,.0f} {enc:>11,.0f} {1.0:>16.2f} {tokens / r['encode_batch_cpu_sec']:>13,.0f}"
+    )
     for w in (1, 2):
         per, cpu = r[f"prepare_w{w}_tokens_per_sec_per_worker"], r[f"prepare_w{w}_cpu_sec"]
-        print(f"{f'prepare --workers {w} (Parquet -> shards)':<42} {r[f'prepare_w{w}_sec']:>7.2f} {cpu:>7.2f} "
-              f"{r[f'prepare_w{w}_tokens_per_sec']:>11,.0f} {per:>11,.0f} {per / enc:>16.2f} {tokens / cpu:>13,.0f}")
-    print("cpu s: this process and prepare's workers; per worker below tokens/cpu s: the workers did not run all "
-          "the time (start-up, waiting for input, or cores busy elsewhere)")
+        print(
+            f"{f'prepare --workers {w} (Parquet -> shards)':<42} {r[f'prepare_w{w}_sec']:>7.2f} {cpu:>7.2f} "
+            f"{r[f'prepare_w{w}_tokens_per_sec']:>11,.0f} {per:>11,.0f} {per / enc:>16.2f} {tokens / cpu:>13,.0f}"
+        )
+    print(
+        "cpu s: this process and prepare's workers; per worker below tokens/cpu s: the workers did not run all "
+        "the time (start-up, waiting for input, or cores busy elsewhere)"
+    )
     print(f"shards identical for 1 and 2 workers: {r['identical_output']}")
 
 

@@ -51,10 +51,10 @@ def torchrun(module_args: list[str], nproc: int, log_path: str, timeout: float, 
     output to log_path; raise with the log's tail if it fails."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
-    env.update({"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true",
-                "WANDB_MODE": "offline"})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           *module_args]
+    env.update(
+        {"OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *module_args]
     with open(log_path, "wb") as out:
         try:
             r = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
@@ -112,14 +112,22 @@ def run_setup(args, stage: str, nproc: int, peak: float, root: str) -> dict:
     profile_start = args.warmup
     max_steps = args.warmup + args.profile_steps + args.steps
     overrides = [
-        "logger=none", f"deepspeed={stage}", f"run.dir={run_dir}",
+        "logger=none",
+        f"deepspeed={stage}",
+        f"run.dir={run_dir}",
         f"data.seq_len={args.seq_len}",
-        f"trainer.max_steps={max_steps}", "trainer.log_every=1", "trainer.eval_every=0",
+        f"trainer.max_steps={max_steps}",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
         f"trainer.save_every={max_steps + 1}",  # the final checkpoint only, after the figures
-        f"trainer.micro_batch_size={args.micro_batch}", f"trainer.global_batch_size={args.global_batch}",
-        f"trainer.profile_steps={args.profile_steps}", f"trainer.profile_start={profile_start}",
-        f"trainer.peak_flops={peak / nproc}", f"trainer.cpu_threads={threads}",
-        *_model_overrides(args), *args.override,
+        f"trainer.micro_batch_size={args.micro_batch}",
+        f"trainer.global_batch_size={args.global_batch}",
+        f"trainer.profile_steps={args.profile_steps}",
+        f"trainer.profile_start={profile_start}",
+        f"trainer.peak_flops={peak / nproc}",
+        f"trainer.cpu_threads={threads}",
+        *_model_overrides(args),
+        *args.override,
     ]
     if args.data:
         overrides += ["data=webdataset", f"data.urls={args.data}"]
@@ -139,7 +147,9 @@ def run_setup(args, stage: str, nproc: int, peak: float, root: str) -> dict:
                 profiles[rank] = json.load(f)
     return {
         "setup": f"ZeRO-{stage[-1]} x {nproc} proc" + ("s" if nproc > 1 else ""),
-        "zero_stage": int(stage[-1]), "processes": nproc, "threads_per_process": threads,
+        "zero_stage": int(stage[-1]),
+        "processes": nproc,
+        "threads_per_process": threads,
         "grad_accum": args.global_batch // (args.micro_batch * nproc),
         "timed_steps": [r["step"] for r in timed],
         "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in timed),
@@ -148,14 +158,21 @@ def run_setup(args, stage: str, nproc: int, peak: float, root: str) -> dict:
         "memory_gb_rank0": max(r["memory_gb"] for r in records),
         "final_loss": records[-1]["loss"],
         "profile": profiles,
-        "job_seconds": elapsed, "load_average_1min_before": load0, "load_average_1min_after": os.getloadavg()[0],
+        "job_seconds": elapsed,
+        "load_average_1min_before": load0,
+        "load_average_1min_after": os.getloadavg()[0],
     }
 
 
 def _breakdown(p: dict) -> dict:
-    return {"compute": p["compute"], "all_gather": p["all_gather"],
-            "reduce": p["reduce_scatter"] + p["all_reduce"], "data_wait": p["data_wait"],
-            "optimizer": p["optimizer_step"], "wall": p["wall_per_step"]}
+    return {
+        "compute": p["compute"],
+        "all_gather": p["all_gather"],
+        "reduce": p["reduce_scatter"] + p["all_reduce"],
+        "data_wait": p["data_wait"],
+        "optimizer": p["optimizer_step"],
+        "wall": p["wall_per_step"],
+    }
 
 
 def bench_scaling(args) -> dict:
@@ -168,43 +185,73 @@ def bench_scaling(args) -> dict:
     rows = []
     for stage, nproc in SETUPS:
         rows.append(run_setup(args, stage, nproc, peak, root))
-        print(f"  {rows[-1]['setup']}: {rows[-1]['tokens_per_sec']:,.0f} tokens/s "
-              f"({rows[-1]['job_seconds']:.0f} s job)", flush=True)
+        print(
+            f"  {rows[-1]['setup']}: {rows[-1]['tokens_per_sec']:,.0f} tokens/s ({rows[-1]['job_seconds']:.0f} s job)",
+            flush=True,
+        )
     base = rows[0]["tokens_per_sec"]
     for row in rows:
         row["vs_1_process"] = row["tokens_per_sec"] / base
         row["scaling_efficiency"] = row["tokens_per_sec"] / (row["processes"] * base)
         row["breakdown"] = {f"rank{r}": _breakdown(p) for r, p in row["profile"].items()}
     result = {
-        "model": _model_overrides(args), "seq_len": args.seq_len, "global_batch": args.global_batch,
-        "micro_batch": args.micro_batch, "steps_timed": args.steps, "warmup": args.warmup,
-        "profile_steps": args.profile_steps, "cores": os.cpu_count(), "machine_peak_flops": peak,
-        "load_average_before": list(load), "load_average_after": list(os.getloadavg()),
-        "run_root": root, "rows": rows,
-        "efficiency_note": ("efficiency = tok/s(2 procs) / (2 x tok/s(1 proc)); the 1-process job already "
-                            "uses every core (cores/1 threads), so 0.5 means the same throughput on the same "
-                            "cores; vs_1_process is the plain ratio"),
+        "model": _model_overrides(args),
+        "seq_len": args.seq_len,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "steps_timed": args.steps,
+        "warmup": args.warmup,
+        "profile_steps": args.profile_steps,
+        "cores": os.cpu_count(),
+        "machine_peak_flops": peak,
+        "load_average_before": list(load),
+        "load_average_after": list(os.getloadavg()),
+        "run_root": root,
+        "rows": rows,
+        "efficiency_note": (
+            "efficiency = tok/s(2 procs) / (2 x tok/s(1 proc)); the 1-process job already "
+            "uses every core (cores/1 threads), so 0.5 means the same throughput on the same "
+            "cores; vs_1_process is the plain ratio"
+        ),
     }
-    print(f"model {' '.join(result['model'])}, seq_len {args.seq_len}, global batch {args.global_batch} "
-          f"(micro-batch {args.micro_batch}); {os.cpu_count()} cores, machine fp32 peak "
-          f"{peak / 1e9:.1f} GFLOP/s; medians over {args.steps} steps after {args.warmup} warm-up; "
-          f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-    print(f"{'setup':<18} {'thr':>3} {'tokens/s':>9} {'MFU':>6} {'vs 1p':>6} {'effic.':>6} {'step s':>7} | "
-          f"{'rank0, profiled (s/step):':<25} {'wall':>6} {'compute':>7} {'all_gath':>8} {'reduce':>7} "
-          f"{'data':>6} {'optim':>6}")
+    print(
+        f"model {' '.join(result['model'])}, seq_len {args.seq_len}, global batch {args.global_batch} "
+        f"(micro-batch {args.micro_batch}); {os.cpu_count()} cores, machine fp32 peak "
+        f"{peak / 1e9:.1f} GFLOP/s; medians over {args.steps} steps after {args.warmup} warm-up; "
+        f"load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
+    print(
+        f"{'setup':<18} {'thr':>3} {'tokens/s':>9} {'MFU':>6} {'vs 1p':>6} {'effic.':>6} {'step s':>7} | "
+        f"{'rank0, profiled (s/step):':<25} {'wall':>6} {'compute':>7} {'all_gath':>8} {'reduce':>7} "
+        f"{'data':>6} {'optim':>6}"
+    )
     for row in rows:
         b = row["breakdown"].get("rank0")
-        tail = (f"{'':<25} {b['wall']:>6.3f} {b['compute']:>7.3f} {b['all_gather']:>8.3f} {b['reduce']:>7.3f} "
-                f"{b['data_wait']:>6.3f} {b['optimizer']:>6.3f}") if b else "(no profile)"
-        print(f"{row['setup']:<18} {row['threads_per_process']:>3} {row['tokens_per_sec']:>9,.0f} "
-              f"{row['mfu'] * 100:>5.1f}% {row['vs_1_process']:>6.2f} {row['scaling_efficiency']:>6.2f} "
-              f"{row['step_time']:>7.3f} | {tail}")
-    print("efficiency = tok/s / (processes x tok/s of 1 process). The 1-process job uses both cores "
-          "(2 threads), so 2 processes add no hardware: 0.5 is parity; vs 1p is the plain ratio. "
-          "reduce = reduce_scatter + all_reduce (gloo reduces ZeRO gradients with all_reduce). "
-          "The breakdown is of the profiled steps (torch.profiler on: slower than the timed ones).")
-    print("load average (1 min) before/after each job: " + ", ".join(
-        f"{r['setup']} {r['load_average_1min_before']:.2f}/{r['load_average_1min_after']:.2f}" for r in rows))
+        tail = (
+            (
+                f"{'':<25} {b['wall']:>6.3f} {b['compute']:>7.3f} {b['all_gather']:>8.3f} {b['reduce']:>7.3f} "
+                f"{b['data_wait']:>6.3f} {b['optimizer']:>6.3f}"
+            )
+            if b
+            else "(no profile)"
+        )
+        print(
+            f"{row['setup']:<18} {row['threads_per_process']:>3} {row['tokens_per_sec']:>9,.0f} "
+            f"{row['mfu'] * 100:>5.1f}% {row['vs_1_process']:>6.2f} {row['scaling_efficiency']:>6.2f} "
+            f"{row['step_time']:>7.3f} | {tail}"
+        )
+    print(
+        "efficiency = tok/s / (processes x tok/s of 1 process). The 1-process job uses both cores "
+        "(2 threads), so 2 processes add no hardware: 0.5 is parity; vs 1p is the plain ratio. "
+        "reduce = reduce_scatter + all_reduce (gloo reduces ZeRO gradients with all_reduce). "
+        "The breakdown is of the profiled steps (torch.profiler on: slower than the timed ones)."
+    )
+    print(
+        "load average (1 min) before/after each job: "
+        + ", ".join(
+            f"{r['setup']} {r['load_average_1min_before']:.2f}/{r['load_average_1min_after']:.2f}" for r in rows
+        )
+    )
     return result
 
 

@@ -24,11 +24,19 @@ def _peer(shape: dict, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=shape["vocab"], n_positions=shape["seq"], n_embd=shape["width"],
-                     n_layer=shape["layers"], n_head=shape["heads"], resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa") if _accepts_attn(GPT2LMHeadModel) else \
-        GPT2LMHeadModel(cfg)
+    cfg = GPT2Config(
+        vocab_size=shape["vocab"],
+        n_positions=shape["seq"],
+        n_embd=shape["width"],
+        n_layer=shape["layers"],
+        n_head=shape["heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa") if _accepts_attn(GPT2LMHeadModel) else GPT2LMHeadModel(cfg)
     model.config._attn_implementation = "sdpa"
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -54,9 +62,17 @@ def _megagpt(shape: dict, seed: int, attention: str, fused: bool, compiled: bool
 
     from megagpt.model.gpt import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=shape["vocab"], max_seq_len=shape["seq"], family="gpt2",
-                          n_layer=shape["layers"], n_head=shape["heads"], n_embd=shape["width"],
-                          attention=attention))
+    model = GPT(
+        GPTConfig(
+            vocab_size=shape["vocab"],
+            max_seq_len=shape["seq"],
+            family="gpt2",
+            n_layer=shape["layers"],
+            n_head=shape["heads"],
+            n_embd=shape["width"],
+            attention=attention,
+        )
+    )
     model.init_weights(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=None if fused else True)
@@ -81,8 +97,14 @@ def bench_train(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = {"layers": args.layers, "heads": args.heads, "width": args.width, "seq": args.seq_len,
-             "vocab": args.vocab, "batch": args.batch}
+    shape = {
+        "layers": args.layers,
+        "heads": args.heads,
+        "width": args.width,
+        "seq": args.seq_len,
+        "vocab": args.vocab,
+        "batch": args.batch,
+    }
     variants = {
         "GPT2LMHeadModel (sdpa) + torch AdamW": lambda: _peer(shape, 0),
         "megagpt, eager attention, AdamW foreach": lambda: _megagpt(shape, 0, "eager", False, False),
@@ -114,22 +136,40 @@ def bench_train(args) -> dict:
     tokens = args.batch * (args.seq_len - 1)
     peer = statistics.median(times["GPT2LMHeadModel (sdpa) + torch AdamW"])
     rows = []
-    print(f"one process, fp32, {torch.get_num_threads()} threads; {args.layers} layers, {args.heads} heads, "
-          f"width {args.width}, seq {args.seq_len}, batch {args.batch}, vocab {args.vocab}; "
-          f"medians of {args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"one process, fp32, {torch.get_num_threads()} threads; {args.layers} layers, {args.heads} heads, "
+        f"width {args.width}, seq {args.seq_len}, batch {args.batch}, vocab {args.vocab}; "
+        f"medians of {args.rounds} interleaved rounds x {args.steps} steps"
+    )
     print(f"{'variant':<44} {'step ms':>9} {'tokens/s':>10} {'MFU':>7} {'vs peer':>8}")
     for name, ts in times.items():
         med = statistics.median(ts)
         tps = tokens / med
-        row = {"variant": name, "step_sec": med, "tokens_per_sec": tps, "mfu": fpt * tps / peak,
-               "speedup_vs_peer": peer / med, "params": n_params[name]}
+        row = {
+            "variant": name,
+            "step_sec": med,
+            "tokens_per_sec": tps,
+            "mfu": fpt * tps / peak,
+            "speedup_vs_peer": peer / med,
+            "params": n_params[name],
+        }
         rows.append(row)
         print(f"{name:<44} {med * 1e3:>9.1f} {tps:>10,.0f} {row['mfu']:>6.1%} {row['speedup_vs_peer']:>7.2f}x")
     best = max(rows[1:], key=lambda r: r["speedup_vs_peer"])
-    print(f"best megagpt variant: {best['variant']} at {best['speedup_vs_peer']:.2f}x GPT2LMHeadModel "
-          f"(CPU fp32 matmul peak measured at {peak / 1e9:.1f} GFLOP/s)")
-    return {"shape": shape, "threads": torch.get_num_threads(), "rounds": args.rounds, "steps": args.steps,
-            "peak_flops": peak, "rows": rows, "best": best["variant"], "best_speedup": best["speedup_vs_peer"]}
+    print(
+        f"best megagpt variant: {best['variant']} at {best['speedup_vs_peer']:.2f}x GPT2LMHeadModel "
+        f"(CPU fp32 matmul peak measured at {peak / 1e9:.1f} GFLOP/s)"
+    )
+    return {
+        "shape": shape,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "peak_flops": peak,
+        "rows": rows,
+        "best": best["variant"],
+        "best_speedup": best["speedup_vs_peer"],
+    }
 
 
 def add_parser(sub) -> None:

@@ -77,8 +77,10 @@ class RankReader:
         self.mix, self.rank, self.world = mix, rank, world
         self.streams = list(range(rank, num_streams, world))  # sequence g comes from stream g % num_streams
         # Every stream's first shard read starts here, all at once, in the background.
-        self.takers = [RowTaker(mix.chunks(s, stream_windows_taken(consumed, s, num_streams), pool), mix.empty())
-                       for s in self.streams]
+        self.takers = [
+            RowTaker(mix.chunks(s, stream_windows_taken(consumed, s, num_streams), pool), mix.empty())
+            for s in self.streams
+        ]
         self.next_sequence = consumed + rank  # the global number of this rank's next sequence
         self.error: BaseException | None = None
         self._buffers = BufferPool(keep=6)  # the arrays take() fills, used again once released
@@ -114,13 +116,15 @@ class _Producer:
     it reads through.  stop() ends both; a restart is a new _Producer, with
     its own queue, so nothing a stopped one still puts can be taken."""
 
-    def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, group: int, queue_size: int,
-                 consumed: int):
+    def __init__(
+        self, mix: Mixture, rank: int, world: int, micro_batch: int, group: int, queue_size: int, consumed: int
+    ):
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._stopped = threading.Event()
         self._pool = PrefetchPool()
-        self._thread = threading.Thread(target=self._fill, args=(mix, rank, world, micro_batch, group, consumed),
-                                        name="megagpt-data", daemon=True)
+        self._thread = threading.Thread(
+            target=self._fill, args=(mix, rank, world, micro_batch, group, consumed), name="megagpt-data", daemon=True
+        )
         self._thread.start()
 
     def _fill(self, mix: Mixture, rank: int, world: int, micro_batch: int, group: int, consumed: int) -> None:
@@ -137,7 +141,7 @@ class _Producer:
                     self._put((torch.from_numpy(windows[:rows]).split(micro_batch), counts))
                 if len(windows) < n:
                     raise reader.error
-        except BaseException as e:  # surfaced to the trainer on its next take
+        except BaseException as e:  # noqa: BLE001 - surfaced to the trainer on its next take
             self._put(e)
 
     def _put(self, item) -> None:
@@ -174,8 +178,17 @@ class Batches:
     where given, lets the warning say the step and the steps one pass lasts).
     """
 
-    def __init__(self, mix: Mixture, rank: int, world: int, micro_batch: int, consumed: int = 0,
-                 prefetch: int = 4, group_tokens: int = 1 << 19, sequences_per_step: int | None = None):
+    def __init__(
+        self,
+        mix: Mixture,
+        rank: int,
+        world: int,
+        micro_batch: int,
+        consumed: int = 0,
+        prefetch: int = 4,
+        group_tokens: int = 1 << 19,
+        sequences_per_step: int | None = None,
+    ):
         self.mix, self.rank, self.world, self.micro_batch = mix, rank, world, micro_batch
         self.wait_time = 0.0  # seconds the trainer spent waiting for data
         self.group = max(1, min(64, group_tokens // (micro_batch * (mix.seq_len + 1))))
@@ -195,8 +208,9 @@ class Batches:
 
     def _started(self) -> _Producer:
         if self._producer is None:
-            self._producer = _Producer(self.mix, self.rank, self.world, self.micro_batch, self.group,
-                                       self._queue_size, self.start)
+            self._producer = _Producer(
+                self.mix, self.rank, self.world, self.micro_batch, self.group, self._queue_size, self.start
+            )
         return self._producer
 
     @property
@@ -298,13 +312,17 @@ class _WrapWarnings:
         if self.sequences_per_step:
             where += f" (step {(at - 1) // self.sequences_per_step + 1:,})"
         if one_pass < window:
-            size = (f"one pass is {one_pass:,} tokens, shorter than one window of {window:,}: "
-                    f"each window repeats this tiny corpus about {window / one_pass:,.0f} times")
+            size = (
+                f"one pass is {one_pass:,} tokens, shorter than one window of {window:,}: "
+                f"each window repeats this tiny corpus about {window / one_pass:,.0f} times"
+            )
         else:
             sequences = one_pass / mix.seq_len * mix.period / mix.counts[i]  # its share of the mixed windows
             per_step = self.sequences_per_step or 1
-            size = f"one pass is {one_pass:,} tokens, about {_about(sequences / per_step)} " \
-                   f"{'steps' if self.sequences_per_step else 'sequences'}"
+            size = (
+                f"one pass is {one_pass:,} tokens, about {_about(sequences / per_step)} "
+                f"{'steps' if self.sequences_per_step else 'sequences'}"
+            )
         now = "epoch 2 starts" if epoch == 2 else f"now in epoch {epoch}"
         return f"data: source {name!r} wrapped around at {where}: {size}; {now}"
 
@@ -317,8 +335,10 @@ def check_resumable(state: dict, mix: Mixture) -> int:
     """The position to resume at; refuses a state from another data layout."""
     for key, now in mix.layout().items():
         if key in state and _plain(state[key]) != _plain(now):
-            raise DataError(f"checkpoint data state has {key}={state[key]!r} but this run has {now!r}; "
-                            "the data stream cannot continue in the same place")
+            raise DataError(
+                f"checkpoint data state has {key}={state[key]!r} but this run has {now!r}; "
+                "the data stream cannot continue in the same place"
+            )
     return int(state["consumed"])
 
 

@@ -45,8 +45,13 @@ def mix_counts(weights: Sequence[float], period: int) -> list[int]:
 class Mixture:
     """Several sources' streams interleaved by weight; one source is the plain case."""
 
-    def __init__(self, sources: Sequence[ShardStreams], weights: Sequence[float], period: int = 100,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self,
+        sources: Sequence[ShardStreams],
+        weights: Sequence[float],
+        period: int = 100,
+        names: Sequence[str] | None = None,
+    ):
         if len({s.num_streams for s in sources}) != 1 or len({s.seq_len for s in sources}) != 1:
             raise DataError("data.sources: all sources need the same num_streams and seq_len")
         self.sources = list(sources)
@@ -82,8 +87,9 @@ class Mixture:
         schedule = self.schedule(stream, block)
         return [block * n + int((schedule[:first] == i).sum()) for i, n in enumerate(self.counts)]
 
-    def chunks(self, stream: int, start: int,
-               pool: PrefetchPool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(
+        self, stream: int, start: int, pool: PrefetchPool | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(windows, source indices) for windows start, start+1, ... of mixed stream
         `stream`, as (n, seq_len + 1) and (n,) arrays.  With a pool, every
         source's first shard read starts now (see ShardStreams.chunks)."""
@@ -160,9 +166,15 @@ class Mixture:
     def layout(self) -> dict:
         """What must match for a saved position to mean the same data."""
         first = self.sources[0]
-        return {"num_streams": self.num_streams, "seq_len": self.seq_len, "seed": self.seed,
-                "shuffle": first.settings.shuffle, "shuffle_buffer": first.shuffle_buffer, "mix_period": self.period,
-                "sources": [[n, w, s.ds.fingerprint()] for n, w, s in zip(self.names, self.weights, self.sources)]}
+        return {
+            "num_streams": self.num_streams,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "shuffle": first.settings.shuffle,
+            "shuffle_buffer": first.shuffle_buffer,
+            "mix_period": self.period,
+            "sources": [[n, w, s.ds.fingerprint()] for n, w, s in zip(self.names, self.weights, self.sources)],
+        }
 
 
 class EpochSpans:

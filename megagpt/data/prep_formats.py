@@ -238,8 +238,10 @@ def _tar_documents(tar: tarfile.TarFile, name: str) -> Iterator[tuple[int, Any, 
     if doc := _sample_document(found):
         yield doc
     if not any_text:
-        raise InputError(f"{name}: no .txt or .json members to read text from "
-                         "(megagpt's own prepared shards hold .tokens: they are output, not input)")
+        raise InputError(
+            f"{name}: no .txt or .json members to read text from "
+            "(megagpt's own prepared shards hold .tokens: they are output, not input)"
+        )
 
 
 def _sample_document(found: dict) -> tuple[int, Any, int] | None:

@@ -71,7 +71,9 @@ class Batch(NamedTuple):
 def _walk(root: Path) -> list[Path]:
     # Hidden entries (.git, editor swap files, ...) are never corpus text.
     return [
-        p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
     ]
 
 
@@ -150,7 +152,11 @@ def _match_prefix(pattern: Sequence[str], parts: Sequence[str]) -> bool:
 # What reading an input can raise besides InputError: a missing file, a failed download or
 # command, a truncated or corrupt gzip / zstd / tar stream.
 _READ_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, EOFError, zlib.error, tarfile.TarError, http.client.HTTPException,
+    OSError,
+    EOFError,
+    zlib.error,
+    tarfile.TarError,
+    http.client.HTTPException,
 )
 
 

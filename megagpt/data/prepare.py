@@ -140,8 +140,9 @@ def _complete(out: Path, state: State) -> dict | None:
     return m if all(shard_ok(out, s) for shards in state.shards.values() for s in shards) else None
 
 
-def _claim(out: Path, state: State | None, fingerprint: str, options: dict, inputs: list[list[str]],
-           overwrite: bool, say: Log) -> State | None:
+def _claim(
+    out: Path, state: State | None, fingerprint: str, options: dict, inputs: list[list[str]], overwrite: bool, say: Log
+) -> State | None:
     """The earlier run of this very call to continue, or None to start afresh. What is in
     ``out`` otherwise is refused unless ``overwrite``: a dataset made from other inputs or
     settings, one whose inputs are not recorded, or files of someone else's."""
@@ -149,8 +150,10 @@ def _claim(out: Path, state: State | None, fingerprint: str, options: dict, inpu
         return state
     kind = "prepared dataset" if (out / DATASET_MANIFEST).is_file() else "partly prepared dataset"
     if state is not None and kind != "prepared dataset" and _nothing_made(state):
-        say(f"the unfinished run in {out} wrote no shards (other inputs or settings: "
-            f"{state.differences(options, inputs)}): starting over")
+        say(
+            f"the unfinished run in {out} wrote no shards (other inputs or settings: "
+            f"{state.differences(options, inputs)}): starting over"
+        )
         return None
     if state is not None:
         why = f"made from other inputs or settings ({state.differences(options, inputs)})"
@@ -295,15 +298,23 @@ def prepare(
                 val_below = int(val_fraction * 2**64)
             state.header["val_below"] = val_below
             state.rewrite(out)
-        manifest, tally = write_shards(out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard,
-                                        shard_bytes, say, prog)
+        manifest, tally = write_shards(
+            out, files, state, pool, Job(text_field, seed, val_below), docs_per_shard, shard_bytes, say, prog
+        )
     prog.clear()
     if manifest["documents"] == 0:
         where = f" ({tally.skipped} skipped as not UTF-8 text)" if tally.skipped else ""
         where += "; all went to the validation split" if manifest["val_documents"] else ""
         raise ValueError(f"no non-empty documents in inputs{where}: {' '.join(inputs)}")
-    manifest = {"format": FORMAT, "version": VERSION, "dtype": dtype, "vocab_size": vocab, "eod_id": eod,
-                "tokenizer": TOKENIZER_FILE, **manifest}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": dtype,
+        "vocab_size": vocab,
+        "eod_id": eod,
+        "tokenizer": TOKENIZER_FILE,
+        **manifest,
+    }
     write_text(out / DATASET_MANIFEST, json.dumps(manifest, indent=2) + "\n")
     say(
         f"done: {len(manifest['shards'])} shards, {manifest['documents']:,} documents, {manifest['tokens']:,} tokens"
@@ -338,13 +349,20 @@ def read_manifest(dir_or_file: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                    help="files, directories, globs, http(s):// URLs or 'pipe:COMMAND' (format: by the name's ending)")
+    ap.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="files, directories, globs, http(s):// URLs or 'pipe:COMMAND' (format: by the name's ending)",
+    )
     ap.add_argument("--output", required=True, metavar="DIR")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json or HF tokenizer folder (default: train BPE)")
     ap.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size when training (default 8192)")
     ap.add_argument("--docs-per-shard", type=int, default=DEFAULT_DOCS_PER_SHARD)
-    ap.add_argument("--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="max token bytes per shard (default 64 MiB)")
+    ap.add_argument(
+        "--shard-bytes", type=int, default=DEFAULT_SHARD_BYTES, help="max token bytes per shard (default 64 MiB)"
+    )
     ap.add_argument("--text-field", default="text", help="JSON field or Parquet column of the text (default 'text')")
     ap.add_argument(
         "--workers", type=int, help="processes reading and tokenizing (default: all cores; fewer for small inputs)"
@@ -353,9 +371,12 @@ def _parser() -> argparse.ArgumentParser:
     split.add_argument("--val-fraction", type=float, default=0.0, help="share of documents for validation (about)")
     split.add_argument("--val-docs", type=int, default=0, help="number of documents for validation (exactly)")
     ap.add_argument("--seed", type=int, default=0, help="picks the validation documents (default 0)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace a dataset in --output made from other inputs or settings, or write into a folder "
-                         "holding other files (only prepare's own files there are replaced)")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset in --output made from other inputs or settings, or write into a folder "
+        "holding other files (only prepare's own files there are replaced)",
+    )
     return ap
 
 

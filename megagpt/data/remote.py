@@ -118,8 +118,9 @@ def read_bytes(url: str, retries: Retries | None = None) -> bytes:
         return f.read()
 
 
-def read_http(url: str, size: int | None = None, retries: Retries | None = None,
-              timeout: float = HTTP_TIMEOUT) -> bytearray:
+def read_http(
+    url: str, size: int | None = None, retries: Retries | None = None, timeout: float = HTTP_TIMEOUT
+) -> bytearray:
     """The body at `url`, tried again after a failure or a short read (`retries`,
     HTTP_RETRIES unless given), each retry logged.  A short read is a body
     shorter than its Content-Length or, where the server sends none, than
@@ -141,8 +142,15 @@ def read_http(url: str, size: int | None = None, retries: Retries | None = None,
         if attempt == retries.tries:
             raise ReadFailed(f"{describe(error)} (tried {retries.tries} times)") from None
         wait = retries.wait(attempt + 1)
-        log.warning("data: reading %s failed after %d bytes: %s; trying again in %gs (attempt %d of %d)",
-                    url, len(download.body), describe(error), wait, attempt + 1, retries.tries)
+        log.warning(
+            "data: reading %s failed after %d bytes: %s; trying again in %gs (attempt %d of %d)",
+            url,
+            len(download.body),
+            describe(error),
+            wait,
+            attempt + 1,
+            retries.tries,
+        )
         time.sleep(wait)
     raise AssertionError("unreachable")  # the last try returns or raises
 

@@ -36,7 +36,6 @@ from megagpt.data.remote import describe, is_http, is_local, read_bytes, read_ht
 from megagpt.data.tar_index import general_index, ustar_index
 from megagpt.data.tokenizer import TOKENIZER_FILE
 
-
 FORMAT = "megagpt-shards"
 VERSION = 1
 # A prepared dataset's list of shards, beside them.  (Not a checkpoint's manifest.json,
@@ -135,7 +134,7 @@ def _file_word(url: str, suffix: str) -> tuple[str, re.Match, str]:
     """A ``pipe:`` command, the word naming the file it fetches (the last whose
     basename ends in `suffix`) as written, and that word's value.  The file is
     not always the last word (`aws s3 cp s3://bucket/x.tar -` ends in "-")."""
-    command = url[len("pipe:"):]
+    command = url[len("pipe:") :]
     try:
         shlex.split(command)  # unbalanced quotes, a dangling backslash
     except ValueError as e:
@@ -164,7 +163,7 @@ def beside(url: str, name: str, suffix: str = ".tar") -> str:
     if not url.startswith("pipe:"):
         return f"{_parent(url)}/{name}"
     command, word, value = _file_word(url, suffix)
-    return "pipe:" + command[: word.start()] + _renamed(word.group(), value, name) + command[word.end():]
+    return "pipe:" + command[: word.start()] + _renamed(word.group(), value, name) + command[word.end() :]
 
 
 def _renamed(raw: str, value: str, name: str) -> str:
@@ -174,7 +173,7 @@ def _renamed(raw: str, value: str, name: str) -> str:
     new_value = value[: len(value) - len(old)] + name
     at = raw.rfind(old)
     if at >= 0:
-        candidate = raw[:at] + name + raw[at + len(old):]
+        candidate = raw[:at] + name + raw[at + len(old) :]
         with contextlib.suppress(ValueError):  # a name with a quote in it
             if shlex.split(candidate) == [new_value]:
                 return candidate
@@ -327,18 +326,24 @@ def parse_shard(shard: Shard, raw, dtype: str, vocab_size: int, eod_id: int) -> 
         for k, n in enumerate((sizes[:whole] // np_dtype.itemsize).tolist()):
             top = int(tokens[at : at + n].max()) if n else 0
             if top >= vocab_size:
-                raise DataError(f"shard {shard.url}, document {k} ({names(k)}): token id {top} "
-                                f">= vocab_size {vocab_size} (wrong dtype?)")
+                raise DataError(
+                    f"shard {shard.url}, document {k} ({names(k)}): token id {top} "
+                    f">= vocab_size {vocab_size} (wrong dtype?)"
+                )
             at += n + 1
     if whole < len(sizes):
-        raise DataError(f"shard {shard.url}, document {whole} ({names(whole)}): {int(sizes[whole])} bytes is not "
-                        f"a whole number of {dtype} tokens (wrong dtype?)")
+        raise DataError(
+            f"shard {shard.url}, document {whole} ({names(whole)}): {int(sizes[whole])} bytes is not "
+            f"a whole number of {dtype} tokens (wrong dtype?)"
+        )
     if failure is not None:
         raise DataError(f"shard {shard.url}, after document {len(sizes)}: {type(failure).__name__}: {failure}")
     toks = len(tokens) - len(sizes)
     if (len(sizes), toks) != (shard.documents, shard.stored_tokens):
-        raise DataError(f"shard {shard.url}: holds {len(sizes)} documents / {toks} tokens, manifest says "
-                        f"{shard.documents} / {shard.stored_tokens}")
+        raise DataError(
+            f"shard {shard.url}: holds {len(sizes)} documents / {toks} tokens, manifest says "
+            f"{shard.documents} / {shard.stored_tokens}"
+        )
     return tokens
 
 

@@ -395,6 +395,8 @@ class _Notes:
         """Report the replacements of the last input with any, if reading has moved past it."""
         t = self.tally
         if t.file_replaced and t.file < file and t.file != self.warned:
-            self.say(f"warning: {self.inputs[t.file].name}: "
-                     f"{plural(t.file_replaced, 'invalid UTF-8 sequence')} replaced with U+FFFD")
+            self.say(
+                f"warning: {self.inputs[t.file].name}: "
+                f"{plural(t.file_replaced, 'invalid UTF-8 sequence')} replaced with U+FFFD"
+            )
             self.warned = t.file

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 from megagpt.data.mixture import Mixture
 from megagpt.data.order import default_num_streams
 from megagpt.data.remote import read_bytes
-from megagpt.data.shards import Dataset, DataError, open_dataset
+from megagpt.data.shards import DataError, Dataset, open_dataset
 from megagpt.data.streams import ShardStreams, StreamSettings, make_reader
 
 
@@ -70,8 +70,10 @@ def _check_compatible(sets: Sequence[tuple[str, float, Dataset]]) -> None:
     first_name, _, first = sets[0]
     for name, _, ds in sets[1:]:
         if (ds.vocab_size, ds.eod_id) != (first.vocab_size, first.eod_id):
-            raise DataError(f"data.sources: {name} was tokenized differently from {first_name} "
-                            f"(vocab {ds.vocab_size} vs {first.vocab_size}); use one tokenizer for all")
+            raise DataError(
+                f"data.sources: {name} was tokenized differently from {first_name} "
+                f"(vocab {ds.vocab_size} vs {first.vocab_size}); use one tokenizer for all"
+            )
     if len(sets) > 1:
         _check_same_tokenizer_file(sets)
 
@@ -91,8 +93,10 @@ def _check_same_tokenizer_file(sets: Sequence[tuple[str, float, Dataset]]) -> No
         if first is None:
             first = (name, ds.tokenizer_url, digest)
         elif digest != first[2]:
-            raise DataError(f"data.sources: {name} and {first[0]} were prepared with different tokenizers "
-                            f"({ds.tokenizer_url} and {first[1]} differ); prepare every source with one --tokenizer")
+            raise DataError(
+                f"data.sources: {name} and {first[0]} were prepared with different tokenizers "
+                f"({ds.tokenizer_url} and {first[1]} differ); prepare every source with one --tokenizer"
+            )
 
 
 def _tokenizer_digest(url: str) -> str | None:
@@ -115,13 +119,22 @@ def open_training_data(cfg, env, barrier: Callable[[], None] | None = None) -> T
     _check_compatible(sets)
     fewest = min(len(ds.shards) for _, _, ds in sets)
     if fewest < env.world_size:
-        raise DataError(f"data.urls: {fewest} shard(s) cannot feed {env.world_size} ranks; "
-                        "prepare more, smaller shards (--docs-per-shard)")
+        raise DataError(
+            f"data.urls: {fewest} shard(s) cannot feed {env.world_size} ranks; "
+            "prepare more, smaller shards (--docs-per-shard)"
+        )
     n = d.num_streams or default_num_streams(fewest, env.world_size)
     if n % env.world_size:
         raise DataError(f"data.num_streams={n} is not divisible by the number of ranks ({env.world_size})")
-    settings = StreamSettings(num_streams=n, seq_len=d.seq_len, seed=cfg.trainer.seed, shuffle=d.shuffle_shards,
-                              shuffle_buffer=d.shuffle_buffer, on_error=d.on_error, reader=make_reader(d.verify))
+    settings = StreamSettings(
+        num_streams=n,
+        seq_len=d.seq_len,
+        seed=cfg.trainer.seed,
+        shuffle=d.shuffle_shards,
+        shuffle_buffer=d.shuffle_buffer,
+        on_error=d.on_error,
+        reader=make_reader(d.verify),
+    )
     streams = [ShardStreams(ds, settings, name=name) for name, _, ds in sets]
     mix = Mixture(streams, [w for _, w, _ in sets], period=d.mix_period, names=[n for n, _, _ in sets])
     return TrainingData(mix, [(name, ds) for name, _, ds in sets if ds.val_shards])

@@ -26,7 +26,7 @@ import numpy as np
 
 from megagpt.data.order import BlockPermutations, permutation, permutations
 from megagpt.data.prefetch import Pending, PrefetchPool
-from megagpt.data.shards import VERIFY, Dataset, DataError, Shard, advise, read_shard
+from megagpt.data.shards import VERIFY, DataError, Dataset, Shard, advise, read_shard
 
 log = logging.getLogger("megagpt")
 ShardReader = Callable[[Shard, Dataset], np.ndarray]
@@ -117,14 +117,16 @@ class ShardStreams:
     """The streams of one source: which shards each reads in which epoch,
     and the windows each yields from any starting window."""
 
-    def __init__(self, ds: Dataset, settings: StreamSettings, name: str = "data",
-                 shards: Sequence[Shard] | None = None):
+    def __init__(
+        self, ds: Dataset, settings: StreamSettings, name: str = "data", shards: Sequence[Shard] | None = None
+    ):
         """`shards`: the dataset's training shards unless given (validation reads its own)."""
         self.shards = tuple(ds.shards if shards is None else shards)
         if settings.num_streams > len(self.shards):
             raise DataError(
                 f"data.num_streams={settings.num_streams} exceeds the number of shards of {name} "
-                f"({len(self.shards)}); lower it or write more, smaller shards")
+                f"({len(self.shards)}); lower it or write more, smaller shards"
+            )
         if settings.on_error not in ("raise", "skip"):
             raise DataError(f"data.on_error: unknown policy {settings.on_error!r}; choose raise or skip")
         self.ds, self.settings, self.name = ds, settings, name
@@ -177,8 +179,13 @@ class ShardStreams:
             yield windows[orders(block)[first:]]
             first, block = 0, block + 1
 
-    def raw_chunks(self, stream: int, start: int, pool: PrefetchPool | None = None,
-                   first: tuple[tuple[int, int], Pending] | None = None) -> Iterator[np.ndarray]:
+    def raw_chunks(
+        self,
+        stream: int,
+        start: int,
+        pool: PrefetchPool | None = None,
+        first: tuple[tuple[int, int], Pending] | None = None,
+    ) -> Iterator[np.ndarray]:
         """Unshuffled windows start, start+1, ... of one stream, as (n, seq_len + 1)
         arrays of consecutive windows (one per shard read, views of its tokens).
         `first`: ((epoch, place), read) of the first shard to read, already under way."""
@@ -219,8 +226,9 @@ class ShardStreams:
                 else:
                     rest = buf
             if not live:
-                raise DataError(f"{self.name}: every shard of stream {stream} is bad or empty "
-                                f"(bad: {sorted(self.bad)[:3]}...)")
+                raise DataError(
+                    f"{self.name}: every shard of stream {stream} is bad or empty (bad: {sorted(self.bad)[:3]}...)"
+                )
             epoch += 1
 
     def _start_first_read(self, stream: int, start: int, pool: PrefetchPool) -> tuple[tuple[int, int], Pending] | None:
@@ -308,8 +316,9 @@ class ShardStreams:
         if len(self.bad) != self._epoch_starts_bad:  # a shard found bad since: its epochs are shorter
             self._epoch_starts_bad = len(self.bad)
             self._epoch_starts = self._epoch_starts[:1]
-        while ((self._epoch_starts[-1, stream] <= token or len(self._epoch_starts) <= epochs)
-               and len(self._epoch_starts) <= self._kept_epochs()):
+        while (self._epoch_starts[-1, stream] <= token or len(self._epoch_starts) <= epochs) and len(
+            self._epoch_starts
+        ) <= self._kept_epochs():
             before = self._epoch_starts[-1, stream]
             self._more_epoch_starts()
             if self._epoch_starts[-1, stream] == before:

@@ -47,16 +47,20 @@ def ustar_index(buf: np.ndarray):
     after = heads + 1 + (sizes + 511) // 512  # the block after each member's data
     if (after[:-1] != heads[1:]).any() or after[-1] >= n or blocks[after[-1]].any():
         return None
-    sums = np.add.reduce(h, axis=1, dtype=np.uint32).astype(np.int64) - \
-        np.add.reduce(h[:, 148:156], axis=1, dtype=np.uint32) + 8 * 32
+    sums = (
+        np.add.reduce(h, axis=1, dtype=np.uint32).astype(np.int64)
+        - np.add.reduce(h[:, 148:156], axis=1, dtype=np.uint32)
+        + 8 * 32
+    )
     if (sums != stored).any():
         return None
     name = h[:, :100]
     nul = name == 0
     length = np.where(nul.any(axis=1), nul.argmax(axis=1), 100)
     tail = np.clip(length[:, None] - len(_SUFFIX) + np.arange(len(_SUFFIX)), 0, 99)
-    is_doc = (kind != ord("5")) & (length >= len(_SUFFIX)) & \
-        (np.take_along_axis(name, tail, axis=1) == _SUFFIX).all(axis=1)
+    is_doc = (
+        (kind != ord("5")) & (length >= len(_SUFFIX)) & (np.take_along_axis(name, tail, axis=1) == _SUFFIX).all(axis=1)
+    )
     docs = np.flatnonzero(is_doc)
     doc_heads = h[docs]
     return (heads[docs] + 1) * 512, sizes[docs], lambda k: _header_name(doc_heads[k].tobytes())

@@ -9,8 +9,9 @@ from megagpt.data.shards import Dataset
 from megagpt.data.streams import RowTaker, ShardReader, ShardStreams, StreamSettings, default_reader
 
 
-def val_sequences(ds: Dataset, seq_len: int, rank: int, world: int, count: int,
-                  reader: ShardReader = default_reader) -> list[np.ndarray]:
+def val_sequences(
+    ds: Dataset, seq_len: int, rank: int, world: int, count: int, reader: ShardReader = default_reader
+) -> list[np.ndarray]:
     """The first `count * world` windows of the validation shards, in order
     (one unshuffled stream), this rank's share (g % world == rank)."""
     if not ds.val_shards or count * world <= 0:

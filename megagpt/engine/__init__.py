@@ -65,5 +65,16 @@ from megagpt.engine.checkpoint_files import EngineStateError, consolidated_weigh
 from megagpt.engine.ds_config import deepspeed_config, resolve_precision
 from megagpt.engine.train_engine import StepOutcome, StepResult, TrainEngine
 
-__all__ = ["EngineStateError", "StepOutcome", "StepResult", "TrainEngine", "build_engine", "build_model_config",
-           "consolidated_weights", "deepspeed_config", "init_weights", "leaf_blocks", "resolve_precision"]
+__all__ = [
+    "EngineStateError",
+    "StepOutcome",
+    "StepResult",
+    "TrainEngine",
+    "build_engine",
+    "build_model_config",
+    "consolidated_weights",
+    "deepspeed_config",
+    "init_weights",
+    "leaf_blocks",
+    "resolve_precision",
+]

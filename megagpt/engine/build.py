@@ -19,17 +19,31 @@ from megagpt.metrics import console
 from megagpt.model.gpt import GPT, GPTConfig
 
 
-def build_model_config(cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None,
-                       device_type: str = "cpu") -> GPTConfig:
+def build_model_config(
+    cfg: Config, vocab_size: int, attention: str, eod_id: int | None = None, device_type: str = "cpu"
+) -> GPTConfig:
     """The model's config: the `model.*` settings, with the tokenizer's vocab size, data.seq_len, the
     resolved attention backend and the end-of-document id, and model.compile and
     model.loss_chunk_tokens resolved for `device_type` (GPTConfig.from_settings)."""
-    return GPTConfig.from_settings(cfg.model, vocab_size=vocab_size, seq_len=cfg.data.seq_len, attention=attention,
-                                   eod_id=eod_id, device_type=device_type)
+    return GPTConfig.from_settings(
+        cfg.model,
+        vocab_size=vocab_size,
+        seq_len=cfg.data.seq_len,
+        attention=attention,
+        eod_id=eod_id,
+        device_type=device_type,
+    )
 
 
-def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, world_size: int,
-                 device: torch.device, load: Callable[[str, torch.nn.Module], None] | None = None) -> TrainEngine:
+def build_engine(
+    cfg: Config,
+    model_cfg: GPTConfig,
+    ds_config: dict,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    load: Callable[[str, torch.nn.Module], None] | None = None,
+) -> TrainEngine:
     """The model is built sharded under ZeRO-3.  `ds_config`: DeepSpeed's
     JSON (ds_config.deepspeed_config).  `load`: where the weights come from
     (see init_weights); by default a random initialisation.
@@ -71,8 +85,10 @@ def build_engine(cfg: Config, model_cfg: GPTConfig, ds_config: dict, rank: int, 
         float8.check_fp8_supported(model_cfg.fp8, device)
         names = float8.convert(model, model_cfg.fp8, model_cfg.fp8_min_dim)
         if rank == 0:
-            console(f"fp8: converted {len(names)} Linear layers to float8 ({model_cfg.fp8}, min dim "
-                    f"{model_cfg.fp8_min_dim}); the output head stays in bf16")
+            console(
+                f"fp8: converted {len(names)} Linear layers to float8 ({model_cfg.fp8}, min dim "
+                f"{model_cfg.fp8_min_dim}); the output head stays in bf16"
+            )
     if blocks_compiled:
         model.compile_blocks()  # compiled at the first forward
     optimizer = build_optimizer(cfg.optim, model, device.type)
@@ -107,8 +123,9 @@ def leaf_blocks(setting: bool | None, compiled: bool) -> bool:
     return compiled if setting is None else setting
 
 
-def init_weights(model: GPT, seed: int, rank: int, sharded: bool,
-                 load: Callable[[str, torch.nn.Module], None] | None = None) -> None:
+def init_weights(
+    model: GPT, seed: int, rank: int, sharded: bool, load: Callable[[str, torch.nn.Module], None] | None = None
+) -> None:
     """Fill the weights, one module at a time: `load(name, module)` fills the
     parameters a module owns directly (hf_import.module_loader: from a model
     folder); by default the model's random initialisation, the same for any
@@ -124,6 +141,7 @@ def init_weights(model: GPT, seed: int, rank: int, sharded: bool,
 
         def load(name: str, module: torch.nn.Module) -> None:
             model.init_module_(module, generator)
+
     if not sharded:
         for name, module in model.named_modules():
             load(name, module)

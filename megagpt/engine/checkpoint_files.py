@@ -40,13 +40,29 @@ def universal_copy(path: str, saved_world: int, world: int) -> str:
 
         log.info("converting %s (%d ranks) to DeepSpeed's universal format for %d ranks", path, saved_world, world)
         shutil.rmtree(out, ignore_errors=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", path,
-                            "--output_folder", out, "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "deepspeed.checkpoint.ds_to_universal",
+                "--input_folder",
+                path,
+                "--output_folder",
+                out,
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise EngineStateError(f"cannot reshard {path} from {saved_world} to {world} ranks (DeepSpeed "
-                                   f"ds_to_universal failed: {tail[0]}); resume it on {saved_world} ranks")
+            raise EngineStateError(
+                f"cannot reshard {path} from {saved_world} to {world} ranks (DeepSpeed "
+                f"ds_to_universal failed: {tail[0]}); resume it on {saved_world} ranks"
+            )
         open(os.path.join(out, ".complete"), "w").close()
     return out
 
@@ -72,6 +88,7 @@ def consolidated_weights(path: str, zero_stage: int) -> dict[str, torch.Tensor]:
                 weights = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
     except Exception as e:  # noqa: BLE001 - truncated pickles, missing shards, shape mismatches
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise EngineStateError(f"cannot consolidate the ZeRO-{zero_stage} shards (damaged or incomplete?): "
-                               f"{type(e).__name__}: {msg}") from None
+        raise EngineStateError(
+            f"cannot consolidate the ZeRO-{zero_stage} shards (damaged or incomplete?): {type(e).__name__}: {msg}"
+        ) from None
     return {k: v.float() for k, v in weights.items()}

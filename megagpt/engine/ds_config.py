@@ -28,23 +28,28 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str, n_embd: int
     precision = resolve_precision(ds.precision, device_type)
     if ds.deepcompile and device_type != "cuda":
         # DeepSpeed enables it on CUDA only (deepspeed.compile.util.is_deepcompile_supported).
-        raise ConfigError(f"deepspeed.deepcompile: needs CUDA (DeepSpeed's DeepCompile); this run is on "
-                          f"{device_type}")
+        raise ConfigError(f"deepspeed.deepcompile: needs CUDA (DeepSpeed's DeepCompile); this run is on {device_type}")
     warmup = max(1, o.warmup_steps)
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(reduce_bucket_size=ds.reduce_bucket_size, contiguous_gradients=True,
-                    overlap_comm=ds.overlap_comm and device_type == "cuda")
+        zero.update(
+            reduce_bucket_size=ds.reduce_bucket_size,
+            contiguous_gradients=True,
+            overlap_comm=ds.overlap_comm and device_type == "cuda",
+        )
     if ds.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=persistence_threshold(
-                        ds.stage3_param_persistence_threshold, cfg.model.n_embd if n_embd is None else n_embd),
-                    stage3_module_granularity_threshold=ds.stage3_module_granularity_threshold,
-                    stage3_max_live_parameters=ds.stage3_max_live_parameters,
-                    stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
-                    memory_efficient_linear=ds.stage3_memory_efficient_linear,
-                    # Checkpoints hold the ZeRO shards; export consolidates them offline.
-                    stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=persistence_threshold(
+                ds.stage3_param_persistence_threshold, cfg.model.n_embd if n_embd is None else n_embd
+            ),
+            stage3_module_granularity_threshold=ds.stage3_module_granularity_threshold,
+            stage3_max_live_parameters=ds.stage3_max_live_parameters,
+            stage3_max_reuse_distance=ds.stage3_max_reuse_distance,
+            memory_efficient_linear=ds.stage3_memory_efficient_linear,
+            # Checkpoints hold the ZeRO shards; export consolidates them offline.
+            stage3_gather_16bit_weights_on_model_save=False,
+        )
     extra = {"compile": {"deepcompile": True}} if ds.deepcompile else {}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

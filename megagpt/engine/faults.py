@@ -57,9 +57,11 @@ def check_module_granularity(threshold: int, model) -> None:
     # DeepSpeed's rule (DeepSpeedZeRoOffload._get_granularity_recursively): no leaf above 1e9 parameters.
     root = params // layers if layers and params <= 1e9 else None
     if not (threshold == 0 or root is None or threshold < root):
-        raise ConfigError(f"deepspeed.stage3_module_granularity_threshold: {threshold} makes the whole model one "
-                          f"ZeRO-3 leaf (its granularity is {root} parameters per layer), which DeepSpeed cannot "
-                          f"train; use less than {root}, or deepspeed.stage3_leaf_blocks=true")
+        raise ConfigError(
+            f"deepspeed.stage3_module_granularity_threshold: {threshold} makes the whole model one "
+            f"ZeRO-3 leaf (its granularity is {root} parameters per layer), which DeepSpeed cannot "
+            f"train; use less than {root}, or deepspeed.stage3_leaf_blocks=true"
+        )
 
 
 def _granularity(module) -> tuple[int, int]:
@@ -119,11 +121,14 @@ def repair_stage3_universal_load(engine, universal_dir: str) -> None:
             state["step"] = state["step"].clone()  # one count per group
     # DeepSpeed pickles its loss scaler into this file (weights_only cannot read
     # it); DeepSpeed's own loader has just read the same file the same way.
-    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)["optimizer_state_dict"]["param_groups"]
+    saved = torch.load(
+        os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu", weights_only=False
+    )["optimizer_state_dict"]["param_groups"]
     if len(saved) != len(inner.param_groups):
-        raise RuntimeError(f"checkpoint {universal_dir}: {len(saved)} optimizer parameter groups, "
-                           f"the model has {len(inner.param_groups)}")
+        raise RuntimeError(
+            f"checkpoint {universal_dir}: {len(saved)} optimizer parameter groups, "
+            f"the model has {len(inner.param_groups)}"
+        )
     for group, saved_group in zip(inner.param_groups, saved):
         group.update({key: value for key, value in saved_group.items() if key != "params"})
 
@@ -152,6 +157,7 @@ def hold_write_errors(engine, errors: list[str]) -> None:
                 path = next((a for a in args if isinstance(a, str)), "")
                 errors.append(write_failure(path, e))
                 return None
+
         return call
 
     engine.checkpoint_engine.save = held(engine.checkpoint_engine.save)

@@ -75,5 +75,10 @@ def build_optimizer(optim_cfg, model: nn.Module, device_type: str) -> GuardedAda
     """torch.optim.AdamW with decay / no-decay groups; DeepSpeed wraps it
     (ZeRO partitions its state) and drives the learning-rate schedule."""
     o = optim_cfg
-    return GuardedAdamW(decay_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                        fused=use_fused_adamw(o.fused, device_type))
+    return GuardedAdamW(
+        decay_groups(model, o.weight_decay),
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        fused=use_fused_adamw(o.fused, device_type),
+    )

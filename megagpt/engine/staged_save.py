@@ -77,9 +77,14 @@ class StagedCheckpointEngine(CheckpointEngine):
         if self.pinned:
             torch.cuda.current_stream(self.device).synchronize()  # the staged copies are complete
         if self._allocated[0]:  # the first save (or a new shape): the buffers it allocated
-            log.info("checkpoint %s: staged %.2f GB in host memory; %.2f GB of %s buffers allocated in %.1f s",
-                     info.tag, self.staged_bytes / 1e9, self._allocated[0] / 1e9,
-                     "page-locked" if self.pinned else "host", self._allocated[1])
+            log.info(
+                "checkpoint %s: staged %.2f GB in host memory; %.2f GB of %s buffers allocated in %.1f s",
+                info.tag,
+                self.staged_bytes / 1e9,
+                self._allocated[0] / 1e9,
+                "page-locked" if self.pinned else "host",
+                self._allocated[1],
+            )
         return True
 
     def load(self, path: str, map_location=None):
@@ -134,8 +139,7 @@ class StagedCheckpointEngine(CheckpointEngine):
 
         def stage_tensor(t: torch.Tensor) -> torch.Tensor:
             buf = stage_storage(t)
-            view = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), t.storage_offset(), t.size(),
-                                                      t.stride())
+            view = torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), t.storage_offset(), t.size(), t.stride())
             if isinstance(t, torch.nn.Parameter):
                 view = torch.nn.Parameter(view, requires_grad=t.requires_grad)
             else:

@@ -27,6 +27,7 @@ EXCHANGE = ("loss", "nonfinite", "stop", "data_error")
 @dataclass(frozen=True)
 class StepOutcome:
     """What the loop needs on the host after a step, read in one transfer."""
+
     mean_loss: float  # the mean over ranks of each rank's mean micro-batch loss
     skipped: bool  # the update was skipped on every rank (a non-finite loss or gradient somewhere)
     stop: bool  # some rank was asked to stop (signal, stop file)
@@ -36,6 +37,7 @@ class StepOutcome:
 @dataclass
 class StepResult:
     """One optimizer step, as device tensors: nothing here has been read on the host."""
+
     loss: torch.Tensor  # () float64: this rank's mean loss over its micro-batches
     agreed: torch.Tensor  # (len(EXCHANGE),) float64: EXCHANGE summed over the ranks
     # ZeRO-0: () the global norm before clipping; ZeRO-1..3: None (DeepSpeed's global_grad_norm is read instead)
@@ -60,8 +62,16 @@ class TrainEngine:
     single all-reduce that the optimizer triggers before it updates anything.
     Nothing is read on the host inside a step.  ZeRO-stage details stay here."""
 
-    def __init__(self, ds_engine, model: torch.nn.Module, optimizer: GuardedAdamW, zero_stage: int, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(
+        self,
+        ds_engine,
+        model: torch.nn.Module,
+        optimizer: GuardedAdamW,
+        zero_stage: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         self.ds_engine, self.model, self.optimizer = ds_engine, model, optimizer
         self.zero_stage, self.rank, self.world_size, self.device = zero_stage, rank, world_size, device
         self._local: torch.Tensor | None = None  # this rank's EXCHANGE values for the step under way
@@ -76,8 +86,9 @@ class TrainEngine:
 
     # -- one step -------------------------------------------------------------------------
 
-    def train_batch(self, micro_batches: list[torch.Tensor], stop_requested: bool = False,
-                    data_failed: bool = False) -> StepResult:
+    def train_batch(
+        self, micro_batches: list[torch.Tensor], stop_requested: bool = False, data_failed: bool = False
+    ) -> StepResult:
         """micro_batches: grad_accum tensors of (B, T + 1) token windows; inputs
         and targets are views of one host-to-device copy.  `data_failed`: this
         rank could not fetch its data and passes stand-ins, so that every rank
@@ -95,8 +106,9 @@ class TrainEngine:
             if boundary:
                 mean = total / len(micro_batches)
                 bad = ~torch.isfinite(total)
-                self._local = torch.stack([mean, bad.double(), mean.new_tensor(float(stop_requested)),
-                                           mean.new_tensor(float(data_failed))])
+                self._local = torch.stack(
+                    [mean, bad.double(), mean.new_tensor(float(stop_requested)), mean.new_tensor(float(data_failed))]
+                )
                 self._agreed = None
                 self.optimizer.new_step(bad | data_failed)
             with record_function("megagpt.backward"):

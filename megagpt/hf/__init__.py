@@ -33,14 +33,46 @@ lazy reading), `configs` (config.json both ways, read_hf_config,
 load_hf_folder).  Everything public is importable from `megagpt.hf`.
 """
 
-from megagpt.hf.adapters import ADAPTERS, BY_ARCHITECTURE, BY_MODEL_TYPE, Adapter, GPT2Adapter, LlamaAdapter, \
-    MistralAdapter, adapter, adapter_for
+from megagpt.hf.adapters import (
+    ADAPTERS,
+    BY_ARCHITECTURE,
+    BY_MODEL_TYPE,
+    Adapter,
+    GPT2Adapter,
+    LlamaAdapter,
+    MistralAdapter,
+    adapter,
+    adapter_for,
+)
 from megagpt.hf.configs import config_from_hf, hf_config, load_hf_folder, parse_hf_config, read_hf_config
 from megagpt.hf.fields import HFConfigError
 from megagpt.hf.mapping import Source, copied, fused, transposed
 from megagpt.hf.tensors import Tensors, from_hf, load_hf_state, sources, stored_tensors, to_hf
 
-__all__ = ["ADAPTERS", "BY_ARCHITECTURE", "BY_MODEL_TYPE", "Adapter", "GPT2Adapter", "HFConfigError", "LlamaAdapter",
-           "MistralAdapter", "Source", "Tensors", "adapter", "adapter_for", "config_from_hf", "copied", "from_hf",
-           "fused", "hf_config", "load_hf_folder", "load_hf_state", "parse_hf_config", "read_hf_config", "sources",
-           "stored_tensors", "to_hf", "transposed"]
+__all__ = [
+    "ADAPTERS",
+    "BY_ARCHITECTURE",
+    "BY_MODEL_TYPE",
+    "Adapter",
+    "GPT2Adapter",
+    "HFConfigError",
+    "LlamaAdapter",
+    "MistralAdapter",
+    "Source",
+    "Tensors",
+    "adapter",
+    "adapter_for",
+    "config_from_hf",
+    "copied",
+    "from_hf",
+    "fused",
+    "hf_config",
+    "load_hf_folder",
+    "load_hf_state",
+    "parse_hf_config",
+    "read_hf_config",
+    "sources",
+    "stored_tensors",
+    "to_hf",
+    "transposed",
+]

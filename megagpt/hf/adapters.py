@@ -13,6 +13,7 @@ from megagpt.model.config import GPTConfig
 class Adapter:
     """How one family maps onto its transformers class.  Subclasses set the
     names and implement body_sources, config and config_from_hf."""
+
     family: str  # megagpt's family (model/families.py)
     model_type: str  # config.json's model_type
     architecture: str  # the transformers class
@@ -48,8 +49,14 @@ class Adapter:
 class GPT2Adapter(Adapter):
     family, model_type, architecture, prefix = "gpt2", "gpt2", "GPT2LMHeadModel", "transformer."
     # block: (megagpt module, GPT2 module, weight stored transposed there: Conv1D is (in, out)).
-    BLOCK = (("ln_1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
-             ("ln_2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))
+    BLOCK = (
+        ("ln_1", "ln_1", False),
+        ("attn.qkv", "attn.c_attn", True),
+        ("attn.proj", "attn.c_proj", True),
+        ("ln_2", "ln_2", False),
+        ("mlp.fc", "mlp.c_fc", True),
+        ("mlp.proj", "mlp.c_proj", True),
+    )
     # GPT2Config's defaults (transformers), for keys a config.json leaves out.
     DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12}
     # GELU's tanh approximation, which megagpt computes (layers.GeluMLP).
@@ -81,38 +88,67 @@ class GPT2Adapter(Adapter):
         return out
 
     def config(self, c):
-        return {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.max_seq_len,
-                "n_inner": c.mlp_hidden, "activation_function": "gelu_new", "layer_norm_epsilon": c.norm_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": c.init_std,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False}
+        return {
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_embd": c.n_embd,
+            "n_positions": c.max_seq_len,
+            "n_inner": c.mlp_hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": c.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "initializer_range": c.init_std,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+        }
 
     def config_from_hf(self, cfg):
         f, d = _Fields(cfg), self.DEFAULTS
         act = f.text("activation_function", "gelu_new")
-        _refuse_unless(act in self.ACTIVATIONS, f"activation_function {act!r} is not supported "
-                                                f"(supported: {', '.join(self.ACTIVATIONS)})")
-        _refuse_unless(f.flag("scale_attn_weights", True), "scale_attn_weights false (attention scores not "
-                                                           "scaled by 1/sqrt(head dim)) is not supported")
+        _refuse_unless(
+            act in self.ACTIVATIONS,
+            f"activation_function {act!r} is not supported (supported: {', '.join(self.ACTIVATIONS)})",
+        )
+        _refuse_unless(
+            f.flag("scale_attn_weights", True),
+            "scale_attn_weights false (attention scores not scaled by 1/sqrt(head dim)) is not supported",
+        )
         for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
             _refuse_unless(not f.flag(key, False), f"{key} true is not supported")
         n_embd = f.int("n_embd", d["n_embd"])
         n_inner = f.int("n_inner", None, nullable=True)  # null: 4 x n_embd, as GPT2MLP sizes it
-        return GPTConfig(vocab_size=f.int("vocab_size", d["vocab_size"]), max_seq_len=f.int("n_positions",
-                                                                                          d["n_positions"]),
-                         family=self.family, n_layer=f.int("n_layer", d["n_layer"]),
-                         n_head=f.int("n_head", d["n_head"]), n_embd=n_embd,
-                         mlp_hidden=4 * n_embd if n_inner is None else n_inner, bias=True,
-                         norm_eps=f.float("layer_norm_epsilon", 1e-5), init_std=f.float("initializer_range", 0.02),
-                         tie_embeddings=f.flag("tie_word_embeddings", True))
+        return GPTConfig(
+            vocab_size=f.int("vocab_size", d["vocab_size"]),
+            max_seq_len=f.int("n_positions", d["n_positions"]),
+            family=self.family,
+            n_layer=f.int("n_layer", d["n_layer"]),
+            n_head=f.int("n_head", d["n_head"]),
+            n_embd=n_embd,
+            mlp_hidden=4 * n_embd if n_inner is None else n_inner,
+            bias=True,
+            norm_eps=f.float("layer_norm_epsilon", 1e-5),
+            init_std=f.float("initializer_range", 0.02),
+            tie_embeddings=f.flag("tie_word_embeddings", True),
+        )
 
 
 class LlamaAdapter(Adapter):
     family, model_type, architecture, prefix = "llama", "llama", "LlamaForCausalLM", "model."
     # LlamaConfig's defaults (transformers), for keys a config.json leaves out.
-    DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": None, "max_position_embeddings": 2048,
-                "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+    DEFAULTS = {
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": None,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
     ACTIVATIONS = ("silu", "swish")  # both SiLU in transformers' ACT2FN
 
     @staticmethod
@@ -121,13 +157,18 @@ class LlamaAdapter(Adapter):
         where it fuses several), in the block's parameter order. Fused here,
         separate there: q/k/v and gate/up."""
         H, KV, D, F = c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden
-        linears = [("attn.qkv", tuple(f"self_attn.{x}_proj" for x in "qkv"), (H * D, KV * D, KV * D)),
-                   ("attn.proj", ("self_attn.o_proj",), None),
-                   ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj"), (F, F)),
-                   ("mlp.proj", ("mlp.down_proj",), None)]
+        linears = [
+            ("attn.qkv", tuple(f"self_attn.{x}_proj" for x in "qkv"), (H * D, KV * D, KV * D)),
+            ("attn.proj", ("self_attn.o_proj",), None),
+            ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj"), (F, F)),
+            ("mlp.proj", ("mlp.down_proj",), None),
+        ]
         kinds = ("weight", "bias") if c.bias else ("weight",)
-        table = [(f"{ours}.{kind}", tuple(f"{name}.{kind}" for name in theirs), sizes)
-                 for ours, theirs, sizes in linears for kind in kinds]
+        table = [
+            (f"{ours}.{kind}", tuple(f"{name}.{kind}" for name in theirs), sizes)
+            for ours, theirs, sizes in linears
+            for kind in kinds
+        ]
         table.insert(0, ("ln_1.weight", ("input_layernorm.weight",), None))
         table.insert(1 + 2 * len(kinds), ("ln_2.weight", ("post_attention_layernorm.weight",), None))
         return table
@@ -143,10 +184,20 @@ class LlamaAdapter(Adapter):
 
     def shape_config(self, c: GPTConfig) -> dict:
         """The fields Llama and Mistral share."""
-        return {"num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head,
-                "hidden_size": c.n_embd, "head_dim": c.head_dim, "intermediate_size": c.mlp_hidden,
-                "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "max_position_embeddings": c.max_seq_len,
-                **_rope_config(c), "attention_dropout": 0.0, "initializer_range": c.init_std}
+        return {
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "hidden_size": c.n_embd,
+            "head_dim": c.head_dim,
+            "intermediate_size": c.mlp_hidden,
+            "hidden_act": "silu",
+            "rms_norm_eps": c.norm_eps,
+            "max_position_embeddings": c.max_seq_len,
+            **_rope_config(c),
+            "attention_dropout": 0.0,
+            "initializer_range": c.init_std,
+        }
 
     def config(self, c):
         return {**self.shape_config(c), "attention_bias": c.bias, "mlp_bias": c.bias, "pretraining_tp": 1}
@@ -155,41 +206,59 @@ class LlamaAdapter(Adapter):
         """GPTConfig's fields from what Llama and Mistral share, checked."""
         d = self.DEFAULTS
         act = f.text("hidden_act", "silu")
-        _refuse_unless(act in self.ACTIVATIONS, f"hidden_act {act!r} is not supported "
-                                                f"(supported: {', '.join(self.ACTIVATIONS)})")
+        _refuse_unless(
+            act in self.ACTIVATIONS, f"hidden_act {act!r} is not supported (supported: {', '.join(self.ACTIVATIONS)})"
+        )
         hidden, heads = f.int("hidden_size", d["hidden_size"]), f.int("num_attention_heads", d["num_attention_heads"])
-        _refuse_unless(heads > 0 and hidden % heads == 0,
-                       f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        _refuse_unless(
+            heads > 0 and hidden % heads == 0, f"hidden_size {hidden} is not divisible by num_attention_heads {heads}"
+        )
         head_dim = f.int("head_dim", None, nullable=True)
-        _refuse_unless(head_dim in (None, hidden // heads),
-                       f"head_dim {head_dim} is not supported: megagpt's head size is hidden_size / "
-                       f"num_attention_heads = {hidden // heads}")
+        _refuse_unless(
+            head_dim in (None, hidden // heads),
+            f"head_dim {head_dim} is not supported: megagpt's head size is hidden_size / "
+            f"num_attention_heads = {hidden // heads}",
+        )
         max_positions = f.int("max_position_embeddings", d["max_position_embeddings"])
-        return {"family": self.family, "vocab_size": f.int("vocab_size", d["vocab_size"]),
-                "max_seq_len": max_positions, "n_layer": f.int("num_hidden_layers", d["num_hidden_layers"]),
-                "n_head": heads, "n_kv_head": f.int("num_key_value_heads", d["num_key_value_heads"], nullable=True),
-                "n_embd": hidden, "mlp_hidden": f.int("intermediate_size", d["intermediate_size"]),
-                "norm_eps": f.float("rms_norm_eps", d["rms_norm_eps"]),
-                "init_std": f.float("initializer_range", 0.02),
-                "tie_embeddings": f.flag("tie_word_embeddings", d["tie_word_embeddings"]),
-                **_read_rope(f, max_positions)}
+        return {
+            "family": self.family,
+            "vocab_size": f.int("vocab_size", d["vocab_size"]),
+            "max_seq_len": max_positions,
+            "n_layer": f.int("num_hidden_layers", d["num_hidden_layers"]),
+            "n_head": heads,
+            "n_kv_head": f.int("num_key_value_heads", d["num_key_value_heads"], nullable=True),
+            "n_embd": hidden,
+            "mlp_hidden": f.int("intermediate_size", d["intermediate_size"]),
+            "norm_eps": f.float("rms_norm_eps", d["rms_norm_eps"]),
+            "init_std": f.float("initializer_range", 0.02),
+            "tie_embeddings": f.flag("tie_word_embeddings", d["tie_word_embeddings"]),
+            **_read_rope(f, max_positions),
+        }
 
     def config_from_hf(self, cfg):
         f = _Fields(cfg)
         attention_bias, mlp_bias = f.flag("attention_bias", False), f.flag("mlp_bias", False)
-        _refuse_unless(attention_bias == mlp_bias,
-                       f"attention_bias {str(attention_bias).lower()} with mlp_bias {str(mlp_bias).lower()} is not "
-                       "supported (megagpt has one bias switch for all linear layers)")
+        _refuse_unless(
+            attention_bias == mlp_bias,
+            f"attention_bias {str(attention_bias).lower()} with mlp_bias {str(mlp_bias).lower()} is not "
+            "supported (megagpt has one bias switch for all linear layers)",
+        )
         return GPTConfig(**self.read_shape(f), bias=attention_bias)
 
 
 class MistralAdapter(LlamaAdapter):
     """Llama's tensors and computation; no biases (MistralForCausalLM has
     none, whatever config.json says); a sliding window."""
+
     family, model_type, architecture, prefix = "mistral", "mistral", "MistralForCausalLM", "model."
     # MistralConfig's defaults (transformers), for keys a config.json leaves out.
-    DEFAULTS = {**LlamaAdapter.DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
-                "max_position_embeddings": 4096 * 32, "sliding_window": 4096}
+    DEFAULTS = {
+        **LlamaAdapter.DEFAULTS,
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 4096 * 32,
+        "sliding_window": 4096,
+    }
 
     def config(self, c):
         return {**self.shape_config(c), "sliding_window": c.sliding_window}

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 
-
 from megagpt.config import ConfigError
 from megagpt.hf.adapters import BY_ARCHITECTURE, adapter
 from megagpt.hf.fields import HFConfigError, _Refused
@@ -19,11 +18,19 @@ from megagpt.model.gpt import GPT
 def hf_config(c: GPTConfig, eos_id: int | None) -> dict:
     """config.json for the transformers class of the family."""
     a = adapter(c.family)
-    return {"vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
-            "bos_token_id": eos_id, "eos_token_id": eos_id, "use_cache": True,
-            # megagpt's own record, so generation can rebuild the model exactly.
-            "megagpt": dataclasses.asdict(c),
-            "architectures": [a.architecture], "model_type": a.model_type, **a.config(c)}
+    return {
+        "vocab_size": c.vocab_size,
+        "tie_word_embeddings": c.tie_embeddings,
+        "torch_dtype": "float32",
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+        # megagpt's own record, so generation can rebuild the model exactly.
+        "megagpt": dataclasses.asdict(c),
+        "architectures": [a.architecture],
+        "model_type": a.model_type,
+        **a.config(c),
+    }
 
 
 def parse_hf_config(cfg: dict, where: str = "config.json") -> GPTConfig:

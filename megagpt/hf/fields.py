@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from megagpt.model.config import ROPE_SCALINGS, GPTConfig
 
 
@@ -67,19 +66,26 @@ def _read_rope(f: _Fields, max_positions: int) -> dict:
     r = _Fields(rope, prefix=f"{key}.")
     theta = r.float("rope_theta", f.float("rope_theta", 10000.0))
     partial_rotary = r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0))
-    _refuse_unless(partial_rotary == 1.0, f"partial_rotary_factor {partial_rotary} is not supported "
-                                          "(megagpt rotates the whole head)")
+    _refuse_unless(
+        partial_rotary == 1.0,
+        f"partial_rotary_factor {partial_rotary} is not supported (megagpt rotates the whole head)",
+    )
     kind = r.text("rope_type", r.text("type", "default"))
     if kind == "default":
         return {"rope_theta": theta}
-    _refuse_unless(kind in ROPE_SCALINGS, f"{key} type {kind!r} is not supported (supported: "
-                                          f"{', '.join(ROPE_SCALINGS)})")
+    _refuse_unless(
+        kind in ROPE_SCALINGS, f"{key} type {kind!r} is not supported (supported: {', '.join(ROPE_SCALINGS)})"
+    )
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
     _refuse_unless(not missing, f"{key} type {kind!r} lacks {', '.join(missing)}")
-    return {"rope_theta": theta, "rope_scaling": kind, "rope_scaling_factor": r.float("factor", None),
-            "rope_scaling_low_freq_factor": r.float("low_freq_factor", None),
-            "rope_scaling_high_freq_factor": r.float("high_freq_factor", None),
-            "rope_scaling_original_max_seq_len": r.int("original_max_position_embeddings", max_positions)}
+    return {
+        "rope_theta": theta,
+        "rope_scaling": kind,
+        "rope_scaling_factor": r.float("factor", None),
+        "rope_scaling_low_freq_factor": r.float("low_freq_factor", None),
+        "rope_scaling_high_freq_factor": r.float("high_freq_factor", None),
+        "rope_scaling_original_max_seq_len": r.int("original_max_position_embeddings", max_positions),
+    }
 
 
 def _rope_config(c: GPTConfig) -> dict:
@@ -87,12 +93,17 @@ def _rope_config(c: GPTConfig) -> dict:
     rope_theta and rope_scaling, 5.x rope_parameters (rope_scaling first where present)."""
     scaling = {}
     if c.rope_scaling is not None:
-        scaling = {"rope_type": c.rope_scaling, "factor": c.rope_scaling_factor,
-                   "low_freq_factor": c.rope_scaling_low_freq_factor,
-                   "high_freq_factor": c.rope_scaling_high_freq_factor,
-                   "original_max_position_embeddings": c.rope_scaling_original_max_seq_len}
-    out = {"rope_theta": c.rope_theta,
-           "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": c.rope_theta}}
+        scaling = {
+            "rope_type": c.rope_scaling,
+            "factor": c.rope_scaling_factor,
+            "low_freq_factor": c.rope_scaling_low_freq_factor,
+            "high_freq_factor": c.rope_scaling_high_freq_factor,
+            "original_max_position_embeddings": c.rope_scaling_original_max_seq_len,
+        }
+    out = {
+        "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_type": "default", **scaling, "rope_theta": c.rope_theta},
+    }
     if scaling:
         out["rope_scaling"] = scaling
     return out

@@ -18,6 +18,7 @@ class Source:
     puts the tensors `names` (in this order) together; `split` is its
     inverse, one tensor per name (export).  Neither is called when the table
     is built: building it reads no tensor data."""
+
     names: tuple[str, ...]
     combine: Callable[[list[torch.Tensor]], torch.Tensor]
     split: Callable[[torch.Tensor], list[torch.Tensor]]

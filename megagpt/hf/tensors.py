@@ -83,9 +83,12 @@ def load_hf_state(folder: str, c: GPTConfig) -> Tensors:
     table = sources(c, where.keys())
     missing = [n for src in table.values() for n in src.names if n not in where]
     if missing:
-        raise ValueError(f"{folder}: the safetensors files lack {len(missing)} tensors the model needs, "
-                         f"e.g. {missing[:3]}")
+        raise ValueError(
+            f"{folder}: the safetensors files lack {len(missing)} tensors the model needs, e.g. {missing[:3]}"
+        )
     with contextlib.ExitStack() as stack:
-        files = {name: stack.enter_context(safe_open(os.path.join(folder, name), framework="pt"))
-                 for name in sorted(set(where.values()))}
+        files = {
+            name: stack.enter_context(safe_open(os.path.join(folder, name), framework="pt"))
+            for name in sorted(set(where.values()))
+        }
         return _assemble(table, lambda n: files[where[n]].get_tensor(n), c)

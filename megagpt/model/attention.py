@@ -50,8 +50,9 @@ FA4_MIN_CAPABILITY = (9, 0)
 FA2_MIN_CAPABILITY = (8, 0)
 
 
-def choose_flash_impl(device_type: str, capability: tuple[int, int] | None, fa4_imports: bool,
-                      fa2_imports: bool) -> str | None:
+def choose_flash_impl(
+    device_type: str, capability: tuple[int, int] | None, fa4_imports: bool, fa2_imports: bool
+) -> str | None:
     """Which FlashAttention runs `model.attention=flash_attn`: "fa4", "fa2", or
     None (none can run here).  Pure: given the device, its compute capability
     and which packages import."""
@@ -83,7 +84,7 @@ def _import(name: str) -> tuple[object | None, str]:
                 module, why = None, "flash_attn has no flash_attn_func (only flash-attn-4's flash_attn.cute is here)"
             else:
                 why = ""
-        except Exception as e:  # ImportError, or a CUDA library that fails to load
+        except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA library that fails to load
             module, why = None, f"{type(e).__name__}: {e}".splitlines()[0][:300]
         _imported[name] = (module, why)
     return _imported[name]
@@ -106,8 +107,9 @@ def flash_impl(device_type: str = "cuda", index: int | None = None) -> str | Non
         return None
     index = torch.cuda.current_device() if index is None else index
     if index not in _impl_by_device:
-        _impl_by_device[index] = choose_flash_impl("cuda", torch.cuda.get_device_capability(index),
-                                                   fa4_module() is not None, fa2_module() is not None)
+        _impl_by_device[index] = choose_flash_impl(
+            "cuda", torch.cuda.get_device_capability(index), fa4_module() is not None, fa2_module() is not None
+        )
     return _impl_by_device[index]
 
 
@@ -120,8 +122,10 @@ def flash_unavailable_reason() -> str:
     if not torch.cuda.is_available():
         return "no CUDA device"
     cap = torch.cuda.get_device_capability()
-    return (f"compute capability {cap[0]}.{cap[1]}; flash_attn.cute: {_import('flash_attn.cute')[1] or 'imports'}"
-            f"; flash_attn: {_import('flash_attn')[1] or 'imports'}")
+    return (
+        f"compute capability {cap[0]}.{cap[1]}; flash_attn.cute: {_import('flash_attn.cute')[1] or 'imports'}"
+        f"; flash_attn: {_import('flash_attn')[1] or 'imports'}"
+    )
 
 
 def resolve_backend(name: str, device_type: str) -> str:
@@ -140,9 +144,16 @@ def resolve_backend(name: str, device_type: str) -> str:
     return name
 
 
-def flash_trial(n_head: int, n_kv_head: int, head_dim: int, doc_mask: bool = False,
-                device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                seq_len: int = 128, tolerance: float = 0.05) -> str | None:
+def flash_trial(
+    n_head: int,
+    n_kv_head: int,
+    head_dim: int,
+    doc_mask: bool = False,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    seq_len: int = 128,
+    tolerance: float = 0.05,
+) -> str | None:
     """Why FlashAttention cannot train this model here, or None: one forward +
     backward through the run's own path (dense, or varlen with `doc_mask`) at
     the model's head shape on a short batch, its output checked against SDPA's.
@@ -155,8 +166,7 @@ def flash_trial(n_head: int, n_kv_head: int, head_dim: int, doc_mask: bool = Fal
     gen = torch.Generator(device=device).manual_seed(0)
     B = 2
     q = torch.randn(B, n_head, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
-    k, v = (torch.randn(B, n_kv_head, seq_len, head_dim, device=device, dtype=dtype, generator=gen)
-            for _ in range(2))
+    k, v = (torch.randn(B, n_kv_head, seq_len, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(2))
     vis = Visibility(seq_len)
     if doc_mask:  # two documents per row, cut at different places
         cut = torch.tensor([[seq_len // 3], [seq_len // 2]], device=device)
@@ -182,8 +192,12 @@ def flash_trial(n_head: int, n_kv_head: int, head_dim: int, doc_mask: bool = Fal
 # --- SDPA: which kernel -------------------------------------------------------------------
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
-_SDPA_ENUM = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-              "math": "MATH"}
+_SDPA_ENUM = {
+    "cudnn": "CUDNN_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def sdpa_backend_problem(name: str, cuda: bool, doc_mask: bool) -> str | None:
@@ -221,10 +235,19 @@ def choose_sdpa_backend(times: dict[str, float | None]) -> str | None:
     return min(ran)[2] if ran else None
 
 
-def time_sdpa_backends(batch: int, n_head: int, n_kv_head: int, seq_len: int, head_dim: int,
-                       candidates: tuple[str, ...] = ("cudnn", "flash"), doc_mask: bool = False,
-                       device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                       warmup: int = 2, iters: int = 5) -> tuple[dict[str, float | None], dict[str, str]]:
+def time_sdpa_backends(
+    batch: int,
+    n_head: int,
+    n_kv_head: int,
+    seq_len: int,
+    head_dim: int,
+    candidates: tuple[str, ...] = ("cudnn", "flash"),
+    doc_mask: bool = False,
+    device: torch.device | str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    warmup: int = 2,
+    iters: int = 5,
+) -> tuple[dict[str, float | None], dict[str, str]]:
     """Median seconds of one forward + backward of the model's SDPA call at this
     shape for each kernel: ({kernel: seconds or None}, {kernel: why it failed})."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -260,9 +283,18 @@ def time_sdpa_backends(batch: int, n_head: int, n_kv_head: int, seq_len: int, he
     return times, errors
 
 
-def resolve_sdpa_backend(name: str, device_type: str, *, batch: int, n_head: int, n_kv_head: int, seq_len: int,
-                         head_dim: int, doc_mask: bool = False,
-                         log: Callable[[str], None] | None = None) -> str | None:
+def resolve_sdpa_backend(
+    name: str,
+    device_type: str,
+    *,
+    batch: int,
+    n_head: int,
+    n_kv_head: int,
+    seq_len: int,
+    head_dim: int,
+    doc_mask: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> str | None:
     """model.sdpa_backend -> the kernel the model's SDPA calls use
     (GPTConfig.sdpa_backend; None: torch's choice).  What cannot run is a
     ConfigError (sdpa_backend_problem; config_checks rejects it first).  CPU:
@@ -280,18 +312,28 @@ def resolve_sdpa_backend(name: str, device_type: str, *, batch: int, n_head: int
     times, errors = time_sdpa_backends(batch, n_head, n_kv_head, seq_len, head_dim, candidates, doc_mask)
     chosen = choose_sdpa_backend(times)
     if log is not None:
-        parts = [f"{k} {t * 1e3:.2f} ms" if t is not None else f"{k} failed ({errors.get(k, '?')})"
-                 for k, t in times.items()]
-        log(f"sdpa kernel: {chosen or 'torch default'} (auto; forward+backward at batch {batch}, {n_head} heads "
-            f"({n_kv_head} key/value), seq {seq_len}, head dim {head_dim}, bf16: {', '.join(parts)})")
+        parts = [
+            f"{k} {t * 1e3:.2f} ms" if t is not None else f"{k} failed ({errors.get(k, '?')})" for k, t in times.items()
+        ]
+        log(
+            f"sdpa kernel: {chosen or 'torch default'} (auto; forward+backward at batch {batch}, {n_head} heads "
+            f"({n_kv_head} key/value), seq {seq_len}, head dim {head_dim}, bf16: {', '.join(parts)})"
+        )
     return chosen
 
 
 # --- The kernels --------------------------------------------------------------------------
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-                     vis: Visibility | None = None, dropout_p: float = 0.0,
-                     sdpa_backend: str = "auto") -> torch.Tensor:
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str,
+    vis: Visibility | None = None,
+    dropout_p: float = 0.0,
+    sdpa_backend: str = "auto",
+) -> torch.Tensor:
     """q: (B, H, T, D); k, v: (B, KV, S, D) with H % KV == 0 and S = offset + T.
     Returns (B, H, T, D).  `sdpa_backend`: SDPA's kernel on CUDA (one of
     SDPA_BACKENDS; auto: torch's own choice), read at trace time under
@@ -326,8 +368,7 @@ def _sdpa(q, k, v, vis: Visibility, dropout_p: float) -> torch.Tensor:
     gqa = k.size(1) != q.size(1)
     if vis.plain_causal:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis.mask(q.device), dropout_p=dropout_p,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=vis.mask(q.device), dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def _flash(q, k, v, vis: Visibility, dropout_p: float) -> torch.Tensor:
@@ -344,16 +385,28 @@ def _flash(q, k, v, vis: Visibility, dropout_p: float) -> torch.Tensor:
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     B, T, H, D = q.shape
     if vis.doc is None:
-        out = _fa4_dense(q, k, v) if impl == "fa4" else fa2_module().flash_attn_func(
-            q, k, v, dropout_p=dropout_p, causal=True)
+        out = (
+            _fa4_dense(q, k, v)
+            if impl == "fa4"
+            else fa2_module().flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)
+        )
         return out.transpose(1, 2)
     cu, longest = vis.varlen()
     q, k, v = q.reshape(B * T, H, D), k.reshape(B * T, k.size(2), D), v.reshape(B * T, v.size(2), D)
     if impl == "fa4":
         out = _fa4_varlen(q, k, v, cu, longest)
     else:
-        out = fa2_module().flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
-                                                  max_seqlen_k=longest, dropout_p=dropout_p, causal=True)
+        out = fa2_module().flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=longest,
+            max_seqlen_k=longest,
+            dropout_p=dropout_p,
+            causal=True,
+        )
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
@@ -372,5 +425,8 @@ def _fa4_dense(q, k, v):
 
 @torch.compiler.disable
 def _fa4_varlen(q, k, v, cu, longest):
-    return _first(fa4_module().flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                                      max_seqlen_q=longest, max_seqlen_k=longest, causal=True))
+    return _first(
+        fa4_module().flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest, causal=True
+        )
+    )

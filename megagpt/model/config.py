@@ -38,8 +38,12 @@ from megagpt.model.layers import Llama3Scaling
 
 # model.rope_scaling's types, and the settings each needs (layers.py: Llama3Scaling).
 ROPE_SCALINGS = ("llama3",)
-LLAMA3_KEYS = ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
-               "rope_scaling_original_max_seq_len")
+LLAMA3_KEYS = (
+    "rope_scaling_factor",
+    "rope_scaling_low_freq_factor",
+    "rope_scaling_high_freq_factor",
+    "rope_scaling_original_max_seq_len",
+)
 
 
 # model.loss_chunk_tokens=null (auto) on CUDA: chunks of about this many logits, 1 GiB in fp32.  A
@@ -84,18 +88,26 @@ def check(m: Any, resolved: bool = False) -> None:
         _require(getattr(m, key) > 0, key, f"must be positive, got {getattr(m, key)}")
     _require(m.n_embd % m.n_head == 0, "n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
     kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
-    _require(kv > 0 and m.n_head % kv == 0, "n_kv_head",
-             f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}")
+    _require(
+        kv > 0 and m.n_head % kv == 0, "n_kv_head", f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}"
+    )
     _require(m.mlp_hidden is None or m.mlp_hidden > 0, "mlp_hidden", f"must be positive, got {m.mlp_hidden}")
     _require(m.mlp_multiple > 0, "mlp_multiple", f"must be positive, got {m.mlp_multiple}")
     _require(m.rope_theta > 0, "rope_theta", f"must be positive, got {m.rope_theta}")
-    _require(m.activation_checkpointing >= 0, "activation_checkpointing",
-             f"must be 0 (off) or k >= 1 (every k-th block), got {m.activation_checkpointing}")
+    _require(
+        m.activation_checkpointing >= 0,
+        "activation_checkpointing",
+        f"must be 0 (off) or k >= 1 (every k-th block), got {m.activation_checkpointing}",
+    )
     if family(m.family).rotary:
-        _require((m.n_embd // m.n_head) % 2 == 0, "n_embd",
-                 f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}")
-    _require(family(m.family).biases or not m.bias, "bias",
-             f"family {m.family} has no linear biases; set model.bias=false")
+        _require(
+            (m.n_embd // m.n_head) % 2 == 0,
+            "n_embd",
+            f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}",
+        )
+    _require(
+        family(m.family).biases or not m.bias, "bias", f"family {m.family} has no linear biases; set model.bias=false"
+    )
     _check_rope_scaling(m)
     _check_sliding_window(m)
     backends = BACKENDS if resolved else ("auto", *BACKENDS)
@@ -105,8 +117,11 @@ def check(m: Any, resolved: bool = False) -> None:
     if resolved:
         _require(isinstance(m.compile, bool), "compile", f"must be true or false here, got {m.compile!r}")
         _require(m.loss_chunk_tokens is not None, "loss_chunk_tokens", "must be a number of tokens here, got None")
-    _require(m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0, "loss_chunk_tokens",
-             f"must be >= 0 (0: the plain loss) or null (auto), got {m.loss_chunk_tokens}")
+    _require(
+        m.loss_chunk_tokens is None or m.loss_chunk_tokens >= 0,
+        "loss_chunk_tokens",
+        f"must be >= 0 (0: the plain loss) or null (auto), got {m.loss_chunk_tokens}",
+    )
 
 
 def _check_rope_scaling(m: Any) -> None:
@@ -115,18 +130,23 @@ def _check_rope_scaling(m: Any) -> None:
         for key in LLAMA3_KEYS:
             _require(getattr(m, key) is None, key, f"set to {getattr(m, key)} but model.rope_scaling is null (off)")
         return
-    _require(m.rope_scaling in ROPE_SCALINGS, "rope_scaling",
-             f"unknown type {m.rope_scaling!r}; choose one of {ROPE_SCALINGS} or null")
-    _require(family(m.family).rotary, "rope_scaling",
-             f"scales rotary embeddings; family {m.family} has learned positions")
+    _require(
+        m.rope_scaling in ROPE_SCALINGS,
+        "rope_scaling",
+        f"unknown type {m.rope_scaling!r}; choose one of {ROPE_SCALINGS} or null",
+    )
+    _require(
+        family(m.family).rotary, "rope_scaling", f"scales rotary embeddings; family {m.family} has learned positions"
+    )
     for key in LLAMA3_KEYS:
         _require(getattr(m, key) is not None, key, f"needed by model.rope_scaling={m.rope_scaling}")
     for key in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_original_max_seq_len"):
         _require(getattr(m, key) > 0, key, f"must be positive, got {getattr(m, key)}")
     # The blend between the two bounds divides by their difference.
     low, high = m.rope_scaling_low_freq_factor, m.rope_scaling_high_freq_factor
-    _require(high > low, "rope_scaling_high_freq_factor",
-             f"must exceed model.rope_scaling_low_freq_factor={low}, got {high}")
+    _require(
+        high > low, "rope_scaling_high_freq_factor", f"must exceed model.rope_scaling_low_freq_factor={low}, got {high}"
+    )
 
 
 def _check_sliding_window(m: Any) -> None:
@@ -144,6 +164,7 @@ def _check_sliding_window(m: Any) -> None:
 @dataclass(kw_only=True)
 class GPTConfig(ModelConfig):
     """What the model is built from: ModelConfig's fields resolved (see the module doc)."""
+
     vocab_size: int = field()
     max_seq_len: int = field()
     attention: str = "sdpa"
@@ -161,8 +182,16 @@ class GPTConfig(ModelConfig):
             raise ConfigError("model.doc_mask: needs the end-of-document token id (eod_id)")
 
     @classmethod
-    def from_settings(cls, m: ModelConfig, *, vocab_size: int, seq_len: int, attention: str,
-                      eod_id: int | None = None, device_type: str = "cpu") -> "GPTConfig":
+    def from_settings(
+        cls,
+        m: ModelConfig,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        attention: str,
+        eod_id: int | None = None,
+        device_type: str = "cpu",
+    ) -> "GPTConfig":
         """The model's config from the `model.*` settings (a ModelConfig or its
         DictConfig): every setting copied by name, then the defaults that need
         the data: vocab_size (model.vocab_size, else the tokenizer's
@@ -174,8 +203,13 @@ class GPTConfig(ModelConfig):
         values = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig)}
         v = m.vocab_size or vocab_size
         v = -(-v // m.vocab_multiple) * m.vocab_multiple
-        values.update(vocab_size=v, max_seq_len=m.max_seq_len or seq_len, attention=attention, eod_id=eod_id,
-                      **for_device(m, device_type, v))
+        values.update(
+            vocab_size=v,
+            max_seq_len=m.max_seq_len or seq_len,
+            attention=attention,
+            eod_id=eod_id,
+            **for_device(m, device_type, v),
+        )
         return cls(**values)
 
     @classmethod
@@ -192,8 +226,9 @@ class GPTConfig(ModelConfig):
         """A copy set up for inference: the given attention backend, no
         activation checkpointing, no dropout, no compile, and SDPA's kernel
         torch's choice (a training run's measured kernel was measured for its shapes)."""
-        return dataclasses.replace(self, attention=attention, activation_checkpointing=0, dropout=0.0,
-                                   compile=False, sdpa_backend="auto")
+        return dataclasses.replace(
+            self, attention=attention, activation_checkpointing=0, dropout=0.0, compile=False, sdpa_backend="auto"
+        )
 
     @property
     def family_spec(self) -> Family:
@@ -208,7 +243,9 @@ class GPTConfig(ModelConfig):
         """The RoPE frequency scaling model.rope_scaling asks for, or None."""
         if self.rope_scaling is None:
             return None
-        return Llama3Scaling(factor=float(self.rope_scaling_factor),
-                             low_freq_factor=float(self.rope_scaling_low_freq_factor),
-                             high_freq_factor=float(self.rope_scaling_high_freq_factor),
-                             original_max_seq_len=int(self.rope_scaling_original_max_seq_len))
+        return Llama3Scaling(
+            factor=float(self.rope_scaling_factor),
+            low_freq_factor=float(self.rope_scaling_low_freq_factor),
+            high_freq_factor=float(self.rope_scaling_high_freq_factor),
+            original_max_seq_len=int(self.rope_scaling_original_max_seq_len),
+        )

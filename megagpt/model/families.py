@@ -67,16 +67,38 @@ def _swiglu_width(m) -> int:
     return -(-h // m.mlp_multiple) * m.mlp_multiple
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("gpt2", "learned positions, LayerNorm, GELU MLP",
-           positions="learned", norm=layer_norm, mlp=GeluMLP, mlp_width=_ratio_width),
-    Family("llama", "rotary positions, RMSNorm, SwiGLU MLP",
-           positions="rotary", norm=rms_norm, mlp=SwiGLU, mlp_width=_swiglu_width),
-    # Llama's computation under another name, so that a Mistral model exports as
-    # MistralForCausalLM (its sliding window: model.sliding_window).
-    Family("mistral", "llama's computation, no biases (Mistral)",
-           positions="rotary", norm=rms_norm, mlp=SwiGLU, mlp_width=_swiglu_width, biases=False),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "gpt2",
+            "learned positions, LayerNorm, GELU MLP",
+            positions="learned",
+            norm=layer_norm,
+            mlp=GeluMLP,
+            mlp_width=_ratio_width,
+        ),
+        Family(
+            "llama",
+            "rotary positions, RMSNorm, SwiGLU MLP",
+            positions="rotary",
+            norm=rms_norm,
+            mlp=SwiGLU,
+            mlp_width=_swiglu_width,
+        ),
+        # Llama's computation under another name, so that a Mistral model exports as
+        # MistralForCausalLM (its sliding window: model.sliding_window).
+        Family(
+            "mistral",
+            "llama's computation, no biases (Mistral)",
+            positions="rotary",
+            norm=rms_norm,
+            mlp=SwiGLU,
+            mlp_width=_swiglu_width,
+            biases=False,
+        ),
+    )
+}
 
 
 def family(name: str) -> Family:

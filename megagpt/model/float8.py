@@ -53,16 +53,17 @@ def fp8_eligible(name: str, module: nn.Module, min_dim: int) -> bool:
 def torchao_problem() -> str | None:
     """Why torchao's float8 training cannot be imported, or None."""
     if importlib.util.find_spec("torchao") is None:
-        return "needs torchao, not installed here (pip install -e \".[fp8]\")"
+        return 'needs torchao, not installed here (pip install -e ".[fp8]")'
     try:
         import torchao.float8  # noqa: F401
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever breaks the import is the reason fp8 is unavailable
         return f"torchao does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     return None
 
 
-def fp8_support_problem(recipe: str, torchao: str | None, capability: tuple[int, int] | None,
-                        device_name: str = "") -> str | None:
+def fp8_support_problem(
+    recipe: str, torchao: str | None, capability: tuple[int, int] | None, device_name: str = ""
+) -> str | None:
     """Pure: why model.fp8=`recipe` cannot run, given torchao's import problem
     (None: imports), the CUDA device's compute capability (None: no CUDA)
     and its name; None when it can."""
@@ -72,11 +73,15 @@ def fp8_support_problem(recipe: str, torchao: str | None, capability: tuple[int,
         return torchao
     need = MIN_CAPABILITY[recipe]
     if capability is None:
-        return (f"{recipe} needs a CUDA GPU of compute capability >= {need[0]}.{need[1]} "
-                "(H100, H200, B200, L40S...); there is none here")
+        return (
+            f"{recipe} needs a CUDA GPU of compute capability >= {need[0]}.{need[1]} "
+            "(H100, H200, B200, L40S...); there is none here"
+        )
     if tuple(capability) < need:
-        return (f"{recipe} needs compute capability >= {need[0]}.{need[1]}; "
-                f"{device_name or 'this GPU'} has {capability[0]}.{capability[1]}")
+        return (
+            f"{recipe} needs compute capability >= {need[0]}.{need[1]}; "
+            f"{device_name or 'this GPU'} has {capability[0]}.{capability[1]}"
+        )
     return None
 
 
@@ -108,8 +113,10 @@ def convert(model: nn.Module, recipe: str, min_dim: int, *, emulate: bool = Fals
         return []
     # Attributes megagpt sets on its Linear layers (is_residual_proj: the scaled
     # init, GPT.init_module_) would be lost with the old module: carry them over.
-    marks = {name: {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
-             for name, m in chosen.items()}
+    marks = {
+        name: {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+        for name, m in chosen.items()
+    }
     convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in chosen)
     converted = []
     for name, module in model.named_modules():

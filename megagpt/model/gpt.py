@@ -60,8 +60,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, offset + T, D)
         p = self.cfg.dropout if self.training else 0.0
-        y = causal_attention(q, k, v, self.cfg.attention, vis, dropout_p=p,
-                             sdpa_backend=self.cfg.sdpa_backend)  # (B, H, T, D)
+        y = causal_attention(
+            q, k, v, self.cfg.attention, vis, dropout_p=p, sdpa_backend=self.cfg.sdpa_backend
+        )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return F.dropout(self.proj(y), p, self.training)
 
@@ -127,8 +128,9 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is not None and self.cfg.loss_chunk_tokens:
             # The head and the loss in chunks of tokens, never the whole (B, T, V) logits (loss.py).
-            return linear_cross_entropy(x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens,
-                                        fused=self.cfg.compile)
+            return linear_cross_entropy(
+                x, self.lm_head.weight, targets, self.cfg.loss_chunk_tokens, fused=self.cfg.compile
+            )
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
@@ -147,8 +149,15 @@ class GPT(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
-        return KVCache(self.cfg.n_layer, batch, self.cfg.n_kv_head, max_len or self.cfg.max_seq_len,
-                       self.cfg.head_dim, p.device, p.dtype)
+        return KVCache(
+            self.cfg.n_layer,
+            batch,
+            self.cfg.n_kv_head,
+            max_len or self.cfg.max_seq_len,
+            self.cfg.head_dim,
+            p.device,
+            p.dtype,
+        )
 
     def init_module_(self, module: nn.Module, gen: torch.Generator) -> None:
         """Initialise the parameters a module owns directly (not its children).

@@ -61,6 +61,7 @@ class Llama3Scaling:
     they blend linearly in original_max_seq_len / wavelength.  The formula of
     Meta's Llama 3.1 reference code, as transformers computes it
     (modeling_rope_utils, rope_type llama3)."""
+
     factor: float
     low_freq_factor: float
     high_freq_factor: float
@@ -71,25 +72,28 @@ class Llama3Scaling:
         wavelen = 2 * math.pi / inv_freq
         slowed = inv_freq / self.factor
         # 0 at the long-wavelength bound, 1 at the short one (linear in 1 / wavelen).
-        t = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (self.high_freq_factor -
-                                                                             self.low_freq_factor)
+        t = (self.original_max_seq_len / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
         blended = (1 - t) * inv_freq / self.factor + t * inv_freq
         short = wavelen < self.original_max_seq_len / self.high_freq_factor
         long = wavelen > self.original_max_seq_len / self.low_freq_factor
         return torch.where(short, inv_freq, torch.where(long, slowed, blended))
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: Llama3Scaling | None = None,
-                  device: torch.device | None = None) -> torch.Tensor:
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Llama3Scaling | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """The rotation frequencies (head_dim / 2,) in fp32: theta^(-2i / head_dim),
     then scaled where the model says so."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim  # (head_dim / 2,)
-    inv_freq = 1.0 / theta ** exponents
+    inv_freq = 1.0 / theta**exponents
     return scaling.scale(inv_freq) if scaling is not None else inv_freq
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
-                scaling: Llama3Scaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling: Llama3Scaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (T, head_dim) in fp32 for integer positions (T,).
 
     The "rotate half" layout: frequency i rotates the pair (i, i + head_dim/2),
@@ -116,8 +120,16 @@ class KVCache:
     Preallocated (B, n_kv_head, max_len, head_dim) per layer; `length` is how
     many positions are filled.  The model advances it after each forward."""
 
-    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (batch, n_kv_head, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]

@@ -66,8 +66,14 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                         ignore_index: int = IGNORE_INDEX, fused: bool = False) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    ignore_index: int = IGNORE_INDEX,
+    fused: bool = False,
+) -> torch.Tensor:
     """F.cross_entropy((hidden @ weight.T).float(), targets) (the mean over the
     target tokens not equal to ignore_index), chunk_tokens rows at a time.
     hidden (..., C), weight (V, C), targets (...) int64.  Returns an fp32 scalar.
@@ -90,8 +96,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, ignore_index, fused):
         loss, grad_hidden, grad_weight, deferred = _loss_and_grads(
-            hidden, weight, targets, chunk_tokens, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            fused)
+            hidden, weight, targets, chunk_tokens, ignore_index, ctx.needs_input_grad[0], ctx.needs_input_grad[1], fused
+        )
         ctx.save_for_backward(grad_hidden, grad_weight, deferred)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
@@ -110,8 +116,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor | float,
-                 ignore_index: int, out_dtype: torch.dtype | None):
+def _chunk_terms(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    valid: torch.Tensor,
+    scale: torch.Tensor | float,
+    ignore_index: int,
+    out_dtype: torch.dtype | None,
+):
     """One chunk's summed loss (fp32) and the gradient of the loss w.r.t. its logits in
     `out_dtype` (None: no gradient), the logits' rows scaled by `scale` (1/count).  Eager, or
     compiled whole by torch.compile (`_fused`), which fuses the passes over the logits."""
@@ -137,8 +149,16 @@ def _fused():
     return _fused_chunk_terms
 
 
-def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
-                    ignore_index: int, need_hidden: bool, need_weight: bool, fused: bool = False):
+def _loss_and_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    ignore_index: int,
+    need_hidden: bool,
+    need_weight: bool,
+    fused: bool = False,
+):
     """(the mean loss, d loss / d hidden or None, d loss / d weight or None, deferred), one chunk of
     rows at a time.  hidden (N, C), weight (V, C), targets (N,).  The gradients are in the inputs'
     dtypes, except for fp16 inputs: fp16 has 5 exponent bits, and a logit's gradient
@@ -160,8 +180,9 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
         h, t, v = hidden[start:end], targets[start:end], valid[start:end]
-        chunk_loss, g = terms(torch.mm(h, weight.t()), t, v, 1.0 if defer else scale, ignore_index,
-                              hidden.dtype if need_grad else None)
+        chunk_loss, g = terms(
+            torch.mm(h, weight.t()), t, v, 1.0 if defer else scale, ignore_index, hidden.dtype if need_grad else None
+        )
         loss = loss + chunk_loss
         if not need_grad:
             continue

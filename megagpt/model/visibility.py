@@ -44,6 +44,7 @@ class Visibility:
 
     T new queries at absolute positions offset..offset+T-1 attend to the
     offset + T keys before and at them (the cache plus the new ones)."""
+
     T: int
     offset: int = 0
     doc: torch.Tensor | None = None  # (B, T) document index of every token, or None
