@@ -231,10 +231,14 @@ class Checkpointer:
         keep_last: int = 0,
         async_commit: bool = False,
         tokenizer: bytes | None = None,
+        files: dict[str, bytes] | None = None,
     ):
         self.root, self.rank, self.world = root, rank, world_size
         self.keep_last, self.async_commit = keep_last, async_commit
         self.tokenizer = tokenizer  # the data's tokenizer.json (rank 0): export needs nothing but the checkpoint
+        # More files rank 0 writes into each checkpoint, by relative path: the tokenizer and config
+        # files of the folder a run started from (model.init_from), which export writes back.
+        self.files = files or {}
         self._thread: threading.Thread | None = None
         self._timing: dict = {}
         self._error: str | None = None  # the background commit's failure on this rank, for wait()
@@ -278,6 +282,12 @@ class Checkpointer:
                     with open(writing, "wb") as f:
                         f.write(self.tokenizer)
                     own.append(TOKENIZER_FILE)
+                for rel, content in self.files.items() if self.rank == 0 else ():
+                    writing = os.path.join(partial, rel)
+                    os.makedirs(os.path.dirname(writing), exist_ok=True)
+                    with open(writing, "wb") as f:
+                        f.write(content)
+                    own.append(rel)
                 if self.async_commit:  # renamed to .failed_rank<R> if the background commit fails
                     writing = os.path.join(partial, f"{_PENDING}{self.rank}")
                     open(writing, "w").close()

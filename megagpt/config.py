@@ -46,16 +46,20 @@ class ModelConfig:
     resolved; its checks are in that module's `check`."""
 
     # gpt2 (learned positions, LayerNorm, GELU MLP) | llama (RoPE, RMSNorm, SwiGLU MLP) |
-    # mistral (llama's computation, exported as MistralForCausalLM; no biases):
-    # the rows of megagpt/model/families.py.
+    # mistral (llama's computation, exported as MistralForCausalLM; no biases) | qwen2 (llama's
+    # computation with biases on q/k/v only: Qwen2, Qwen2.5) | qwen3 (llama's computation with
+    # RMSNorm on each head of q and k, no biases): the rows of megagpt/model/families.py.
     family: str = "gpt2"
     # Transformer blocks.
     n_layer: int = 4
-    # Query heads per attention layer; n_embd must be a multiple of it (head dim = n_embd / n_head).
+    # Query heads per attention layer; n_embd must be a multiple of it where model.head_dim is None.
     n_head: int = 4
     # Key/value heads; None: n_head. Fewer key/value heads than query heads (a divisor of n_head):
     # grouped-query attention.
     n_kv_head: Optional[int] = None
+    # The size of each attention head. None: n_embd / n_head. Another size only in family qwen3
+    # (Qwen3-0.6B: 16 heads of 128 at width 1024).
+    head_dim: Optional[int] = None
     # The width: the size of the token embeddings and of the residual stream.
     n_embd: int = 128
     # Rows of the token embedding and the output head. None: the data tokenizer's vocabulary size.
@@ -67,20 +71,20 @@ class ModelConfig:
     # writes it as n_positions or max_position_embeddings; generation stops there. None: data.seq_len.
     max_seq_len: Optional[int] = None
     # MLP width. None: the family's rule: mlp_ratio x n_embd (gpt2); 8/3 n_embd rounded up to
-    # mlp_multiple (llama).
+    # mlp_multiple (the rotary families).
     mlp_hidden: Optional[int] = None
     # gpt2: the MLP width is mlp_ratio x n_embd where mlp_hidden is None.
     mlp_ratio: int = 4
-    # llama, mistral: the SwiGLU width, 8/3 n_embd, is rounded up to a multiple of this where
+    # Rotary families: the SwiGLU width, 8/3 n_embd, is rounded up to a multiple of this where
     # mlp_hidden is None.
     mlp_multiple: int = 256
     # Dropout probability in training, on the embeddings, the attention weights and each block's two
     # residual branches (0: none).
     dropout: float = 0.0
-    # Biases in the linear layers and LayerNorms (the output head and RMSNorm have none); family
-    # mistral needs false.
+    # Biases in the linear layers and LayerNorms (the output head and RMSNorm have none); families
+    # mistral, qwen2 and qwen3 need false (qwen2's q/k/v biases are the family's, always there).
     bias: bool = True
-    # The norms' epsilon (LayerNorm in gpt2, RMSNorm in llama and mistral).
+    # The norms' epsilon (LayerNorm in gpt2, RMSNorm in the rotary families).
     norm_eps: float = 1e-5
     # Linear and embedding weights start as N(0, init_std); the two projections of each block that
     # write into the residual stream as N(0, init_std / sqrt(2 n_layer)).

@@ -13,8 +13,15 @@ renamed for the family's transformers class (megagpt/hf) and written as:
 
   config.json, generation_config.json, model.safetensors (or
   model-0000i-of-0000n.safetensors + model.safetensors.index.json when larger
-  than --max-shard-bytes), tokenizer.json, tokenizer_config.json,
-  special_tokens_map.json, megagpt_export.json (the checkpoint, step, tokens)
+  than --max-shard-bytes) in --dtype (fp32, bf16 or fp16), tokenizer.json,
+  tokenizer_config.json, special_tokens_map.json (hf/tokenizer_files.py: a
+  run started from a Hugging Face folder gets that folder's tokenizer files
+  and special-token ids, chat template included), README.md (the model card,
+  hf/model_card.py), megagpt_export.json (the checkpoint relative to its run,
+  the step, the tokens seen)
+
+No absolute local path is written: the checkpoint is named relative to its
+run, the source model of a continued pretraining by its folder's name.
 
 The folder is written as `<out>.partial-<pid>` beside --out and renamed to
 --out at the end: a failed export removes it and leaves --out as it was.  An
@@ -31,7 +38,9 @@ checkpoints you trust.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
+import json
 import os
 import re
 import shutil
@@ -52,6 +61,8 @@ from megagpt.checkpoint import (
     problem_of,
 )
 from megagpt.data.tokenizer import TOKENIZER_FILE
+from megagpt.export_gguf import GGUF_TYPES, GGUFError, write_gguf
+from megagpt.export_gguf import check_target as check_gguf_target
 from megagpt.model.config import GPTConfig
 from megagpt.model.families import FAMILIES
 from megagpt.model.gpt import GPT
@@ -233,36 +244,164 @@ def load_checkpoint_model(path: str, attention: str = "sdpa") -> tuple[GPT, dict
 # -- writing the export -----------------------------------------------------------------------
 
 
-def export(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
+# The weights' dtypes: --dtype -> (torch dtype, config.json's name for it).
+DTYPES = {"fp32": (torch.float32, "float32"), "bf16": (torch.bfloat16, "bfloat16"), "fp16": (torch.float16, "float16")}
+
+
+def export(
+    checkpoint: str,
+    out: str,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    dtype: str = "fp32",
+    name: str | None = None,
+) -> str:
     """Write the Hugging Face folder from DIR `checkpoint`; returns its path."""
     check_out(out, overwrite)  # before verifying, which hashes every file
-    return export_checkpoint(find_checkpoint(checkpoint), out, max_shard_bytes, overwrite)
+    return export_checkpoint(find_checkpoint(checkpoint), out, max_shard_bytes, overwrite, dtype, name)
 
 
-def export_checkpoint(path: str, out: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> str:
+def export_checkpoint(
+    path: str,
+    out: str,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+    dtype: str = "fp32",
+    name: str | None = None,
+) -> str:
     """Write the Hugging Face folder from the verified checkpoint directory
-    `path` into a temporary folder beside `out` and rename it to `out`."""
+    `path` into a temporary folder beside `out` and rename it to `out`.
+    `name`: the model's name in the model card (default: the run's folder name)."""
+    from megagpt.hf.model_card import public_path
+    from megagpt.hf.tokenizer_files import carried_source_files
+
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = os.path.abspath(out)
     check_out(out, overwrite)  # before the minutes a large model takes to consolidate
     model, state = load_checkpoint_model(path)
-    c = model.cfg
+    tokenizer = _checkpoint_tokenizer(path)
+    run_dir = _run_dir_of(path)
     real = os.path.realpath(out)  # a link to a folder: the folder is replaced, the link kept
     os.makedirs(os.path.dirname(real), exist_ok=True)
     tmp = f"{real}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # this process id's, left by a killed export
     try:
-        write_hf_model(model, tmp, c.eod_id, max_shard_bytes)
-        _write_tokenizer(path, tmp, c.max_seq_len)
+        notes = write_export(
+            model,
+            tmp,
+            tokenizer,
+            source=carried_source_files(path),
+            dtype=dtype,
+            max_shard_bytes=max_shard_bytes,
+            state=state,
+            name=name or os.path.basename(run_dir),
+            run_dir=run_dir,
+        )
         _write_json(
             os.path.join(tmp, EXPORT_RECORD),
-            {"checkpoint": path, "step": state.get("step"), "tokens_seen": state.get("tokens_seen")},
+            {
+                "checkpoint": public_path(path, run_dir),  # relative to the run
+                "name": name or os.path.basename(run_dir),
+                "step": state.get("step"),
+                "tokens_seen": state.get("tokens_seen"),
+                "dtype": dtype,
+            },
         )
         check_out(out, overwrite)  # again: `out` may have changed meanwhile
         _put_in_place(tmp, real)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for note in notes:
+        print(f"megagpt.export: {note}", file=sys.stderr, flush=True)
     return out
+
+
+def _run_dir_of(checkpoint: str) -> str:
+    """The run a checkpoint belongs to: <run.dir> of <run.dir>/checkpoints/step_N, else the folder holding it."""
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+
+
+def _checkpoint_tokenizer(path: str) -> bytes:
+    src = os.path.join(path, TOKENIZER_FILE)
+    if not os.path.isfile(src):
+        # Training writes it into every checkpoint, unless it could not read the data's (a warning then).
+        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (training could not read the data's tokenizer)")
+    from megagpt.data.tokenizer import eod_id, load_tokenizer
+
+    try:
+        eod_id(load_tokenizer(src), src)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TOKENIZER_FILE}: {e.__cause__ or e}") from None
+    with open(src, "rb") as f:
+        return f.read()
+
+
+def write_export(
+    model: GPT,
+    out: str,
+    tokenizer: bytes,
+    *,
+    source: dict[str, bytes] | None = None,
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 * 2**30,
+    state: dict | None = None,
+    name: str = "megagpt model",
+    run_dir: str | None = None,
+) -> list[str]:
+    """Write a model in memory as a whole Hugging Face folder: the weights in
+    `dtype`, config.json, generation_config.json, the tokenizer files
+    (`tokenizer`: the data's tokenizer.json; `source`: the files of the folder
+    a run started from, hf/tokenizer_files.py) and README.md (`state`: the
+    checkpoint's megagpt_state.json).  Returns what the user should know."""
+    from megagpt.hf import adapter, hf_config
+    from megagpt.hf.model_card import model_card, public_path
+    from megagpt.hf.tokenizer_files import own_tokenizer, source_tokenizer
+
+    c = model.cfg
+    tok = (
+        source_tokenizer(source, tokenizer, c.max_seq_len)
+        if source
+        else own_tokenizer(tokenizer, c.vocab_size, c.max_seq_len)
+    )
+    torch_dtype, dtype_name = DTYPES[dtype]
+    tensors = _hf_tensors(model, torch_dtype)
+    os.makedirs(out, exist_ok=True)
+    _write_weights(tensors, out, max_shard_bytes)
+    record = dataclasses.replace(c, init_from=public_path(c.init_from)) if c.init_from else c  # a name, not a path
+    source_config = json.loads(source["config.json"]) if source and "config.json" in source else None
+    config = hf_config(record, tok.ids.get("eos_token_id"), special=tok.ids, dtype=dtype_name, source=source_config)
+    _write_json(os.path.join(out, "config.json"), config)
+    if source and "generation_config.json" in source:
+        _write_bytes(os.path.join(out, "generation_config.json"), source["generation_config.json"])
+    else:
+        _write_json(
+            os.path.join(out, "generation_config.json"),
+            {**tok.ids, "do_sample": False, "max_length": c.max_seq_len},
+        )
+    for file_name, content in tok.files.items():
+        _write_bytes(os.path.join(out, file_name), content)
+    n_params = sum(t.numel() for t in tensors.values())
+    card = model_card(c, adapter(c.family).architecture, n_params, dtype_name, tok.description, name, state, run_dir)
+    _write_bytes(os.path.join(out, "README.md"), card.encode())
+    return tok.notes
+
+
+def _write_bytes(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def _hf_tensors(model: GPT, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model's tensors under the transformers class's names, in `dtype`."""
+    from megagpt.hf import to_hf
+
+    tensors = to_hf(model.state_dict(), model.cfg)
+    if model.cfg.tie_embeddings:  # transformers re-ties the head; safetensors refuses shared storage anyway
+        tensors.pop("lm_head.weight")
+    return {k: t.detach().to(dtype).contiguous() for k, t in tensors.items()}
 
 
 def _put_in_place(tmp: str, out: str) -> None:
@@ -284,16 +423,11 @@ def _put_in_place(tmp: str, out: str) -> None:
 def write_hf_model(model: GPT, out: str, eos_id: int | None = None, max_shard_bytes: int = 5 * 2**30) -> str:
     """Write a model in memory as a Hugging Face folder, the tokenizer aside:
     the weights (fp32), config.json and generation_config.json.  Returns `out`."""
-    from safetensors.torch import save_file
-
-    from megagpt.hf import hf_config, to_hf
+    from megagpt.hf import hf_config
 
     c = model.cfg
-    tensors = to_hf(model.state_dict(), c)
-    if c.tie_embeddings:  # transformers re-ties the head; safetensors refuses shared storage anyway
-        tensors.pop("lm_head.weight")
     os.makedirs(out, exist_ok=True)
-    _write_weights(tensors, out, max_shard_bytes, save_file)
+    _write_weights(_hf_tensors(model), out, max_shard_bytes)
     _write_json(os.path.join(out, "config.json"), hf_config(c, eos_id))
     _write_json(
         os.path.join(out, "generation_config.json"),
@@ -308,7 +442,9 @@ def write_hf_model(model: GPT, out: str, eos_id: int | None = None, max_shard_by
     return out
 
 
-def _write_weights(tensors: dict, out: str, max_shard_bytes: int, save_file) -> None:
+def _write_weights(tensors: dict, out: str, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
     for old in glob.glob(os.path.join(out, "model*.safetensors*")):
         os.remove(old)  # a previous export's shards must not mix with these
     shards, size = [[]], 0
@@ -335,40 +471,6 @@ def _write_weights(tensors: dict, out: str, max_shard_bytes: int, save_file) -> 
     )
 
 
-def _write_tokenizer(path: str, out: str, max_len: int) -> None:
-    src = os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(src):
-        # Training writes it into every checkpoint, unless it could not read the data's (a warning then).
-        raise CheckpointError(f"checkpoint {path}: no {TOKENIZER_FILE} (training could not read the data's tokenizer)")
-    from megagpt.data.tokenizer import eod_id, load_tokenizer
-
-    try:
-        tok = load_tokenizer(src)
-        eos = tok.id_to_token(eod_id(tok, src))
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read {TOKENIZER_FILE}: {e.__cause__ or e}") from None
-    with open(src, "rb") as f, open(os.path.join(out, TOKENIZER_FILE), "wb") as g:
-        g.write(f.read())
-    _write_json(
-        os.path.join(out, "tokenizer_config.json"),
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "model_max_length": max_len,
-            "bos_token": eos,
-            "eos_token": eos,
-            "unk_token": eos,
-            "pad_token": eos,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,
-        },
-    )
-    _write_json(
-        os.path.join(out, "special_tokens_map.json"),
-        {"bos_token": eos, "eos_token": eos, "unk_token": eos, "pad_token": eos},
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m megagpt.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -381,12 +483,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="replace an existing --out that is not an earlier export (never one of checkpoints)",
     )
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the exported weights' dtype (default fp32)")
+    p.add_argument("--name", help="the model's name in its model card (default: the run's folder name)")
+    p.add_argument("--gguf", metavar="FILE", help="also write the export as a GGUF file (llama.cpp, Ollama)")
+    p.add_argument("--gguf-type", default="f32", choices=GGUF_TYPES, help="the GGUF file's tensor type (default f32)")
     args = p.parse_args(argv)
     try:
+        if args.gguf:
+            check_gguf_target(args.gguf)  # before the export's minutes
         check_out(args.out, args.overwrite)  # before verifying, which hashes every file
         path = find_checkpoint(args.checkpoint)
-        out = export_checkpoint(path, args.out, args.max_shard_bytes, args.overwrite)
-    except CheckpointError as e:
+        out = export_checkpoint(path, args.out, args.max_shard_bytes, args.overwrite, args.dtype, args.name)
+        if args.gguf:
+            write_gguf(out, args.gguf, args.gguf_type)
+            out = f"{out} and {args.gguf} ({args.gguf_type})"
+    except (CheckpointError, GGUFError) as e:
         print(f"megagpt.export: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # writing: a full disk, no permission

@@ -51,6 +51,7 @@ SHAPE_KEYS = (
     "n_head",
     "n_kv_head",
     "n_embd",
+    "head_dim",
     "vocab_size",
     "max_seq_len",
     "mlp_hidden",
@@ -85,7 +86,9 @@ def open_folder(folder: str) -> HFModel:
     try:
         config = read_hf_config(folder)
     except (ValueError, KeyError, TypeError) as e:
-        raise InitFromError(f"model.init_from: {config_path}: {e}") from None
+        problem = str(e)  # read_hf_config's messages start with the file already
+        where = "" if problem.startswith(config_path) else f"{config_path}: "
+        raise InitFromError(f"model.init_from: {where}{problem}") from None
     tensor_files = _tensor_files(folder)
     _check_tensors(config, tensor_files, folder)
     with open(config_path, "rb") as f:

@@ -31,6 +31,7 @@ SHAPE_KEYS = (
     "n_head",
     "n_kv_head",
     "n_embd",
+    "head_dim",
     "vocab_size",
     "mlp_hidden",
     "bias",

@@ -276,6 +276,7 @@ def _build(
         keep_last=t.keep_last,
         async_commit=t.async_save,
         tokenizer=tokenizer if env.is_main else None,
+        files=_source_files(folder) if env.is_main and folder is not None else None,
     )
     if env.is_main:
         console(
@@ -454,6 +455,14 @@ def _read_tokenizer(data: TrainingData) -> bytes | None:
     except Exception as e:  # noqa: BLE001 - a missing tokenizer must not stop training
         log.warning("cannot read the tokenizer %s (%s); checkpoints will not include it", data.tokenizer_url, e)
         return None
+
+
+def _source_files(folder) -> dict[str, bytes]:
+    """The tokenizer and config files of the folder the run started from, as
+    each checkpoint carries them (export writes them back: the folder may be gone by then)."""
+    from megagpt.hf.tokenizer_files import SOURCE_DIR, read_source_files
+
+    return {f"{SOURCE_DIR}/{name}": data for name, data in read_source_files(folder.folder).items()}
 
 
 def _wandb_id(run_dir: str, from_checkpoint: str | None, cfg: Config, env) -> str | None:

@@ -10,7 +10,6 @@ import pytest
 from helpers import REPO, make_dataset
 
 
-@pytest.mark.slow
 def test_bench_data_prints_side_by_side_figures(tmp_path):
     data = make_dataset(tmp_path, n_docs=40, docs_per_shard=5)
     out = tmp_path / "bench.json"
@@ -60,7 +59,6 @@ def test_bench_data_prints_side_by_side_figures(tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_bench_train_rows_side_by_side(tmp_path):
     out = tmp_path / "train.json"
     r = subprocess.run(

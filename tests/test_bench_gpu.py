@@ -189,7 +189,6 @@ def test_pace_scales_the_estimates():
     assert gpu.pace([{"status": "ok", "wall_s": 150, "planned_s": 100}]) == 1.5
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("row", [r for r in gpu_rows.ROWS if r.runner == "megagpt"], ids=lambda r: r.label)
 def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp_path):
     # The command of each row, as the GPU run builds it, composes (known keys)
@@ -217,7 +216,6 @@ def test_every_megagpt_row_composes_and_validates_on_a_gpu(row, monkeypatch, tmp
         assert cfg.trainer.max_steps > s.steps and cfg.trainer.save_every > cfg.trainer.max_steps  # no checkpoint
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is here")
 def test_gpu_facts_and_flash_check_without_a_gpu():
     assert gpu.gpu_facts() is None

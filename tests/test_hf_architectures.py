@@ -319,10 +319,10 @@ REFUSED = {  # name: (config.json, a piece of the one-line message)
         _llama_json(head_dim=32),
         "head_dim 32 is not supported: megagpt's head size is hidden_size / num_attention_heads = 16",
     ),
-    "qwen2": (
-        _llama_json(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
-        "architecture 'Qwen2ForCausalLM' is not supported (supported: GPT2LMHeadModel, LlamaForCausalLM, "
-        "MistralForCausalLM)",
+    "gemma2": (
+        _llama_json(architectures=["Gemma2ForCausalLM"], model_type="gemma2"),
+        "architecture 'Gemma2ForCausalLM' is not supported (supported: GPT2LMHeadModel, LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)",
     ),
     "no_architectures": (
         {k: v for k, v in _llama_json().items() if k != "architectures"},

@@ -39,7 +39,7 @@ LAYERS = [
     ("checks", ["megagpt.config_checks", "megagpt.config_reference"]),
     ("engine", ["megagpt.engine"]),
     ("loop", ["megagpt.state", "megagpt.checkpoint", "megagpt.resume_check", "megagpt.hooks", "megagpt.loop"]),
-    ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.generate"]),
+    ("export", ["megagpt.hf", "megagpt.hf_import", "megagpt.export", "megagpt.export_gguf", "megagpt.generate"]),
     ("entry", ["megagpt.run", "megagpt.cli_checks", "megagpt.train", "megagpt.bench"]),
 ]
 

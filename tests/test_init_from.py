@@ -361,9 +361,9 @@ def _break(folder: Path, how: str) -> str:
         return "config.json's shape needs"
     if how == "architecture":
         config = json.loads((folder / "config.json").read_text())
-        config["architectures"], config["model_type"] = ["Qwen2ForCausalLM"], "qwen2"
+        config["architectures"], config["model_type"] = ["Gemma2ForCausalLM"], "gemma2"
         (folder / "config.json").write_text(json.dumps(config))
-        return "Qwen2ForCausalLM"
+        return "Gemma2ForCausalLM"
     if how == "tokenizer":
         tokenizer = json.loads((folder / "tokenizer.json").read_text())
         tokenizer["model"]["vocab"]["zzz-not-ours"] = len(tokenizer["model"]["vocab"]) + 1000

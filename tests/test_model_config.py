@@ -75,6 +75,7 @@ def test_from_settings_copies_every_field_and_resolves_the_defaults():
             "vocab_size": 1024,
             "max_seq_len": 77,
             "n_kv_head": 6,
+            "head_dim": 16,  # 96 / 6
             "attention": "eager",
             "mlp_hidden": 256,  # 8/3 x 96 = 256, a multiple of 64
             "loss_chunk_tokens": 0,
@@ -106,7 +107,10 @@ CHECKS = [  # (overrides, the one line validate() and GPTConfig both raise)
         ["model=llama-tiny", "model.n_kv_head=null", "model.n_embd=12"],
         "model.n_embd: rotary embeddings need an even head dim, got 3",
     ),
-    (["model.family=mamba"], "model.family: unknown family 'mamba'; choose one of ('gpt2', 'llama', 'mistral')"),
+    (
+        ["model.family=mamba"],
+        "model.family: unknown family 'mamba'; choose one of ('gpt2', 'llama', 'mistral', 'qwen2', 'qwen3')",
+    ),
     (["model.family=mistral"], "model.bias: family mistral has no linear biases; set model.bias=false"),
     (["model.rope_scaling=llama3"], "model.rope_scaling: scales rotary embeddings; family gpt2 has learned positions"),
     (
@@ -235,6 +239,8 @@ def test_every_family_has_a_hugging_face_adapter():
         "gpt2": "GPT2LMHeadModel",
         "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
     }
 
 
@@ -263,6 +269,7 @@ def test_hf_mapping_round_trips(family, tied):
         "n_head",
         "n_kv_head",
         "n_embd",
+        "head_dim",
         "mlp_hidden",
         "vocab_size",
         "max_seq_len",

@@ -8,6 +8,8 @@ its transformers class:
                                    rope_scaling llama3 supported)
   mistral  <-> MistralForCausalLM (llama's tensors; any sliding window, the
                                    sequences megagpt computes must fit in it)
+  qwen2    <-> Qwen2ForCausalLM   (llama's tensors and q/k/v biases; no sliding window)
+  qwen3    <-> Qwen3ForCausalLM   (llama's tensors and q_norm / k_norm; its own head_dim)
 
 The mapping of tensors is one table per adapter, `sources(c)`: for each
 megagpt parameter, the transformers tensors it is made of and how (copied,

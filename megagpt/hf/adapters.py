@@ -8,6 +8,7 @@ import torch
 from megagpt.hf.fields import _Fields, _read_rope, _refuse_unless, _rope_config
 from megagpt.hf.mapping import Source, Tensors, copied, fused, transposed
 from megagpt.model.config import GPTConfig
+from megagpt.model.families import family
 
 
 class Adapter:
@@ -93,6 +94,7 @@ class GPT2Adapter(Adapter):
             "n_head": c.n_head,
             "n_embd": c.n_embd,
             "n_positions": c.max_seq_len,
+            "n_ctx": c.max_seq_len,  # GPT2Config no longer reads it; llama.cpp's converter does
             "n_inner": c.mlp_hidden,
             "activation_function": "gelu_new",
             "layer_norm_epsilon": c.norm_eps,
@@ -157,20 +159,21 @@ class LlamaAdapter(Adapter):
         where it fuses several), in the block's parameter order. Fused here,
         separate there: q/k/v and gate/up."""
         H, KV, D, F = c.n_head, c.n_kv_head, c.head_dim, c.mlp_hidden
-        linears = [
-            ("attn.qkv", tuple(f"self_attn.{x}_proj" for x in "qkv"), (H * D, KV * D, KV * D)),
-            ("attn.proj", ("self_attn.o_proj",), None),
-            ("mlp.fc", ("mlp.gate_proj", "mlp.up_proj"), (F, F)),
-            ("mlp.proj", ("mlp.down_proj",), None),
-        ]
-        kinds = ("weight", "bias") if c.bias else ("weight",)
-        table = [
-            (f"{ours}.{kind}", tuple(f"{name}.{kind}" for name in theirs), sizes)
-            for ours, theirs, sizes in linears
-            for kind in kinds
-        ]
-        table.insert(0, ("ln_1.weight", ("input_layernorm.weight",), None))
-        table.insert(1 + 2 * len(kinds), ("ln_2.weight", ("post_attention_layernorm.weight",), None))
+        row = c.family_spec
+
+        def linear(ours, theirs, sizes, bias):
+            kinds = ("weight", "bias") if bias else ("weight",)
+            return [(f"{ours}.{kind}", tuple(f"{name}.{kind}" for name in theirs), sizes) for kind in kinds]
+
+        table = [("ln_1.weight", ("input_layernorm.weight",), None)]
+        qkv = tuple(f"self_attn.{x}_proj" for x in "qkv")
+        table += linear("attn.qkv", qkv, (H * D, KV * D, KV * D), c.bias or row.qkv_bias)
+        if row.qk_norm:  # Qwen3
+            table += [(f"attn.{x}_norm.weight", (f"self_attn.{x}_norm.weight",), None) for x in "qk"]
+        table += linear("attn.proj", ("self_attn.o_proj",), None, c.bias)
+        table.append(("ln_2.weight", ("post_attention_layernorm.weight",), None))
+        table += linear("mlp.fc", ("mlp.gate_proj", "mlp.up_proj"), (F, F), c.bias)
+        table += linear("mlp.proj", ("mlp.down_proj",), None, c.bias)
         return table
 
     def body_sources(self, c):
@@ -210,15 +213,19 @@ class LlamaAdapter(Adapter):
             act in self.ACTIVATIONS, f"hidden_act {act!r} is not supported (supported: {', '.join(self.ACTIVATIONS)})"
         )
         hidden, heads = f.int("hidden_size", d["hidden_size"]), f.int("num_attention_heads", d["num_attention_heads"])
-        _refuse_unless(
-            heads > 0 and hidden % heads == 0, f"hidden_size {hidden} is not divisible by num_attention_heads {heads}"
-        )
-        head_dim = f.int("head_dim", None, nullable=True)
-        _refuse_unless(
-            head_dim in (None, hidden // heads),
-            f"head_dim {head_dim} is not supported: megagpt's head size is hidden_size / "
-            f"num_attention_heads = {hidden // heads}",
-        )
+        if family(self.family).own_head_dim:  # Qwen3: a head size of its own, 128 where absent
+            head_dim = f.int("head_dim", d["head_dim"])
+        else:
+            _refuse_unless(
+                heads > 0 and hidden % heads == 0,
+                f"hidden_size {hidden} is not divisible by num_attention_heads {heads}",
+            )
+            head_dim = f.int("head_dim", None, nullable=True)
+            _refuse_unless(
+                head_dim in (None, hidden // heads),
+                f"head_dim {head_dim} is not supported: megagpt's head size is hidden_size / "
+                f"num_attention_heads = {hidden // heads}",
+            )
         max_positions = f.int("max_position_embeddings", d["max_position_embeddings"])
         return {
             "family": self.family,
@@ -228,6 +235,7 @@ class LlamaAdapter(Adapter):
             "n_head": heads,
             "n_kv_head": f.int("num_key_value_heads", d["num_key_value_heads"], nullable=True),
             "n_embd": hidden,
+            "head_dim": head_dim,
             "mlp_hidden": f.int("intermediate_size", d["intermediate_size"]),
             "norm_eps": f.float("rms_norm_eps", d["rms_norm_eps"]),
             "init_std": f.float("initializer_range", 0.02),
@@ -274,7 +282,70 @@ class MistralAdapter(LlamaAdapter):
         return GPTConfig(**shape, bias=False, sliding_window=window)
 
 
-ADAPTERS: dict[str, Adapter] = {a.family: a for a in (GPT2Adapter(), LlamaAdapter(), MistralAdapter())}
+class Qwen2Adapter(LlamaAdapter):
+    """Llama's tensors, and biases on q/k/v (Qwen2ForCausalLM always has them,
+    and no other bias, whatever config.json says).  Qwen's sliding window is
+    off in the published models (use_sliding_window false: transformers then
+    ignores sliding_window and max_window_layers); on, it is refused."""
+
+    family, model_type, architecture, prefix = "qwen2", "qwen2", "Qwen2ForCausalLM", "model."
+    # Qwen2Config's defaults (transformers), for keys a config.json leaves out.
+    DEFAULTS = {
+        "vocab_size": 151936,
+        "hidden_size": 4096,
+        "intermediate_size": 22016,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    }
+
+    def config(self, c):
+        # Full causal attention on every layer: megagpt computes nothing else.
+        return {
+            **self.shape_config(c),
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": c.n_layer,
+        }
+
+    def read_qwen(self, f: _Fields) -> dict:
+        """GPTConfig's fields from what Qwen2 and Qwen3 share, checked."""
+        _refuse_unless(
+            not f.flag("use_sliding_window", False),
+            "use_sliding_window true is not supported (megagpt computes full causal attention only)",
+        )
+        return {**self.read_shape(f), "bias": False}
+
+    def config_from_hf(self, cfg):
+        return GPTConfig(**self.read_qwen(_Fields(cfg)))
+
+
+class Qwen3Adapter(Qwen2Adapter):
+    """Llama's tensors, and q_norm / k_norm (an RMSNorm gain of head_dim per
+    layer for each); no biases (attention_bias true is refused); config.json's
+    head_dim, which need not be hidden_size / num_attention_heads."""
+
+    family, model_type, architecture, prefix = "qwen3", "qwen3", "Qwen3ForCausalLM", "model."
+    # Qwen3Config's defaults (transformers), for keys a config.json leaves out.
+    DEFAULTS = {**Qwen2Adapter.DEFAULTS, "head_dim": 128}
+
+    def config(self, c):
+        return {**super().config(c), "attention_bias": False}
+
+    def config_from_hf(self, cfg):
+        f = _Fields(cfg)
+        _refuse_unless(
+            not f.flag("attention_bias", False), "attention_bias true is not supported (megagpt's qwen3 has no biases)"
+        )
+        return GPTConfig(**self.read_qwen(f))
+
+
+ADAPTERS: dict[str, Adapter] = {
+    a.family: a for a in (GPT2Adapter(), LlamaAdapter(), MistralAdapter(), Qwen2Adapter(), Qwen3Adapter())
+}
 BY_MODEL_TYPE: dict[str, Adapter] = {a.model_type: a for a in ADAPTERS.values()}
 BY_ARCHITECTURE: dict[str, Adapter] = {a.architecture: a for a in ADAPTERS.values()}
 

@@ -14,16 +14,32 @@ from megagpt.hf.tensors import load_hf_state
 from megagpt.model.config import GPTConfig
 from megagpt.model.gpt import GPT
 
+# A source config.json's fields an export does not keep: where the source was loaded from.
+_NOT_KEPT = ("_name_or_path",)
 
-def hf_config(c: GPTConfig, eos_id: int | None) -> dict:
-    """config.json for the transformers class of the family."""
+
+def hf_config(
+    c: GPTConfig,
+    eos_id: int | None,
+    *,
+    special: dict | None = None,
+    dtype: str = "float32",
+    source: dict | None = None,
+) -> dict:
+    """config.json for the transformers class of the family.  `special`:
+    bos/eos/pad_token_id to write (default: bos = eos = eos_id, no pad);
+    `dtype`: the weights' (torch_dtype for transformers 4.x, dtype for 5.x);
+    `source`: the config.json of the folder the run started from, whose
+    fields are kept wherever megagpt does not write them (e.g. pad_token_id,
+    transformers_version, the fields of another library)."""
     a = adapter(c.family)
-    return {
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id} if special is None else dict(special)
+    ours = {
         "vocab_size": c.vocab_size,
         "tie_word_embeddings": c.tie_embeddings,
-        "torch_dtype": "float32",
-        "bos_token_id": eos_id,
-        "eos_token_id": eos_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        **ids,
         "use_cache": True,
         # megagpt's own record, so generation can rebuild the model exactly.
         "megagpt": dataclasses.asdict(c),
@@ -31,6 +47,10 @@ def hf_config(c: GPTConfig, eos_id: int | None) -> dict:
         "model_type": a.model_type,
         **a.config(c),
     }
+    if source is None:
+        return ours
+    kept = {k: v for k, v in source.items() if k not in _NOT_KEPT and k not in ours}
+    return {**kept, **ours}
 
 
 def parse_hf_config(cfg: dict, where: str = "config.json") -> GPTConfig:

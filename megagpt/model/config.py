@@ -15,7 +15,7 @@ inherited, plus what only a model being built knows:
 
 `GPTConfig.from_settings` builds one from the settings by copying every field
 by name; the defaults left open (None) are resolved there (the ones that need
-the data and the device) and in `__post_init__` (n_kv_head, mlp_hidden: the family's rule,
+the data and the device) and in `__post_init__` (n_kv_head, head_dim, mlp_hidden: the family's rule,
 families.py), and nowhere else.  `check` holds the model's checks; both
 `config_checks.validate()` (on the settings) and every GPTConfig run it, and it
 raises ConfigError with one line naming the key.
@@ -86,7 +86,17 @@ def check(m: Any, resolved: bool = False) -> None:
     concrete backend).  Raises ConfigError naming the first bad key."""
     for key in ("n_layer", "n_head", "n_embd", "mlp_ratio", "vocab_multiple"):
         _require(getattr(m, key) > 0, key, f"must be positive, got {getattr(m, key)}")
-    _require(m.n_embd % m.n_head == 0, "n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    row = family(m.family)
+    if m.head_dim is None:
+        _require(m.n_embd % m.n_head == 0, "n_embd", f"{m.n_embd} is not divisible by model.n_head={m.n_head}")
+    else:
+        _require(m.head_dim > 0, "head_dim", f"must be positive or null (n_embd / n_head), got {m.head_dim}")
+        _require(
+            row.own_head_dim or m.head_dim * m.n_head == m.n_embd,
+            "head_dim",
+            f"{m.head_dim}: family {m.family}'s head size is model.n_embd / model.n_head; leave it null",
+        )
+    head_dim = m.head_dim or m.n_embd // m.n_head
     kv = m.n_kv_head if m.n_kv_head is not None else m.n_head
     _require(
         kv > 0 and m.n_head % kv == 0, "n_kv_head", f"{m.n_kv_head} must be positive and divide model.n_head={m.n_head}"
@@ -99,15 +109,14 @@ def check(m: Any, resolved: bool = False) -> None:
         "activation_checkpointing",
         f"must be 0 (off) or k >= 1 (every k-th block), got {m.activation_checkpointing}",
     )
-    if family(m.family).rotary:
+    if row.rotary:
         _require(
-            (m.n_embd // m.n_head) % 2 == 0,
-            "n_embd",
-            f"rotary embeddings need an even head dim, got {m.n_embd // m.n_head}",
+            head_dim % 2 == 0,
+            "n_embd" if m.head_dim is None else "head_dim",
+            f"rotary embeddings need an even head dim, got {head_dim}",
         )
-    _require(
-        family(m.family).biases or not m.bias, "bias", f"family {m.family} has no linear biases; set model.bias=false"
-    )
+    qkv = " (its q/k/v biases are the family's, always there)" if row.qkv_bias else ""
+    _require(row.biases or not m.bias, "bias", f"family {m.family} has no linear biases{qkv}; set model.bias=false")
     _check_rope_scaling(m)
     _check_sliding_window(m)
     backends = BACKENDS if resolved else ("auto", *BACKENDS)
@@ -176,6 +185,8 @@ class GPTConfig(ModelConfig):
         check(self, resolved=True)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            self.head_dim = self.n_embd // self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = self.family_spec.mlp_width(self)
         if self.doc_mask and self.eod_id is None:
@@ -233,10 +244,6 @@ class GPTConfig(ModelConfig):
     @property
     def family_spec(self) -> Family:
         return family(self.family)
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     @property
     def llama3_scaling(self) -> Llama3Scaling | None:

@@ -13,6 +13,11 @@ embeddings or not: model.tie_embeddings, any family).  A row fills the slots:
   mlp_width  the MLP width where model.mlp_hidden is None: (model config) -> int
   biases     whether the linear layers may have biases (model.bias); a family
              whose Hugging Face class has none (Mistral) says False
+  qkv_bias   the q/k/v projection has biases whatever model.bias says (Qwen2:
+             there and nowhere else)
+  qk_norm    RMSNorm over each head of q and k, before RoPE (Qwen3: q_norm, k_norm)
+  own_head_dim  model.head_dim may differ from n_embd / n_head (Qwen3's class
+             reads config.json's head_dim; the others' exports assume n_embd / n_head)
 
 Adding a family: a row here, the modules it names (layers.py), and its
 Hugging Face adapter (megagpt/hf/adapters.py).  The model, parameter counting and
@@ -41,6 +46,9 @@ class Family:
     mlp: Callable[[int, int, bool], nn.Module]
     mlp_width: Callable[[Any], int]
     biases: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    own_head_dim: bool = False
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -96,6 +104,29 @@ FAMILIES: dict[str, Family] = {
             mlp=SwiGLU,
             mlp_width=_swiglu_width,
             biases=False,
+        ),
+        # Qwen2 and Qwen2.5 (Qwen2ForCausalLM): biases on the q/k/v projection only.
+        Family(
+            "qwen2",
+            "llama's computation, biases on q/k/v only (Qwen2, Qwen2.5)",
+            positions="rotary",
+            norm=rms_norm,
+            mlp=SwiGLU,
+            mlp_width=_swiglu_width,
+            biases=False,
+            qkv_bias=True,
+        ),
+        # Qwen3 (Qwen3ForCausalLM): no biases, q and k normalised per head, a head size of its own.
+        Family(
+            "qwen3",
+            "llama's computation, RMSNorm on each head of q and k, no biases (Qwen3)",
+            positions="rotary",
+            norm=rms_norm,
+            mlp=SwiGLU,
+            mlp_width=_swiglu_width,
+            biases=False,
+            qk_norm=True,
+            own_head_dim=True,
         ),
     )
 }

@@ -9,6 +9,9 @@ families.py, read here:
   llama    rotary position embeddings (optionally Llama 3.1's frequency
            scaling: model.rope_scaling), RMSNorm, SwiGLU MLP
   mistral  llama's computation, without biases
+  qwen2    llama's computation, with biases on q/k/v only
+  qwen3    llama's computation, without biases, with RMSNorm on each head of q
+           and k and a head size of its own (model.head_dim)
 
 Any family: fused q/k/v with grouped-query attention where n_kv_head < n_head,
 embeddings tied to the output head or not (model.tie_embeddings).  The config
@@ -32,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megagpt.model.attention import Visibility, causal_attention
 from megagpt.model.config import GPTConfig
-from megagpt.model.layers import KVCache, apply_rope, rope_tables
+from megagpt.model.layers import KVCache, apply_rope, rms_norm, rope_tables
 from megagpt.model.loss import linear_cross_entropy
 
 __all__ = ["GPT", "GPTConfig", "decay_groups"]
@@ -42,18 +45,27 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        D = cfg.head_dim
-        # One matmul for q (n_head heads), k and v (n_kv_head heads each).
-        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * D, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        H, KV, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        row = cfg.family_spec
+        # One matmul for q (n_head heads), k and v (n_kv_head heads each); biased where the
+        # model is, or where the family says (qwen2: here only).
+        self.qkv = nn.Linear(cfg.n_embd, (H + 2 * KV) * D, bias=cfg.bias or row.qkv_bias)
+        # qwen3: RMSNorm over each head's D features of q and of k (one gain of D each, shared by
+        # the heads), before RoPE.
+        self.q_norm = rms_norm(D, cfg.norm_eps, False) if row.qk_norm else None
+        self.k_norm = rms_norm(D, cfg.norm_eps, False) if row.qk_norm else None
+        self.proj = nn.Linear(H * D, cfg.n_embd, bias=cfg.bias)  # H * D: n_embd unless model.head_dim says
         self.proj.is_residual_proj = True  # scaled init, see init_module_
 
     def forward(self, x: torch.Tensor, vis: Visibility, rope, cache: KVCache | None) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         H, KV, D = self.cfg.n_head, self.cfg.n_kv_head, self.cfg.head_dim
         q, k, v = self.qkv(x).split([H * D, KV * D, KV * D], dim=2)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        q, k = q.view(B, T, H, D), k.view(B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        k = k.transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, KV, D).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -63,7 +75,7 @@ class CausalSelfAttention(nn.Module):
         y = causal_attention(
             q, k, v, self.cfg.attention, vis, dropout_p=p, sdpa_backend=self.cfg.sdpa_backend
         )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, H * D)
         return F.dropout(self.proj(y), p, self.training)
 
 
