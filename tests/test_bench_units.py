@@ -17,10 +17,13 @@ from helpers import REPO
 @pytest.mark.parametrize("runner", ["megagpt", "transformers"])
 def test_an_eager_compile_row_steps_without_graphs(runner):
     pytest.importorskip("transformers")
+    from torch._dynamo.utils import counters
+
     from megagpt.bench.compile import row_main
 
+    before = counters["stats"]["unique_graphs"]  # process-wide: earlier tests in this worker may have compiled
     row = row_main({"runner": runner, "mode": "eager", "layers": 1, "width": 32, "seq": 16, "batch": 2})
-    assert row["graphs"] == 0 and row["first_step_s"] > 0 and row["step_ms"] > 0, row
+    assert row["graphs"] == before and row["first_step_s"] > 0 and row["step_ms"] > 0, row
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -52,7 +55,7 @@ def test_scaling_breakdown_adds_the_two_reductions():
 
 
 COUNT_ON_ONE_RANK = """
-import json, torch, torch.distributed as dist
+import json, os, torch, torch.distributed as dist
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
 from megagpt.bench.memory import CommCounter
 c = CommCounter()
@@ -62,7 +65,9 @@ dist.all_gather_into_tensor(torch.empty(10), x)
 dist.broadcast(torch.ones(3, dtype=torch.float64), 0)
 first = dict(c.bytes), dict(c.calls)
 c.reset()
-print(json.dumps([first, c.bytes]))
+print(json.dumps([first, c.bytes]), flush=True)
+dist.destroy_process_group()
+os._exit(0)  # gloo's teardown at interpreter exit can abort ("terminate called without an active exception")
 """
 
 
